@@ -1,0 +1,569 @@
+"""
+The decoder (Qwen2 and Llama families), loading and saving in Hugging Face format, a batched KV-cache sampler,
+and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them.
+
+    from model import load_model, generate
+    model, tokenizer = load_model("tiny")                       # or "qwen-1.5b", a hub id, a checkpoint folder
+    ids = encode_chat(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
+    [out] = generate(model, [ids], max_new_tokens=64, temperature=0)
+    print(tokenizer.decode(out, skip_special_tokens=True))
+
+The network is the standard pre-norm decoder: token embedding, then per layer RMSNorm -> grouped-query attention
+with rotary position embeddings -> residual, RMSNorm -> SwiGLU MLP -> residual; a final RMSNorm and the output
+projection. Qwen2 is this block with a bias on the q/k/v projections. Parameter names are those of
+transformers, so a Hugging Face state dict loads directly; tests check the logits against transformers.
+
+Two forwards, kept apart on purpose (as in nanoGPT / nanochat):
+  - `model(ids)`: training and scoring. Whole sequences, every row starting at position 0, causal attention.
+    Rows that are right-padded need no mask: causal attention never lets a real token see the padding after it.
+  - `model.forward_cached(...)`: inference. Reads and writes a KV cache that is allocated once per `generate`
+    call (prompt + new tokens) and written with slice assignment, never grown by concatenation.
+
+`generate` left-pads prompts of different lengths, gives every row its own positions (cumsum(mask) - 1) and a key
+mask, runs the prompts once, then copies each prompt's cache to its `num_samples` rows, so the samples share
+the prefill but draw their first token independently.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------------------------------------------
+# Configuration, read from (and written back to) a Hugging Face config.json
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # "qwen2" or "llama"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    qkv_bias: bool  # Qwen2: bias on q, k, v; Llama: `attention_bias` puts one on q, k, v and o
+    o_bias: bool
+    tie_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict, source="config.json"):
+        arch = hf.get("model_type")
+        if arch not in ("qwen2", "llama"):
+            raise ValueError(f"{source}: unsupported architecture {arch!r}; supported: qwen2, llama")
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope scaling {rope_type!r} is not supported (only plain rotary embeddings)")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+            raise ValueError(f"{source}: only the SwiGLU MLP without bias (hidden_act 'silu') is supported")
+        heads = hf["num_attention_heads"]
+        bias = arch == "qwen2" or bool(hf.get("attention_bias"))
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            intermediate_size=hf["intermediate_size"],
+            rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=bias,
+            o_bias=arch == "llama" and bias,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self, dtype=torch.float32):
+        hf = dict(
+            architectures=["Qwen2ForCausalLM" if self.architecture == "qwen2" else "LlamaForCausalLM"],
+            model_type=self.architecture, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, hidden_act="silu", rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_embeddings,
+            max_position_embeddings=self.max_position_embeddings, bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id, torch_dtype=str(dtype).removeprefix("torch."), use_cache=True,
+        )
+        if self.architecture == "llama":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=False)
+        return hf
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the weight, exactly as transformers does (matters in bf16)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(positions, head_dim, theta, dtype):
+    """cos and sin tables [B, T, head_dim] for integer positions [B, T] (RoFormer's rotary embedding)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # computed in fp32 whatever the model's dtype
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):  # x: [B, heads, T, head_dim]; cos, sin: [B, T, head_dim]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def qkv(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin):
+        """Training: causal attention over the whole sequence."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_cached(self, x, cos, sin, cache_k, cache_v, start, attn_mask):
+        """Inference: write this chunk's keys and values at columns [start, start+T) of the layer's cache, then
+        attend over columns [0, start+T). attn_mask is a boolean [B, 1, T, start+T] (True = may attend), or None
+        for plain causal attention over rows without padding."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        cache_k[:, :, start:start + T] = k
+        cache_v[:, :, start:start + T] = v
+        keys, values = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
+        group = self.num_heads // self.num_kv_heads
+        if T == 1:
+            # One new token: fold the query heads that share a KV head into the "time" axis of the query, so
+            # grouped-query attention needs no copy of the cache: [B, kv_heads, group, head_dim].
+            q = q.view(B, self.num_kv_heads, group, self.head_dim)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
+            y = y.reshape(B, 1, -1)
+        else:
+            if attn_mask is None:  # causal, shifted by the columns already in the cache
+                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=group > 1)
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, cos, sin, cache_k, cache_v, start, attn_mask):
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache_k, cache_v, start, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        # nested under `model.` so that parameter names equal those of transformers' *ForCausalLM
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        eos = cfg.eos_token_id
+        self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
+
+    def hidden_states(self, ids):
+        """Training forward up to the final norm: [B, T] ids -> [B, T, hidden], positions 0..T-1."""
+        B, T = ids.shape
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        x = self.model.embed_tokens(ids)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(self, ids):
+        return self.lm_head(self.hidden_states(ids))
+
+    def forward_cached(self, ids, positions, cache, attn_mask):
+        """Inference forward: ids [B, T] at per-row positions [B, T], written into `cache` after its current
+        length. Returns the logits of the last position only, [B, vocab]."""
+        x = self.model.embed_tokens(ids)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_cached(x, cos, sin, cache.k[i], cache.v[i], cache.length, attn_mask)
+        cache.length += ids.shape[1]
+        return self.lm_head(self.model.norm(x[:, -1]))
+
+
+class KVCache:
+    """Keys and values of every layer, [layers, B, kv_heads, capacity, head_dim], allocated once."""
+
+    def __init__(self, cfg: ModelConfig, batch, capacity, device, dtype):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # columns written so far
+
+    def repeat_rows(self, times, capacity):
+        """A cache with every row repeated `times` times (prompt-major) and room for `capacity` columns."""
+        L, B, H, _, D = self.k.shape
+        new = KVCache.__new__(KVCache)
+        new.k = self.k.new_empty(L, B * times, H, capacity, D)
+        new.v = self.v.new_empty(L, B * times, H, capacity, D)
+        new.k[:, :, :, :self.length] = self.k[:, :, :, :self.length].repeat_interleave(times, dim=1)
+        new.v[:, :, :, :self.length] = self.v[:, :, :, :self.length].repeat_interleave(times, dim=1)
+        new.length = self.length
+        return new
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(logits, temperature, top_k, top_p, generator):
+    """logits [B, vocab] -> token ids [B]. Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
+             stop_token_ids=None, seed=None, progress=False):
+    """Sample continuations of token-id prompts. Returns len(prompts) * num_samples lists of new token ids,
+    prompt-major (prompt 0's samples first). A row stops after its first stop token, which is kept.
+    stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops."""
+    if not prompts or num_samples < 1:
+        return []
+    if max_new_tokens <= 0:
+        return [[] for _ in range(len(prompts) * num_samples)]
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+    cfg, device = model.config, model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context of {cfg.max_position_embeddings} tokens")
+    stop_ids = model.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+
+    # 1. Prefill: each distinct prompt once, left-padded; every row gets its own positions and a key mask.
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, device=device)
+    key_is_real = torch.arange(longest, device=device) >= (longest - lengths)[:, None]  # [n, longest]
+    positions = (key_is_real.long().cumsum(-1) - 1).clamp(min=0)
+    padded = not bool(key_is_real.all())
+    mask = None
+    if padded:  # causal AND key is real; a padding query may see itself, so no softmax row is empty
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        mask = (causal & key_is_real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
+        mask = mask[:, None]
+    cache = KVCache(cfg, len(prompts), longest, device, dtype)
+    logits = model.forward_cached(ids, positions, cache, mask)
+
+    # 2. Copy each prompt's cache to its samples; from here every row is sampled independently.
+    cache = cache.repeat_rows(num_samples, longest + max_new_tokens)
+    logits = logits.repeat_interleave(num_samples, dim=0)
+    key_is_real = torch.cat([key_is_real.repeat_interleave(num_samples, dim=0),
+                             torch.ones(len(logits), max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    next_position = lengths.repeat_interleave(num_samples)[:, None]
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(len(logits), dtype=torch.bool, device=device)
+    out = torch.zeros(len(logits), max_new_tokens, dtype=torch.long, device=device)
+    steps = range(max_new_tokens)
+    for t in tqdm(steps, desc="generate", leave=False) if progress else steps:
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        out[:, t] = token
+        finished |= torch.isin(token, stop)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = key_is_real[:, None, None, :cache.length + 1] if padded else None
+        logits = model.forward_cached(token[:, None], next_position + t, cache, mask)
+
+    # 3. Cut each row after its first stop token (a finished row's later tokens are never returned).
+    is_stop = torch.isin(out[:, :t + 1], stop)
+    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, t + 1).tolist()
+    model.train(was_training)
+    return [row[:n] for row, n in zip(out.tolist(), first_stop)]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Log-probabilities for training
+
+
+def completion_logprobs(model, prompts, completions, temperature=1.0, with_entropy=False, chunk_size=256):
+    """Per-token log-probabilities of `completions` (lists of token ids) after `prompts`, at the sampling
+    temperature (logits / temperature, so they match what the sampler drew from).
+
+    Returns logp [B, Tc] and mask [B, Tc] (1.0 where row b has a completion token, built from lengths, never
+    from a pad id), plus the per-token entropy [B, Tc] (no grad) when with_entropy. Each row is placed from
+    position 0 and right-padded; the output layer runs on completion positions only and chunk by chunk, with
+    recomputation in backward, so the [B, T, vocab] logits of long sequences are never held at once."""
+    device = model.lm_head.weight.device
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+    completion_len = torch.tensor([len(c) for c in completions], device=device)
+    if (prompt_len == 0).any():
+        raise ValueError("every prompt needs at least one token")
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width, tc = max(map(len, rows)), int(completion_len.max())
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, device=device)
+    mask = (torch.arange(tc, device=device) < completion_len[:, None]).float()
+    # the token at position p + j is predicted by the hidden state at p + j - 1
+    source = (prompt_len[:, None] - 1 + torch.arange(tc, device=device)).clamp(max=width - 1)
+    targets = ids.gather(1, (source + 1).clamp(max=width - 1))
+    hidden = model.hidden_states(ids)
+    hidden = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def chunk_logprobs(h, y):
+        logits = model.lm_head(h).float() / temperature
+        logp_all = logits.log_softmax(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, y[..., None]).squeeze(-1), entropy.detach()
+
+    logps, entropies = [], []
+    for s in range(0, tc, chunk_size):
+        h, y = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+        if torch.is_grad_enabled():
+            lp, ent = torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False)
+        else:
+            lp, ent = chunk_logprobs(h, y)
+        logps.append(lp)
+        entropies.append(ent)
+    logp = torch.cat(logps, 1) * mask
+    if with_entropy:
+        return logp, mask, torch.cat(entropies, 1) * mask
+    return logp, mask
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Tokenizer helper
+
+
+def encode_chat(tokenizer, messages):
+    """Token ids of a chat (list of {"role", "content"}) through the tokenizer's chat template, ending with the
+    assistant's turn opened, ready for generation."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loading and saving (Hugging Face folders; safetensors only, never pickle, never remote code)
+
+ALIASES = {
+    "qwen-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen-3b": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen-coder-7b": "Qwen/Qwen2.5-Coder-7B-Instruct",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "tiny": None,  # built here: see build_tiny
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def default_stop_token_ids(tokenizer):
+    """The tokenizer's EOS and end-of-turn tokens: generation stops at whichever comes first."""
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids |= {vocab[token] for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if token in vocab}
+    return sorted(ids)
+
+
+def build_tiny(seed=0):
+    """The embedded default: a small random Qwen2-style decoder and a byte-level tokenizer (256 byte tokens plus
+    ChatML special tokens), made on the spot with no file or network. After save_model it is a normal checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's byte-level scheme: every byte value b gets a printable stand-in character; token id = b
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    stand_in, extra = {}, 0
+    for b in range(256):
+        stand_in[b] = chr(b) if b in printable else chr(256 + extra)
+        extra += b not in printable
+    vocab = {ch: b for b, ch in stand_in.items()}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    cfg = ModelConfig(
+        architecture="qwen2", vocab_size=len(tokenizer), hidden_size=256, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=64, intermediate_size=768, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=True,
+        o_bias=False, tie_embeddings=True, max_position_embeddings=4096,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    model = Decoder(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02, generator=generator)
+            elif name.endswith("bias"):
+                p.zero_()
+    return model, tokenizer
+
+
+def resolve_folder(name_or_path):
+    """A local folder as is; an alias or hub id is downloaded (config, weights, tokenizer) to the hub cache."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    repo_id = ALIASES.get(name_or_path, name_or_path)
+    if "/" not in repo_id:
+        raise ValueError(f"unknown model {name_or_path!r}: not a folder, a hub id (owner/name) or an alias; "
+                         f"aliases: {', '.join(ALIASES)}")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+
+
+def load_model(name_or_path, device="cpu", dtype=None):
+    """(model, tokenizer) for an alias ("tiny", "qwen-1.5b", ...), a hub id or a local Hugging Face folder.
+    dtype defaults to bfloat16 on CUDA and float32 elsewhere."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if name_or_path == "tiny":
+        model, tokenizer = build_tiny()
+    else:
+        folder = resolve_folder(str(name_or_path))
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+        model = Decoder(ModelConfig.from_hf(json.loads(config_path.read_text()), source=str(config_path)))
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        state = {}
+        for f in files:
+            state.update(load_file(str(folder / f)))
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = set(model.state_dict()) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not match the config: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        model.load_state_dict(state, strict=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model.stop_token_ids = default_stop_token_ids(tokenizer)
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def save_model(model, tokenizer, path):
+    """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load: config.json,
+    model.safetensors and the tokenizer files with the chat template. Written beside and renamed into place, so
+    an interrupted save never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = model.lm_head.weight.dtype
+    (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as the embedding: stored once
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
