@@ -1,0 +1,611 @@
+"""Expert trajectories -> step-wise SRL examples, plus RLVR and SFT sets (JSONL files in data/).
+
+SRL (Deng et al. 2025, arXiv 2510.25992, Sec. 3) learns from an expert's solution one step at a time: a
+solution written as numbered steps 1..N gives the partial trajectories "problem + steps 1..k-1 -> step k".
+The whole reward signal comes from these splits, so the splitter below is careful: numbered lists nested
+inside a step stay inside it, display math is never cut, text before step 1 is not a step, and the closing
+answer line after the last step stays with the last step.
+
+Run:
+    python data_prep.py                          # the built-in problems (builtin_problems.jsonl) -> data/
+    python data_prep.py --synthetic 200          # 200 generated arithmetic chains (for tiny models)
+    python data_prep.py --input s1K-1.1.parquet  # s1K-1.1 columns: question, deepseek_attempt, ...
+    python data_prep.py --input s1k.json --question-field problem --solution-field solution
+    python data_prep.py --hf-dataset simplescaling/s1K-1.1    # online only (needs huggingface_hub)
+    python data_prep.py --input trajectories.jsonl            # records with "messages": agentic steps
+
+Inputs: JSONL, JSON (a list of records) or parquet (needs pyarrow). Records with a "messages" list are
+agent trajectories (Sec. 5): each assistant message is one action, its context the issue (every message
+before the first action) plus the previous --context-pairs action/observation pairs (paper: 2).
+
+Outputs in --out-dir (JSONL, one record per line), training files hold no step of a validation problem:
+    srl_train / srl_val     {id, problem, previous_steps, target_step, step_index, num_steps, answer
+                             [, next_step_title]}; agentic: {id, messages, target_step, step_index, ...}
+    sft_srl_train           the SRL training examples + "completion": "<think>\\n...\\n</think>\\n" + step
+    rlvr_train / rlvr_val   {id, problem, answer}
+    sft_train               {id, problem, solution, answer[, reasoning]} (agentic: {id, messages})
+
+Choices the paper does not state, and departures from it:
+- Examples use k = 2..N (the context always holds at least one step); --include-first-step adds k = 1.
+  Agentic trajectories always include the first action: the issue alone is a full context.
+- Validation: the paper holds out 60 of 1,000 problems; we hold out min(60, max(1, 10%)) problems, drawn
+  among those that give SRL examples, so that both validation files are populated on small data.
+- A multi-part solution ("### Part (b)" then a list that restarts at 1) continues the step sequence, and
+  the part heading opens the next step; a restart without such a heading is a list nested in the step.
+- The gold answer is the --answer-field column, else "answer" when present, else the last \\boxed{} of
+  the solution; problems without one are left out of the RLVR files only.
+- sft_srl_train's monologue is a template ("Steps 1-2 are done. Next, step 3: <title>."), not real
+  reasoning: it only teaches a small model the <think>...</think> + step format before SRL.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+BUILTIN_PATH = ROOT / "builtin_problems.jsonl"
+# s1K-1.1's columns (the paper's data); other data sets map theirs with the --*-field flags.
+DEFAULT_FIELDS = dict(question="question", solution="deepseek_attempt", answer=None,
+                      reasoning="deepseek_thinking_trajectory")
+BUILTIN_FIELDS = dict(question="problem", solution="solution", answer="answer", reasoning=None)
+
+
+class DataError(ValueError):
+    """Bad input; the message names the file, the line or record, and the field."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+def _load(path):
+    """(records, locations): locations[i] says where record i is, for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                            "or convert the file to JSONL") from None
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises its own error types
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        locations = [f"row {i + 1}" for i in range(len(records))]
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if text.lstrip().startswith("["):  # JSON: one list of records
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+            locations = [f"record {i + 1}" for i in range(len(records))]
+        else:  # JSONL: one record per line
+            records, locations = [], []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+                locations.append(f"line {lineno}")
+    if not records:
+        raise DataError(f"{path}: empty input (no records)")
+    for record, where in zip(records, locations):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
+    return records, [f"{path}, {where}" for where in locations]
+
+
+def read_records(path):
+    """Records (dicts) of a JSONL, JSON (list) or parquet file; DataError names the file and line."""
+    return _load(path)[0]
+
+
+def download_hf_dataset(name, filename=None):
+    """Local path of one data file of a Hugging Face dataset (downloads it; needs network)."""
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+    except ImportError:
+        raise DataError("--hf-dataset needs huggingface_hub: pip install huggingface_hub") from None
+    if filename is None:
+        files = [f for f in HfApi().list_repo_files(name, repo_type="dataset")
+                 if f.endswith((".parquet", ".jsonl", ".json"))]
+        if not files:
+            raise DataError(f"{name}: the dataset has no parquet, JSONL or JSON file")
+        # prefer the training split, then parquet (the hub's own format)
+        filename = min(files, key=lambda f: ("train" not in f, not f.endswith(".parquet"), f))
+    return hf_hub_download(repo_id=name, filename=filename, repo_type="dataset")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splitting a solution into its numbered steps
+
+# A step header: "1.", "1)", "Step 1:", "**Step 1.**", "### Step 1", "1. **Title**", "**1. Title**".
+STEP_HEADER = re.compile(
+    r"(?P<indent>[ \t]*)(?P<hashes>#{1,6}[ \t]+)?(?P<bold>\*\*)?[ \t]*"
+    r"(?:(?P<word>step)[ \t]+(?P<wnum>\d{1,3})[ \t]*(?P<wdelim>[.):-])?|(?P<num>\d{1,3})(?P<delim>[.)]))"
+    r"(?P<rest>(?:\*\*)?(?:[ \t].*)?)$", re.IGNORECASE)
+# A section heading that may restart the numbering: "### Part (b)", "**Part 2:**", "(b) Find ...".
+SECTION_HEADING = re.compile(r"(#{1,6}[ \t]|\**[ \t]*(part|problem|question)\b|\**[ \t]*\(([a-z]|[ivx]+)\))",
+                             re.IGNORECASE)
+DOLLARS = re.compile(r"\$\$")
+BRACKET_OPEN, BRACKET_CLOSE = re.compile(r"(?<!\\)\\\["), re.compile(r"(?<!\\)\\\]")
+MATH_ENV = r"(?:equation|align|alignat|gather|multline|eqnarray|flalign|displaymath)\*?"
+ENV_OPEN, ENV_CLOSE = re.compile(r"\\begin\{" + MATH_ENV + r"\}"), re.compile(r"\\end\{" + MATH_ENV + r"\}")
+
+
+def _parse_header(line):
+    """(number, indent, style) if the line opens a numbered item, else None."""
+    m = STEP_HEADER.match(line)
+    if not m:
+        return None
+    word, rest = m["word"], m["rest"].strip()
+    if word and not (m["wdelim"] or m["hashes"] or m["bold"] or not rest or rest.startswith("**")):
+        return None  # "Step 1 is easy" is a sentence, not a header
+    number = int(m["wnum"] or m["num"])
+    indent = len(m["indent"].expandtabs(4))
+    # Top-level steps all share step 1's style; a nested list usually differs (e.g. no bold title).
+    style = (bool(m["hashes"]), bool(m["bold"]), bool(word), m["delim"] or "", rest.startswith("**"))
+    return number, indent, style
+
+
+class _MathTracker:
+    """Is the next line inside display math ($$, \\[ \\], math environments) or a code fence?"""
+
+    def __init__(self):
+        self.dollars = self.fence = False
+        self.brackets = self.envs = 0
+
+    def inside(self):
+        return self.dollars or self.fence or self.brackets > 0 or self.envs > 0
+
+    def feed(self, line):
+        if line.lstrip().startswith("```"):
+            self.fence = not self.fence
+        if self.fence:
+            return
+        if not line.strip():  # TeX allows no blank line inside math: an unclosed block ends here
+            self.dollars, self.brackets, self.envs = False, 0, 0
+        self.dollars ^= len(DOLLARS.findall(line)) % 2 == 1
+        self.brackets = max(0, self.brackets + len(BRACKET_OPEN.findall(line)) - len(BRACKET_CLOSE.findall(line)))
+        self.envs = max(0, self.envs + len(ENV_OPEN.findall(line)) - len(ENV_CLOSE.findall(line)))
+
+
+def _run(headers, headings, first):
+    """(start lines, marked) of the steps that follow a "1." header: 2, 3, ... of the same indentation and
+    style as the first; "marked" tells whether that style is more than a bare number."""
+    _, _, top_indent, style = first
+    top = [h for h in headers if h[0] > first[0] and h[2] <= top_indent and h[3] == style]
+    starts, expected = [first[0]], 2
+    for j, (i, number, _, _) in enumerate(top):
+        if number == expected:
+            starts.append(i)
+            expected += 1
+        elif number == 1:
+            # A restart counts only after a section heading ("### Part (b)") and when the old list does
+            # not go on right after the new one; otherwise it is a list nested inside the current step.
+            heading = next((h for h in headings if starts[-1] < h < i), None)
+            rest, n = top[j + 1:], 0
+            while n < len(rest) and rest[n][1] == n + 2:  # the new list's own 2, 3, ...
+                n += 1
+            old_list_goes_on = n < len(rest) and rest[n][1] == expected
+            if heading is not None and not old_list_goes_on:
+                starts.append(heading)
+                expected = 2
+    return starts, any(style[:3]) or style[4]
+
+
+def split_steps(solution):
+    """The top-level numbered steps of a solution, in order (each a verbatim slice); [] if it has none.
+
+    Top-level steps are numbered 1, 2, 3, ... consecutively, share step 1's indentation and style, and
+    never start inside display math. Text before step 1 is dropped; everything after the last header
+    (the closing answer line too) belongs to the last step."""
+    lines = solution.split("\n")
+    headers, headings = [], []  # (line index, number, indent, style); line indices of section headings
+    math = _MathTracker()
+    for i, line in enumerate(lines):
+        if not math.inside():
+            header = _parse_header(line)
+            if header:
+                headers.append((i, *header))
+            elif SECTION_HEADING.match(line) and not line[:1].isspace():
+                headings.append(i)
+        math.feed(line)
+    top_indent = min((h[2] for h in headers if h[1] == 1), default=None)
+    runs = [_run(headers, headings, first) for first in headers if first[1] == 1 and first[2] == top_indent]
+    if not runs:
+        return []
+    # A solution may hold several lists at the top level (e.g. the problem's conditions restated before
+    # the solution): take the run with a marked style (bold title, "Step", heading) first, then the longest.
+    starts = max(runs, key=lambda run: (run[1], len(run[0]), -run[0][0]))[0]
+    ends = starts[1:] + [len(lines)]
+    return ["\n".join(lines[s:e]).strip() for s, e in zip(starts, ends)]
+
+
+def split_paragraphs(solution):
+    """Fallback for free text: paragraphs separated by blank lines (display math stays whole, and a
+    paragraph that is only display math joins the paragraph before it)."""
+    paragraphs, current, math = [], [], _MathTracker()
+    for line in solution.split("\n") + [""]:
+        if not line.strip() and not math.inside():
+            if current:
+                text = "\n".join(current).strip()
+                is_math = text.startswith(("\\[", "$$", "\\begin"))
+                if is_math and paragraphs:
+                    paragraphs[-1] += "\n\n" + text
+                else:
+                    paragraphs.append(text)
+            current = []
+        else:
+            current.append(line)
+        math.feed(line)
+    return paragraphs
+
+
+def step_title(step):
+    """A short title for a step: its bold "**Title**", or the rest of a "Step k: Title" / heading line, or
+    else its first sentence; at most 80 characters."""
+    lines = step.split("\n")
+    n, m = next(((n, STEP_HEADER.match(line)) for n, line in enumerate(lines) if _parse_header(line)), (0, None))
+    rest = m["rest"].strip() if m else step
+    bold = re.match(r"\*\*(.+?)\*\*", rest)
+    if bold:
+        title = bold[1]
+    elif m and (m["word"] or m["hashes"] or m["bold"]) and rest.strip("*# "):
+        title = rest
+    else:  # a bare "1. text": the first sentence
+        text = " ".join(" ".join([rest] + lines[n + 1:] if m else lines).split())
+        title = re.split(r"(?<=[.:!?])\s", text, maxsplit=1)[0]
+    title = " ".join(title.replace("**", "").split()).strip("*# ").rstrip(":.").strip()
+    return title if len(title) <= 80 else title[:77].rstrip() + "..."
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces allowed), else None."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None  # unbalanced braces
+
+
+# ----------------------------------------------------------------------------------------------------
+# The project's own data: built-in problems and a synthetic generator
+
+def builtin_problems():
+    """The built-in sample: 49 hand-written problems (arithmetic, algebra, geometry, counting, number
+    theory) with numbered "1. **Title** ..." solutions and boxed answers, in builtin_problems.jsonl."""
+    return read_records(BUILTIN_PATH)
+
+
+NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Eli", "Ivy", "Max", "Lia", "Ben"]
+THINGS = ["marbles", "stickers", "coins", "apples", "cards", "shells", "stamps", "beads"]
+# operation -> (how the problem states it, the step's title, the step's operator)
+SYNTHETIC_OPS = {
+    "add": ("gets {n} more", "Add {n}", "+"),
+    "sub": ("gives away {n}", "Subtract {n}", "-"),
+    "mul": ("ends up with {n} times as many", "Multiply by {n}", "*"),
+    "div": ("keeps one of {n} equal shares", "Divide by {n}", "/"),
+}
+
+
+def synthetic_problems(count, steps=4, max_number=20, seed=0):
+    """count arithmetic-chain problems: a start quantity and `steps` operations on it. Each solution step
+    states one operation and its result ("2. **Multiply by 3.** 12 * 3 = 36"), the last one boxes the
+    answer. Difficulty grows with steps and max_number (the largest start value and operand)."""
+    if count < 1 or steps < 1 or max_number < 2:
+        raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1, --synthetic-max-number >= 2")
+    rng = random.Random(seed)
+    problems = []
+    for index in range(count):
+        name, things = rng.choice(NAMES), rng.choice(THINGS)
+        value = start = rng.randint(2, max_number)
+        phrases, lines = [], []
+        for k in range(1, steps + 1):
+            choices = ["add"] + (["sub"] if value > 1 else []) + (["mul"] if value <= 5 * max_number else [])
+            divisors = [d for d in range(2, min(max_number, 9) + 1) if value % d == 0]
+            choices += ["div"] * bool(divisors)
+            op = rng.choice(choices)
+            n = {"add": lambda: rng.randint(1, max_number), "sub": lambda: rng.randint(1, min(value - 1, max_number)),
+                 "mul": lambda: rng.randint(2, min(5, max_number)), "div": lambda: rng.choice(divisors)}[op]()
+            result = {"add": value + n, "sub": value - n, "mul": value * n, "div": value // n}[op]
+            phrase, title, symbol = SYNTHETIC_OPS[op]
+            phrases.append(phrase.format(n=n))
+            line = f"{k}. **{title.format(n=n)}.** {value} {symbol} {n} = {result}, so {name} now has {result}."
+            if k == steps:
+                line += f" The answer is \\boxed{{{result}}}."
+            lines.append(line)
+            value = result
+        chain = phrases[0] if steps == 1 else ", then ".join(phrases[:-1]) + ", and finally " + phrases[-1]
+        problem = (f"{name} has {start} {things}. {name} {chain}. "
+                   f"How many {things} does {name} have at the end?")
+        problems.append({"id": f"synthetic-{index + 1:05d}", "problem": problem,
+                         "solution": "\n".join(lines), "answer": str(value)})
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records -> problems -> examples
+
+def _text(value):
+    """Message content as text: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(value, list):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in value)
+    return "" if value is None else str(value)
+
+
+def _message(message):
+    """{"role", "content"}; OpenAI-style tool calls are appended to the content as text."""
+    content = _text(message.get("content"))
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call)
+        content += "\n" + json.dumps({"name": function.get("name"), "arguments": function.get("arguments")})
+    return {"role": message["role"], "content": content.strip()}
+
+
+def _answer_text(value):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 27.0 -> "27"
+    return None if value is None or str(value).strip() == "" else str(value).strip()
+
+
+def normalize(records, fields, locations=None):
+    """Map raw records to {"id", "problem", "solution", "answer", "reasoning"}, or {"id", "messages"}
+    for agent trajectories. fields: question, solution, answer (None: "answer" if present, else the last
+    \\boxed{} of the solution) and reasoning (optional)."""
+    locations = locations or [f"record {i + 1}" for i in range(len(records))]
+    problems, seen = [], set()
+    for index, (record, where) in enumerate(zip(records, locations)):
+        pid = str(record.get("id", index))
+        if pid in seen:
+            raise DataError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+            problems.append({"id": pid, "messages": [_message(m) for m in messages]})
+            continue
+        needed = [fields["question"], fields["solution"]] + ([fields["answer"]] if fields["answer"] else [])
+        missing = [f for f in needed if f not in record]
+        if missing:
+            raise DataError(f"{where}: no field {', '.join(map(repr, missing))}; the record has: "
+                            f"{', '.join(sorted(record)) or 'no fields'} "
+                            "(map them with --question-field / --solution-field / --answer-field)")
+        question, solution = _text(record[fields["question"]]), _text(record[fields["solution"]])
+        if not question.strip():
+            raise DataError(f"{where}: the field {fields['question']!r} is empty")
+        answer = (_answer_text(record[fields["answer"]]) if fields["answer"]
+                  else _answer_text(record.get("answer")) or _answer_text(last_boxed(solution)))
+        reasoning = _text(record.get(fields["reasoning"])) if fields["reasoning"] else None
+        problems.append({"id": pid, "problem": question, "solution": solution, "answer": answer,
+                         "reasoning": reasoning or None})
+    return problems
+
+
+def srl_examples(problem, steps, include_first_step=False, next_step_title=False):
+    """Partial trajectories of one solution: for k = 2..N (1..N with include_first_step), the context is
+    the problem + steps 1..k-1 and the target is step k (paper Sec. 3)."""
+    examples = []
+    for k in range(1 if include_first_step else 2, len(steps) + 1):
+        example = {"id": problem["id"], "problem": problem["problem"], "previous_steps": steps[:k - 1],
+                   "target_step": steps[k - 1], "step_index": k, "num_steps": len(steps),
+                   "answer": problem["answer"]}
+        if next_step_title:
+            example["next_step_title"] = step_title(steps[k - 1])
+        examples.append(example)
+    return examples
+
+
+def agentic_examples(problem, context_pairs=2):
+    """One example per assistant action: the context is the issue (every message before the first action)
+    plus the previous context_pairs (action, observations) pairs; the target is the action (Sec. 5)."""
+    messages = problem["messages"]
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    issue, pairs = messages[:first], []
+    for message in messages[first:]:
+        if message["role"] == "assistant":
+            pairs.append([message])
+        else:  # an observation ("tool" or "user") belongs to the action before it
+            pairs[-1].append(message)
+    examples = []
+    for k, pair in enumerate(pairs, 1):
+        window = pairs[max(0, k - 1 - context_pairs):k - 1]
+        examples.append({"id": problem["id"], "messages": issue + [m for p in window for m in p],
+                         "target_step": pair[0]["content"], "step_index": k, "num_steps": len(pairs),
+                         "answer": None})
+    return examples
+
+
+def think_completion(example):
+    """"<think>\\n" + a short templated monologue + "\\n</think>\\n" + the target step, for SFT warm-up."""
+    k, target = example["step_index"], example["target_step"]
+    if "messages" in example:
+        first_line = " ".join(target.strip().split("\n")[0].split())[:80]
+        thought = f"Next action {k}: {first_line}"
+    else:
+        done = "Nothing is written yet." if k == 1 else "Step 1 is done." if k == 2 else f"Steps 1-{k - 1} are done."
+        thought = f"{done} Next, step {k}: {step_title(target)}."
+    return f"<think>\n{thought}\n</think>\n{target}"
+
+
+def choose_val_ids(ids, val_problems, seed):
+    """A deterministic sample of problem ids held out for validation."""
+    return set(random.Random(seed).sample(sorted(ids), val_problems))
+
+
+def prepare(problems, include_first_step=False, next_step_title=False, context_pairs=2, fallback=None,
+            val_problems=None, seed=0):
+    """(outputs, stats): outputs maps each file name to its records; the split is by problem."""
+    stats = {"problems": len(problems), "agentic": 0, "no_steps": 0, "one_step": 0, "no_answer": 0,
+             "steps": []}
+    examples = {}  # problem id -> its SRL examples
+    for problem in problems:
+        if "messages" in problem:
+            stats["agentic"] += 1
+            examples[problem["id"]] = agentic_examples(problem, context_pairs)
+            stats["no_steps"] += not examples[problem["id"]]  # a trajectory without any action
+            continue
+        steps = split_steps(problem["solution"])
+        if not steps and fallback == "paragraphs":
+            steps = split_paragraphs(problem["solution"])
+        if not steps:
+            stats["no_steps"] += 1
+            continue
+        stats["steps"].append(len(steps))
+        examples[problem["id"]] = srl_examples(problem, steps, include_first_step, next_step_title)
+        stats["one_step"] += not examples[problem["id"]]
+    # Hold out problems that give SRL examples (so both validation files are populated), else any.
+    pool = [pid for pid, exs in examples.items() if exs] or [p["id"] for p in problems]
+    if val_problems is None:
+        val_problems = min(60, max(1, len(pool) // 10)) if len(pool) > 1 else 0
+    if not 0 <= val_problems <= len(pool):
+        raise DataError(f"--val-problems {val_problems}: must lie in 0..{len(pool)} (problems with examples)")
+    val_ids = choose_val_ids(pool, val_problems, seed)
+    stats["val_problems"] = len(val_ids)
+
+    outputs = {name: [] for name in ("srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl",
+                                     "rlvr_train.jsonl", "rlvr_val.jsonl", "sft_train.jsonl")}
+    for problem in problems:
+        split = "val" if problem["id"] in val_ids else "train"
+        srl = examples.get(problem["id"], [])
+        outputs[f"srl_{split}.jsonl"] += srl
+        if split == "train":
+            outputs["sft_srl_train.jsonl"] += [{**ex, "completion": think_completion(ex)} for ex in srl]
+        if "messages" in problem:
+            if split == "train":
+                outputs["sft_train.jsonl"].append({"id": problem["id"], "messages": problem["messages"]})
+            continue
+        if problem["answer"] is None:
+            stats["no_answer"] += 1
+        else:
+            outputs[f"rlvr_{split}.jsonl"].append({k: problem[k] for k in ("id", "problem", "answer")})
+        if split == "train":
+            record = {k: problem[k] for k in ("id", "problem", "solution", "answer")}
+            if problem["reasoning"]:
+                record["reasoning"] = problem["reasoning"]
+            outputs["sft_train.jsonl"].append(record)
+    return outputs, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing: every file goes to a temporary file first, and is renamed only when all of them are written
+
+def _write_temp(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_jsonl(path, records):
+    """Write records as JSONL atomically (a temporary file, then os.replace)."""
+    os.replace(_write_temp(Path(path), records), path)
+
+
+def write_outputs(out_dir, outputs):
+    """Write several JSONL files so that either all of them change or none does."""
+    temps = {}
+    try:
+        for name, records in outputs.items():
+            temps[name] = _write_temp(Path(out_dir) / name, records)
+    except BaseException:
+        for tmp in temps.values():
+            os.unlink(tmp)
+        raise
+    for name, tmp in temps.items():
+        os.replace(tmp, Path(out_dir) / name)
+
+
+def summary(source, outputs, stats, out_dir, seconds):
+    steps = stats["steps"]
+    lines = [f"read {stats['problems']} problems from {source}"
+             + (f" ({stats['agentic']} agent trajectories)" if stats["agentic"] else ""),
+             f"with numbered steps: {len(steps)}"
+             + (f"; steps per solution min {min(steps)} / median {statistics.median(steps):g} / max {max(steps)}"
+                if steps else ""),
+             f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a single "
+             "step (no example without --include-first-step)",
+             f"dropped from RLVR: {stats['no_answer']} without an answer",
+             f"held out for validation: {stats['val_problems']} problems"]
+    lines += [f"  {Path(out_dir) / name}: {len(records)} examples" for name, records in outputs.items()]
+    lines.append(f"done in {seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", help="JSONL, JSON or parquet file (default: the built-in problems)")
+    source.add_argument("--hf-dataset", help="download a data file of this Hugging Face dataset (online)")
+    source.add_argument("--synthetic", type=int, metavar="N", help="generate N arithmetic-chain problems")
+    parser.add_argument("--hf-file", help="with --hf-dataset: which file of the dataset (default: the first)")
+    parser.add_argument("--out-dir", default="data", help="output folder (default: data/)")
+    parser.add_argument("--question-field", default=DEFAULT_FIELDS["question"])
+    parser.add_argument("--solution-field", default=DEFAULT_FIELDS["solution"])
+    parser.add_argument("--answer-field", default=None,
+                        help="gold answer column (default: 'answer' if present, else the solution's last \\boxed{})")
+    parser.add_argument("--reasoning-field", default=DEFAULT_FIELDS["reasoning"],
+                        help="reasoning trace for sft_train.jsonl, used when present")
+    parser.add_argument("--include-first-step", action="store_true", help="also k = 1 (empty context)")
+    parser.add_argument("--next-step-title", action="store_true", help="add the target step's title")
+    parser.add_argument("--context-pairs", type=int, default=2, help="agentic: previous action/observation pairs")
+    parser.add_argument("--fallback", choices=["paragraphs"], help="split unnumbered solutions on blank lines")
+    parser.add_argument("--val-problems", type=int, default=None, help="default: min(60, max(1, 10%% of problems))")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-steps", type=int, default=4, help="operations per synthetic problem")
+    parser.add_argument("--synthetic-max-number", type=int, default=20, help="largest synthetic start/operand")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    try:
+        if args.synthetic is not None:
+            source_name = f"the synthetic generator ({args.synthetic} problems, seed {args.seed})"
+            problems = normalize(synthetic_problems(args.synthetic, args.synthetic_steps,
+                                                    args.synthetic_max_number, args.seed), BUILTIN_FIELDS)
+        elif args.input is None and args.hf_dataset is None:
+            source_name = str(BUILTIN_PATH.name)
+            records, locations = _load(BUILTIN_PATH)
+            problems = normalize(records, BUILTIN_FIELDS, locations)
+        else:
+            path = args.input or download_hf_dataset(args.hf_dataset, args.hf_file)
+            source_name = str(path)
+            fields = dict(question=args.question_field, solution=args.solution_field,
+                          answer=args.answer_field, reasoning=args.reasoning_field)
+            records, locations = _load(path)
+            problems = normalize(records, fields, locations)
+        outputs, stats = prepare(problems, args.include_first_step, args.next_step_title, args.context_pairs,
+                                 args.fallback, args.val_problems, args.seed)
+        write_outputs(args.out_dir, outputs)
+    except DataError as e:
+        sys.exit(f"data_prep.py: error: {e}")
+    print(summary(source_name, outputs, stats, args.out_dir, time.time() - start))
+
+
+if __name__ == "__main__":
+    main()
