@@ -1,6 +1,6 @@
 """Expert trajectories -> step-wise SRL examples, plus RLVR and SFT sets (JSONL files in data/).
 
-SRL (Deng et al. 2025, arXiv 2510.25992, Sec. 3) learns from an expert's solution one step at a time: a
+SRL (Deng et al. 2025, arXiv 2510.25992) learns from an expert's solution one step at a time: a
 solution written as numbered steps 1..N gives the partial trajectories "problem + steps 1..k-1 -> step k".
 The whole reward signal comes from these splits, so the splitter below is careful: numbered lists nested
 inside a step stay inside it, display math is never cut, text before step 1 is not a step, and the closing
@@ -15,8 +15,10 @@ Run:
     python data_prep.py --input trajectories.jsonl            # records with "messages": agentic steps
 
 Inputs: JSONL, JSON (a list of records) or parquet (needs pyarrow). Records with a "messages" list are
-agent trajectories (Sec. 5): each assistant message is one action, its context the issue (every message
-before the first action) plus the previous --context-pairs action/observation pairs (paper: 2).
+agent trajectories (the paper's software-engineering setting): each assistant message is one action; its
+context is the issue (every message before the first action) plus the previous --context-pairs
+action/observation pairs (paper: 2). Solutions without numbered steps are dropped from SRL (and counted);
+--fallback paragraphs splits them on blank lines instead.
 
 Outputs in --out-dir (JSONL, one record per line), training files hold no step of a validation problem:
     srl_train / srl_val     {id, problem, previous_steps, target_step, step_index, num_steps, answer
@@ -320,14 +322,15 @@ def synthetic_problems(count, steps=4, max_number=20, seed=0):
         value = start = rng.randint(2, max_number)
         phrases, lines = [], []
         for k in range(1, steps + 1):
-            choices = ["add"] + (["sub"] if value > 1 else []) + (["mul"] if value <= 5 * max_number else [])
+            # every operation keeps the quantity a positive integer of moderate size
             divisors = [d for d in range(2, min(max_number, 9) + 1) if value % d == 0]
-            choices += ["div"] * bool(divisors)
-            op = rng.choice(choices)
-            n = {"add": lambda: rng.randint(1, max_number), "sub": lambda: rng.randint(1, min(value - 1, max_number)),
-                 "mul": lambda: rng.randint(2, min(5, max_number)), "div": lambda: rng.choice(divisors)}[op]()
-            result = {"add": value + n, "sub": value - n, "mul": value * n, "div": value // n}[op]
+            op = rng.choice(["add"] + ["sub"] * (value > 1) + ["mul"] * (value <= 5 * max_number)
+                            + ["div"] * bool(divisors))
+            low, high = {"add": (1, max_number), "sub": (1, min(value - 1, max_number)),
+                         "mul": (2, min(5, max_number))}.get(op, (0, 0))
+            n = rng.choice(divisors) if op == "div" else rng.randint(low, high)
             phrase, title, symbol = SYNTHETIC_OPS[op]
+            result = {"+": value + n, "-": value - n, "*": value * n, "/": value // n}[symbol]
             phrases.append(phrase.format(n=n))
             line = f"{k}. **{title.format(n=n)}.** {value} {symbol} {n} = {result}, so {name} now has {result}."
             if k == steps:
@@ -403,7 +406,7 @@ def normalize(records, fields, locations=None):
 
 def srl_examples(problem, steps, include_first_step=False, next_step_title=False):
     """Partial trajectories of one solution: for k = 2..N (1..N with include_first_step), the context is
-    the problem + steps 1..k-1 and the target is step k (paper Sec. 3)."""
+    the problem + steps 1..k-1 and the target is step k: the paper's "partial trajectories"."""
     examples = []
     for k in range(1 if include_first_step else 2, len(steps) + 1):
         example = {"id": problem["id"], "problem": problem["problem"], "previous_steps": steps[:k - 1],
@@ -417,7 +420,7 @@ def srl_examples(problem, steps, include_first_step=False, next_step_title=False
 
 def agentic_examples(problem, context_pairs=2):
     """One example per assistant action: the context is the issue (every message before the first action)
-    plus the previous context_pairs (action, observations) pairs; the target is the action (Sec. 5)."""
+    plus the previous context_pairs (action, observations) pairs; the target is the action."""
     messages = problem["messages"]
     first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     issue, pairs = messages[:first], []
@@ -552,7 +555,7 @@ def summary(source, outputs, stats, out_dir, seconds):
              f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a single "
              "step (no example without --include-first-step)",
              f"dropped from RLVR: {stats['no_answer']} without an answer",
-             f"held out for validation: {stats['val_problems']} problems"]
+             f"problems held out for validation: {stats['val_problems']}"]
     lines += [f"  {Path(out_dir) / name}: {len(records)} examples" for name, records in outputs.items()]
     lines.append(f"done in {seconds:.2f} s")
     return "\n".join(lines)
@@ -585,26 +588,22 @@ def main(argv=None):
     start = time.time()
     try:
         if args.synthetic is not None:
-            source_name = f"the synthetic generator ({args.synthetic} problems, seed {args.seed})"
-            problems = normalize(synthetic_problems(args.synthetic, args.synthetic_steps,
-                                                    args.synthetic_max_number, args.seed), BUILTIN_FIELDS)
-        elif args.input is None and args.hf_dataset is None:
-            source_name = str(BUILTIN_PATH.name)
-            records, locations = _load(BUILTIN_PATH)
-            problems = normalize(records, BUILTIN_FIELDS, locations)
+            source, fields, locations = f"the synthetic generator (seed {args.seed})", BUILTIN_FIELDS, None
+            records = synthetic_problems(args.synthetic, args.synthetic_steps, args.synthetic_max_number, args.seed)
         else:
-            path = args.input or download_hf_dataset(args.hf_dataset, args.hf_file)
-            source_name = str(path)
-            fields = dict(question=args.question_field, solution=args.solution_field,
-                          answer=args.answer_field, reasoning=args.reasoning_field)
-            records, locations = _load(path)
-            problems = normalize(records, fields, locations)
+            source = args.input or (download_hf_dataset(args.hf_dataset, args.hf_file) if args.hf_dataset
+                                    else BUILTIN_PATH)
+            fields = BUILTIN_FIELDS if source == BUILTIN_PATH else dict(
+                question=args.question_field, solution=args.solution_field, answer=args.answer_field,
+                reasoning=args.reasoning_field)
+            records, locations = _load(source)
+        problems = normalize(records, fields, locations)
         outputs, stats = prepare(problems, args.include_first_step, args.next_step_title, args.context_pairs,
                                  args.fallback, args.val_problems, args.seed)
         write_outputs(args.out_dir, outputs)
     except DataError as e:
         sys.exit(f"data_prep.py: error: {e}")
-    print(summary(source_name, outputs, stats, args.out_dir, time.time() - start))
+    print(summary(source, outputs, stats, args.out_dir, time.time() - start))
 
 
 if __name__ == "__main__":

@@ -614,3 +614,17 @@ def test_write_outputs_is_all_or_nothing(tmp_path):
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl"]
     data_prep.write_jsonl(tmp_path / "c.jsonl", [{"z": "é"}])
     assert read_records(tmp_path / "c.jsonl") == [{"z": "é"}]
+
+
+def test_paragraph_fallback_cli(tmp_path):
+    records = [{"id": "free", "problem": "P?", "solution": "First idea.\n\nSecond idea.\n\nSo \\boxed{2}."},
+               make_problem("numbered", 2)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plain = run_cli("--input", path, "--out-dir", tmp_path / "a", *S1K_FLAGS, "--val-problems", 0)
+    assert "1 without numbered steps" in plain.stdout
+    assert run_cli("--input", path, "--out-dir", tmp_path / "b", *S1K_FLAGS, "--val-problems", 0,
+                   "--fallback", "paragraphs").returncode == 0
+    free = [e for e in read_jsonl(tmp_path / "b" / "srl_train.jsonl") if e["id"] == "free"]
+    assert [(e["previous_steps"], e["target_step"]) for e in free] == [
+        (["First idea."], "Second idea."), (["First idea.", "Second idea."], "So \\boxed{2}.")]
