@@ -276,17 +276,26 @@ def step_title(step):
 
 
 def last_boxed(text):
-    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces allowed), else None."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
+    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces; escaped \\{ \\} skipped), or the
+    token after "\\boxed " ("\\boxed 5"); None when there is none, it is empty, or it is left unclosed."""
+    heads = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text or ""))
+    if not heads:
         return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
+    rest = text[heads[-1].end():]
+    start = len(rest) - len(rest.lstrip(" "))
+    if not rest[start:].startswith("{"):
+        token = re.match(r" +([^\s$]+)", rest)
+        return token[1] if token else None
+    depth, j = 0, start
+    while j < len(rest):
+        if rest[j] == "\\":  # an escaped character, e.g. \{ in a set
+            j += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(rest[j], 0)
         if depth == 0:
-            return text[i:j].strip()
-    return None  # unbalanced braces
+            return rest[start + 1:j].strip() or None
+        j += 1
+    return None  # unclosed braces
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -141,6 +141,10 @@ def test_last_boxed():
     assert last_boxed("no answer") is None
     assert last_boxed("\\boxed{\\left\\{1, 2\\right\\}}") == "\\left\\{1, 2\\right\\}"
     assert last_boxed("\\boxed{unbalanced") is None
+    assert last_boxed("\\boxed{x \\in \\{1, 2}") == "x \\in \\{1, 2"  # escaped braces do not count
+    assert last_boxed("so \\boxed 5.") == "5." and last_boxed("$\\boxed 7$") == "7"
+    assert last_boxed("\\boxed{}") is None and last_boxed("\\boxedx{3}") is None
+    assert last_boxed("\\boxed{1} and \\boxed {2}") == "2"
 
 
 # ----------------------------------------------------------------------------------------------------
