@@ -550,7 +550,8 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
 def test_parquet_with_pyarrow(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-    rows = [{"question": "q1", "deepseek_attempt": "1. a\n2. b \\boxed{3}"}, {"question": "q2", "deepseek_attempt": "x"}]
+    rows = [{"question": "q1", "deepseek_attempt": "1. a\n2. b \\boxed{3}"},
+            {"question": "q2", "deepseek_attempt": "x"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
     assert read_records(tmp_path / "s.parquet") == rows
 
@@ -562,7 +563,8 @@ def test_hf_dataset_download_uses_huggingface_hub(tmp_path, monkeypatch):
     fake = types.ModuleType("huggingface_hub")
     fake.HfApi = lambda: types.SimpleNamespace(list_repo_files=lambda name, repo_type: [
         "README.md", "data/test-0.parquet", "data/train-0.parquet", "data/train-0.json"])
-    fake.hf_hub_download = lambda repo_id, filename, repo_type: calls.append((repo_id, filename, repo_type)) or str(local)
+    fake.hf_hub_download = lambda repo_id, filename, repo_type: (
+        calls.append((repo_id, filename, repo_type)) or str(local))
     monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
     data_prep.main(["--hf-dataset", "someone/set", "--out-dir", str(tmp_path / "out"), "--val-problems", "0"])
     assert calls == [("someone/set", "data/train-0.parquet", "dataset")]
