@@ -1,0 +1,319 @@
+"""Tests for evaluate.py: extraction, the equivalence grader (a truth table), pass@k against brute force,
+benchmark loading, and an end-to-end run of the tiny model."""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+import evaluate
+from evaluate import extract_answer, is_equiv, load_benchmark, pass_at_k
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -----------------------------------------------------------------------------------------------------------------
+# extract_answer
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so the answer is $\\boxed{42}$.", "42"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("first \\boxed{1}, then corrected: \\boxed{2}", "2"),  # the last box counts
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("$\\boxed 5$", "5"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{ 3 }", "3"),
+    ("no box here, the answer is 5", None),  # no fallback
+    ("\\boxed{12", None),  # cut off inside the box
+    ("\\boxed{}", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_none_input():
+    assert extract_answer(None) is None
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# is_equiv: a truth table. True rows are mathematically equal answers written differently; False rows differ.
+
+EQUAL = [
+    ("0.5", "\\frac{1}{2}"), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("x=5", "5"), ("x = 5", "x=5"),
+    ("1,000", "1000"), ("5 cm", "5"), ("\\{1,2\\}", "\\{2,1\\}"), ("\\frac34", "\\dfrac{3}{4}"), ("27", 27.0),
+    ("70", 70), ("2\\sqrt{3}", "\\sqrt{12}"), ("\\sin^2 x + \\cos^2 x", "1"), ("y = 2x+3", "y=3+2x"),
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}"),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(3,\\infty)\\cup(-\\infty,2)"), ("\\text{(B)}", "B"),
+    ("137 \\frac{1}{2}", "137.5"), ("1.04 \\times 10^{-3}", "1.04e-3"),
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\end{pmatrix}"),
+    ("x^{1/2}", "\\sqrt{x}"), ("e^{i\\pi}", "-1"), ("\\ln 2 + i\\pi / 3", "\\ln(2) + \\frac{i\\pi}{3}"),
+    ("\\$32,\\!348", "32348"), ("36^\\circ", "36"), ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}"),
+    ("15\\mbox{ cm}^2", "15"), ("3.14159265358979", "\\pi"), ("\\sqrt[3]{8}", "2"), ("\\log_2 8", "3"),
+    ("x^2-1", "(x-1)(x+1)"), ("5x - 7y + 11z + 4 = 0", "-5x+7y-11z-4=0"), ("1+2i", "2i+1"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"), ("x \\in [-2,7]", "[-2,7]"),
+    ("10,\\!080", "10080"), ("3, 5, 7", "7,5,3"), ("10\\%", "10"), ("007", "7"), (".5", "0.5"), ("12.0", "12"),
+    ("\\frac{e^{t}}{3}", "e^{t} / 3"), ("\\text{Evelyn}", "Evelyn"), ("\\text{East}", "east"),
+    ("-\\frac{1}{2} X^{-\\frac{1}{2}}", "-\\frac{1}{2\\sqrt{X}}"),
+    ("\\sqrt{2} \\cos (2 t-\\pi / 4)", "\\cos(2t) + \\sin(2t)"),
+    ("(1 - 3e^{-2t} + 2e^{-5t}) u(t)", "u(t)(1+2e^{-5t}-3e^{-2t})"), ("\\$18.90", "18.9"), ("4.5", "\\frac{9}{2}"),
+    ("2k+2", "2(k+1)"), ("\\tfrac{1}{4}", "0.25"), ("\\frac{\\pi}{2}", "\\frac12\\pi"), ("-2,1", "1,-2"),
+    ("\\{1\\pm\\sqrt{5},-2\\}", "\\{-2, 1-\\sqrt5, 1+\\sqrt5\\}"), ("\\sqrt{4}", "2"), ("+2", "2"),
+    ("\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]", "[\\pi^2/8, 5\\pi^2/4]"), ("6 - 5i", "-5i+6"),
+]
+
+NOT_EQUAL = [
+    ("1/2", "2"), ("3\\pi", "3.14"), ("12", "21"), ("10\\%", "0.1"), ("(1,2)", "[1,2]"), ("", "5"), ("5", ""),
+    (None, "5"), ("5", None), (None, None), ("0.333", "\\frac{1}{3}"), ("0.3333333", "\\frac13"),
+    ("1.4142", "\\sqrt{2}"), ("\\pi", "3.14159"), ("e", "2.718"), ("(1,2)", "(2,1)"), ("(3,4]", "(3,4)"),
+    ("[1,2)", "[1,2]"), ("\\{1,2\\}", "\\{1,2,3\\}"), ("1,2", "1,3"), ("x=5", "x=6"), ("y = 2x+3", "y = 2x-3"),
+    ("x+1", "x-1"), ("x^2", "x^3"), ("2\\sqrt{3}", "3\\sqrt{2}"), ("\\sqrt{2}/2", "\\sqrt{2}"), ("1+2i", "1-2i"),
+    ("-5", "5"), ("0", "I(0)"), ("5", "5.01"), ("100", "1000"), ("1,000", "1,001"), ("1,000", "1"), ("A", "B"),
+    ("\\text{(B)}", "\\text{(C)}"), ("\\text{even}", "\\text{odd}"), ("\\frac{3}{4}", "\\frac{4}{3}"),
+    ("-\\infty", "\\infty"), ("(-\\infty, 2)", "(-\\infty, 3)"), ("x \\in [-2,7]", "[-2,8]"),
+    ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z - 4 = 0"), ("36^\\circ", "\\frac{\\pi}{5}"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}"),
+    ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}"), ("\\sin x", "\\cos x"), ("\\log_2 8", "\\log_3 8"), ("1e3", "1e-3"),
+    ("\\frac{1}{0}", "\\infty"), ("i", "1"), ("\\text{Evelyn}", "\\text{nylevE}"), ("x", "y"), ("2x", "x"),
+    ("(1,2,3)", "(1,2)"), ("\\frac{1}{2}", "\\frac{1}{2}x"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", EQUAL)
+def test_equal_answers(pred, gold):
+    assert is_equiv(pred, gold)
+    if isinstance(gold, str):
+        assert is_equiv(gold, pred)  # symmetric
+
+
+@pytest.mark.parametrize("pred, gold", NOT_EQUAL)
+def test_different_answers(pred, gold):
+    assert not is_equiv(pred, gold)
+    assert not is_equiv(gold, pred)
+
+
+def test_truth_table_size():
+    assert len(EQUAL) + len(NOT_EQUAL) >= 80 and min(len(EQUAL), len(NOT_EQUAL)) >= 40
+
+
+@pytest.mark.parametrize("pred, gold", [("2^10", "1024"), ("\\sqrt25", "5"), ("40_9", "36"), ("xy", "yx")])
+def test_ambiguous_forms_are_not_read(pred, gold):
+    # Written two ways in LaTeX (2^10 renders as 2^1 0), base-n numerals, multi-letter names: never guessed
+    assert not is_equiv(pred, gold)
+    assert is_equiv(pred, pred)
+
+
+@pytest.mark.parametrize("pred", ["9^{9^{9^{9}}}", "2^{10^{6}}", "(x+1)^{100000}", "1" * 500,
+                                  "\\frac{" * 300 + "1" + "}" * 300])
+def test_huge_answers_are_refused_quickly(pred):
+    start = time.time()
+    assert not is_equiv(pred, "1")
+    assert time.time() - start < 5
+
+
+def test_time_limit_stops_a_slow_comparison():
+    def slow():
+        time.sleep(10)
+
+    start = time.time()
+    with pytest.raises(evaluate.GraderTimeout):
+        with evaluate.time_limit(0.2):
+            slow()
+    assert time.time() - start < 2
+
+
+def test_grader_works_outside_the_main_thread():
+    results = []
+    thread = threading.Thread(target=lambda: results.extend([is_equiv("0.5", "\\frac12"), is_equiv("1", "2")]))
+    thread.start()
+    thread.join()
+    assert results == [True, False]
+
+
+def test_grader_never_runs_text_as_code(tmp_path):
+    marker = tmp_path / "ran"
+    for text in [f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w')", "exec('1')"]:
+        assert not is_equiv(text, "0")
+    assert not marker.exists()
+
+
+def test_integer_gold_answers_oracle(shared_data):
+    # AIME answers are integers: is_equiv must agree with int() equality on every pair
+    golds = sorted({p["answer"] for n in ("aime24", "aime25") for p in load_benchmark(n, shared_data / "benchmarks")})
+    for a, b in itertools.combinations(golds, 2):
+        assert is_equiv(a, b) == (int(a) == int(b)), (a, b)
+
+
+def test_every_gold_answer_equals_itself(shared_data):
+    for name in ("amc23", "aime24", "aime25", "math500", "minerva"):
+        for p in load_benchmark(name, shared_data / "benchmarks"):
+            assert is_equiv(p["answer"], p["answer"]), (name, p["answer"])
+            assert is_equiv(extract_answer("The answer is $\\boxed{%s}$." % p["answer"]), p["answer"])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# pass@k
+
+
+def brute_force_pass_at_k(n, c, k):
+    """Fraction of the k-subsets of n samples (the first c correct) that hold a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_brute_force():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    for n, c, k in [(1000, 3, 100), (5000, 10, 500), (200, 0, 50), (200, 200, 1)]:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-9, abs=1e-12)
+
+
+def test_pass_at_1_is_the_fraction_correct():
+    assert pass_at_k(32, 8, 1) == pytest.approx(8 / 32)
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 5, 1), (4, 2, 0), (4, 2, 5), (4, -1, 1)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Benchmarks and prompt
+
+
+def test_shared_benchmarks_load(shared_data):
+    expected = {"amc23": 40, "aime24": 30, "aime25": 30, "minerva": 272, "math500": 500, "gsm8k": 1319}
+    for name, count in expected.items():
+        problems = load_benchmark(name, shared_data / "benchmarks")
+        assert len(problems) == count
+        for p in problems:
+            assert isinstance(p["problem"], str) and p["problem"]
+            assert isinstance(p["answer"], str) and p["answer"]
+    raw = [json.loads(line) for line in open(shared_data / "benchmarks" / "gsm8k.jsonl")]
+    gsm8k = load_benchmark("gsm8k", shared_data / "benchmarks")
+    assert gsm8k[0]["answer"] == raw[0]["answer"].split("####")[-1].strip()
+    amc = json.loads(open(shared_data / "benchmarks" / "amc23.jsonl").readline())
+    assert isinstance(amc["answer"], float) and load_benchmark("amc23", shared_data / "benchmarks")[0]["answer"] \
+        == str(int(amc["answer"]))
+    assert len(load_benchmark("math500", shared_data / "benchmarks", limit=7)) == 7
+
+
+def test_jsonl_path_with_mixed_shapes(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"question": "q1", "answer": 27.0}, {"problem": "q2", "answer": 3},
+            {"problem": "q3", "solution": "so $\\boxed{\\frac{1}{2}}$"}, {"question": "q4", "answer": "x #### 1,200"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    problems = load_benchmark(str(path))
+    assert [p["answer"] for p in problems] == ["27", "3", "\\frac{1}{2}", "1,200"]
+    assert [p["id"] for p in problems] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("line, message", [('{"answer": "1"}', "no 'problem' or 'question'"),
+                                           ('{"problem": "p"}', "no 'answer'"), ("{oops", "not valid JSON")])
+def test_bad_benchmark_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "fine", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: {message}"):
+        load_benchmark(str(path))
+
+
+def test_missing_benchmark_file_says_where_to_look(tmp_path):
+    with pytest.raises(FileNotFoundError, match="aime24.jsonl not found"):
+        load_benchmark("aime24", data_dir=tmp_path)
+
+
+def test_math_messages():
+    messages = evaluate.math_messages("What is 1+1?")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "\\boxed{}" in messages[0]["content"] and "step by step" in messages[0]["content"]
+    assert messages[1]["content"] == "What is 1+1?"
+
+
+def test_summary_table_mean_counts_every_number():
+    results = {"amc23": {"avg@4": 0.25, "greedy": 0.5}, "minerva": {"greedy": 0.3}}
+    table = evaluate.summary_table("base", results)
+    header, rule, row = table.splitlines()
+    assert header == "| model | amc23 | minerva | mean |"
+    assert row == f"| base | 25.0 / 50.0 | 30.0 | {(25 + 50 + 30) / 3:.1f} |"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# End to end with the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = pytest.importorskip("model")
+    return model.load_model("tiny")
+
+
+def test_evaluate_benchmark_grades_and_restores_order(tiny, monkeypatch):
+    # generate is replaced by a scripted one (boxes the right answer for even problem numbers), so that grading,
+    # metrics and the restoring of the order after sorting by prompt length are checked against known answers
+    import model
+
+    model_, tokenizer = tiny
+    problems = [{"id": i, "problem": "Q%d: %s" % (i, "long " * (7 * i % 5)), "answer": str(i * 11)}
+                for i in range(7)]
+
+    def scripted_generate(m, prompts, max_new_tokens, temperature=1.0, num_samples=1, seed=None, **kw):
+        out = []
+        for p in prompts:
+            i = int(tokenizer.decode(p).split("Q")[-1].split(":")[0])
+            for s in range(num_samples):
+                right = i % 2 == 0 and (temperature == 0 or s < i % 3)
+                text = "\\boxed{%d}" % (i * 11 if right else -1)
+                out.append(tokenizer.encode(text, add_special_tokens=False) + m.stop_token_ids[:1])
+        return out
+
+    monkeypatch.setattr(model, "generate", scripted_generate)
+    records, metrics = evaluate.evaluate_benchmark(model_, tokenizer, problems, samples=3, max_new_tokens=16,
+                                                   batch_size=4)
+    assert [r["id"] for r in records] == list(range(7))
+    assert [r["correct"][0] for r in records] == [i % 2 == 0 for i in range(7)]
+    assert [sum(r["correct"][1:]) for r in records] == [i % 3 if i % 2 == 0 else 0 for i in range(7)]
+    assert metrics["greedy"] == pytest.approx(4 / 7)
+    assert metrics["avg@3"] == pytest.approx(sum((i % 3) / 3 for i in range(0, 7, 2)) / 7)
+    assert metrics["pass@3"] == pytest.approx(sum(i % 3 > 0 for i in range(0, 7, 2)) / 7)
+    assert metrics["boxed_rate"] == 1.0 and metrics["truncated_rate"] == 0.0
+    assert all(r["temperatures"] == [0.0, 1.0, 1.0, 1.0] for r in records)
+
+
+def test_command_line_end_to_end(tmp_path):
+    # A JSONL written here, the built-in problems, and real MATH500 problems when the shared data is present
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"question": "What is 2+3?", "answer": 5.0}\n{"problem": "What is 2*3?", "answer": 6}\n')
+    names = [str(mine), "builtin"] + (["math500"] if evaluate.SHARED_BENCHMARKS.is_dir() else [])
+    out = tmp_path / "eval"
+    subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--benchmarks", ",".join(names[:2]), *names[2:],
+                    "--limit", "2", "--max-new-tokens", "8", "--samples", "2", "--batch-size", "4",
+                    "--out", str(out), "--device", "cpu"],
+                   check=True, cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread: fast on small shared machines
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["results"]) == sorted(["mine", "builtin"] + names[2:])
+    for name, metrics in summary["results"].items():
+        records = [json.loads(line) for line in open(out / f"{name}.jsonl")]
+        assert len(records) == metrics["problems"] == 2
+        for r in records:
+            assert len(r["completions"]) == len(r["extracted"]) == len(r["correct"]) == 3
+            assert r["prompt"].endswith("assistant\n") and r["problem"] in r["prompt"]
+        assert metrics["greedy"] == pytest.approx(sum(r["correct"][0] for r in records) / 2)
+        assert metrics["avg@2"] == pytest.approx(sum(sum(r["correct"][1:]) / 2 for r in records) / 2)
+        assert metrics["mean_completion_tokens"] <= 8
