@@ -26,6 +26,7 @@ the prefill but draw their first token independently.
 import json
 import math
 import os
+import random
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -542,10 +543,11 @@ def load_model(name_or_path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype), tokenizer
 
 
-def save_model(model, tokenizer, path):
+def save_model(model, tokenizer, path, training_state=None):
     """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load: config.json,
-    model.safetensors and the tokenizer files with the chat template. Written beside and renamed into place, so
-    an interrupted save never leaves a half-written checkpoint."""
+    model.safetensors and the tokenizer files with the chat template; plus training_state.pt when given (optimizer,
+    RNG states, step, data position: what --resume needs). Written beside and renamed into place, so an
+    interrupted save never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -559,6 +561,8 @@ def save_model(model, tokenizer, path):
         state.pop("lm_head.weight")  # the same tensor as the embedding: stored once
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(tmp))
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
     if path.exists():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -567,3 +571,25 @@ def save_model(model, tokenizer, path):
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+
+
+def load_training_state(path):
+    """The training_state.pt of a checkpoint folder, or None. Read with weights_only=True: tensors, numbers,
+    strings and containers only, never arbitrary pickled objects."""
+    file = Path(path) / "training_state.pt"
+    return torch.load(file, weights_only=True) if file.exists() else None
+
+
+def rng_states():
+    """Every random number generator a training run draws from, for exact resume."""
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -199,4 +199,26 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, re
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints) comes here.
+# 4. The prompt: the problem and the expert's steps so far; the model continues with the next step only.
+
+SYSTEM_PROMPT = (
+    "You are solving a problem one step at a time. You are given the problem and a partial solution. First think "
+    "freely, for as long as you like, inside <think> ... </think>. Then, after </think>, write only the very next "
+    "step of the solution, in the same style as the previous steps. Do not solve the rest of the problem.")
+
+
+def srl_messages(example):
+    """Chat messages for one SRL example (data_prep.py's fields). An agentic example carries its context as
+    messages already (the issue and the last action/observation pairs); the system prompt is put in front."""
+    if "messages" in example:
+        return [{"role": "system", "content": SYSTEM_PROMPT}] + example["messages"]
+    steps = "\n\n".join(example["previous_steps"]) or "(no steps yet)"
+    user = f"Problem:\n{example['problem']}\n\nSolution so far:\n{steps}"
+    if example.get("next_step_title"):
+        user += f"\n\nThe next step is titled: {example['next_step_title']}"
+    user += "\n\nWrite the next step."
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints), shared with rlvr.py.
