@@ -156,7 +156,7 @@ def normalize_answer(answer):
     while re.search(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{[^{}]*\}", s):
         s = re.sub(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(rf"(?<=[\d}}\s])\s*(?:{UNIT_WORDS})(?:\^\{{?[23]\}}?)?\s*$", "", s)  # "5 cm", "864 inches^2"
-    s = re.sub(r"^[a-zA-Z]\s*\\in\s", "", s.strip().rstrip(".").strip()).strip()  # "x \in [-2, 7]"
+    s = re.sub(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])", "", s.strip().rstrip(".").strip()).strip()  # "x \in [-2, 7]"
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")):  # 1,000 (not the list 1,2)
         s = s.replace(" ", "").replace(",", "")
     mixed = re.fullmatch(r"(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", s)  # 1\frac{4}{5} is one and four fifths
@@ -289,8 +289,8 @@ def latex_to_sympy_code(s):
             i += 1
         elif c.isdigit() or (c == "." and s[i + 1:i + 2].isdigit()):
             m = NUMBER.match(s, i)
-            digits = re.sub(r"[eE].*|\D", "", m.group())
-            if len(digits) > MAX_DIGITS or abs(int(re.split(r"[eE]", m.group() + "e0")[1])) > MAX_EXPONENT:
+            mantissa, _, exponent = m.group().lower().partition("e")
+            if len(re.sub(r"\D", "", mantissa)) > MAX_DIGITS or abs(int(exponent or 0)) > MAX_EXPONENT:
                 raise ValueError("number too large")
             operand(f"Rational('{m.group()}')")
             i = m.end()
@@ -387,6 +387,8 @@ def function_code(s, i, name):
             i += 1
         elif s[i] == "^":
             power, i = argument_code(s, i + 1)
+            if power.startswith("-"):
+                raise ValueError("ambiguous power")  # \sin^{-1} x: arcsin or 1/sin?
         else:
             base, i = argument_code(s, i + 1)
     if s[i:i + 1] in ("(", "{"):
@@ -485,7 +487,8 @@ def scalars_equal(a, b):
     a, b = strip_assignment(a), strip_assignment(b)
     if a.replace(" ", "") == b.replace(" ", ""):
         return True
-    if re.fullmatch(r"[A-Za-z ]{3,}", a) and re.fullmatch(r"[A-Za-z ]{3,}", b):  # words: "Evelyn", "even"
+    words = r"(?=.*[a-z])[A-Za-z ]{3,}"  # "Evelyn", "east" (not "ABC" against "abc")
+    if re.fullmatch(words, a) and re.fullmatch(words, b):
         return a.lower().split() == b.lower().split()
     sides_a, sides_b = split_top_level(a, "="), split_top_level(b, "=")
     if len(sides_a) != len(sides_b) or len(sides_a) > 2:

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -151,6 +152,29 @@ def test_integer_gold_answers_oracle(shared_data):
     golds = sorted({p["answer"] for n in ("aime24", "aime25") for p in load_benchmark(n, shared_data / "benchmarks")})
     for a, b in itertools.combinations(golds, 2):
         assert is_equiv(a, b) == (int(a) == int(b)), (a, b)
+
+
+def latex_forms(x):
+    """Ways of writing the rational x (a Fraction) that a model might box."""
+    p, q = x.numerator, x.denominator
+    forms = [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"\\dfrac{{{p}}}{{{q}}}"]
+    if q == 1:
+        forms += [str(p), f"{p}.0", f"{p:,}"]
+    if 10 ** 6 % q == 0:  # a terminating decimal
+        forms.append(f"{float(x):.6f}".rstrip("0"))
+    if p > q > 1:
+        forms.append(f"{p // q}\\frac{{{p % q}}}{{{q}}}")  # mixed number
+    return forms
+
+
+def test_random_rationals_against_fraction_oracle():
+    rng = random.Random(0)
+    values = [Fraction(rng.randint(-40, 4000), rng.choice([1, 2, 3, 4, 5, 8, 10, 16, 25])) for _ in range(60)]
+    for _ in range(300):
+        a = rng.choice(values)
+        b = a if rng.random() < 0.5 else rng.choice(values + [v + Fraction(1, 1000) for v in values[:5]])
+        pred, gold = rng.choice(latex_forms(a)), rng.choice(latex_forms(b))
+        assert is_equiv(pred, gold) == (a == b), (pred, gold)
 
 
 def test_every_gold_answer_equals_itself(shared_data):
