@@ -18,7 +18,7 @@ full solution is cut at "#### N") or else a `solution` holding a \\boxed{} answe
 
 Prompt (Qwen2.5-Math's chain-of-thought prompt, the evaluation package the paper grades with): the system
 message "Please reason step by step, and put your final answer within \\boxed{}.", the problem as the user message,
-through the model's chat template. Metrics (paper, Sec. 5): greedy accuracy for every benchmark; with
+through the model's chat template. Metrics, as in the paper: greedy accuracy for every benchmark; with
 --samples k also avg@k (mean accuracy of k samples at temperature 1.0; the paper uses k = 32 on AMC23/AIME) and
 pass@k. The table's mean column averages every number in the row, as the paper's Table 1 does.
 
@@ -548,17 +548,17 @@ def mean(values):
 
 
 def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=1024, batch_size=16, greedy=True,
-                       seed=0, desc="evaluate"):
+                       seed=0, desc="evaluate", progress=True):
     """Generate for every problem (one greedy completion, then `samples` at temperature 1.0) and grade them.
     Returns (records, metrics): one record per problem, in the order given; metrics as fractions in [0, 1]."""
-    from model import encode_chat, generate
+    from model import encode_chat, generate  # here, so that the grader above imports (and is copied) without torch
 
-    if not problems:
-        raise ValueError("no problems to evaluate")
+    runs = ([(0.0, 1)] if greedy else []) + ([(1.0, samples)] if samples > 0 else [])  # (temperature, count)
+    if not problems or not runs:
+        raise ValueError("nothing to evaluate: no problems, or neither greedy nor samples")
     prompts = [encode_chat(tokenizer, math_messages(p["problem"])) for p in problems]
-    runs = ([(0.0, 1)] if greedy else []) + ([(1.0, samples)] if samples > 0 else [])
     outputs = [[] for _ in problems]
-    bar = tqdm(total=len(problems) * sum(n for _, n in runs), desc=desc, unit="completion")
+    bar = tqdm(total=len(problems) * sum(n for _, n in runs), desc=desc, unit="completion", disable=not progress)
     for temperature, n in runs:
         # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once
         order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))
@@ -566,7 +566,7 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
         for b, start in enumerate(range(0, len(order), per_batch)):
             batch = order[start:start + per_batch]
             completions = generate(model, [prompts[j] for j in batch], max_new_tokens, temperature=temperature,
-                                   num_samples=n, seed=seed + b)
+                                   num_samples=n, seed=None if seed is None else seed + b)
             for m, j in enumerate(batch):  # back to the problem's own place (completions are prompt-major)
                 outputs[j] += completions[m * n:(m + 1) * n]
             bar.update(len(completions))

@@ -184,6 +184,19 @@ def test_every_gold_answer_equals_itself(shared_data):
             assert is_equiv(extract_answer("The answer is $\\boxed{%s}$." % p["answer"]), p["answer"])
 
 
+def test_reference_solution_boxes_match_answer_fields(shared_data):
+    # MATH500 and AIME24 give each answer twice: boxed in the written solution, and in the answer field
+    checked = 0
+    for name in ("math500", "aime24"):
+        for line in open(shared_data / "benchmarks" / f"{name}.jsonl"):
+            record = json.loads(line)
+            boxed = extract_answer(record["solution"])
+            if boxed is not None:
+                assert is_equiv(boxed, record["answer"]), (name, boxed, record["answer"])
+                checked += 1
+    assert checked > 500
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # pass@k
 
