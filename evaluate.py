@@ -152,7 +152,8 @@ def normalize_answer(answer):
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°", "", s)  # degrees
     s = re.sub(r"\\?[$%]", "", s)  # dollars and percent signs (10% == 10; see the docstring)
-    s = re.sub(r"\\(?:text|mbox)\{\s+[^{}]*\}(?:\^\{?\d\}?)?\s*$", "", s)  # "\text{ cm}^2": a unit
+    # "\text{ cm}^2", "\mbox{ square units}" at the end: a unit (one word, so "\text{ or six}" is kept)
+    s = re.sub(r"\\(?:text|mbox)\{\s+(?:square |sq |cubic )?[A-Za-z/]+\s*\}(?:\^\{?\d\}?)?\s*$", "", s)
     while re.search(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{[^{}]*\}", s):
         s = re.sub(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(rf"(?<=[\d}}\s])\s*(?:{UNIT_WORDS})(?:\^\{{?[23]\}}?)?\s*$", "", s)  # "5 cm", "864 inches^2"

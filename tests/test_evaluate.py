@@ -69,6 +69,7 @@ EQUAL = [
     ("2k+2", "2(k+1)"), ("\\tfrac{1}{4}", "0.25"), ("\\frac{\\pi}{2}", "\\frac12\\pi"), ("-2,1", "1,-2"),
     ("\\{1\\pm\\sqrt{5},-2\\}", "\\{-2, 1-\\sqrt5, 1+\\sqrt5\\}"), ("\\sqrt{4}", "2"), ("+2", "2"),
     ("\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]", "[\\pi^2/8, 5\\pi^2/4]"), ("6 - 5i", "-5i+6"),
+    ("3\\text{ km/h}", "3"), ("7\\text{ square units}", "7"),
 ]
 
 NOT_EQUAL = [
@@ -86,6 +87,8 @@ NOT_EQUAL = [
     ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}"), ("\\sin x", "\\cos x"), ("\\log_2 8", "\\log_3 8"), ("1e3", "1e-3"),
     ("\\frac{1}{0}", "\\infty"), ("i", "1"), ("\\text{Evelyn}", "\\text{nylevE}"), ("x", "y"), ("2x", "x"),
     ("(1,2,3)", "(1,2)"), ("\\frac{1}{2}", "\\frac{1}{2}x"),
+    # answers that hedge must not collect the reward
+    ("5 \\text{ or six}", "5"), ("5 \\text{ (or 6)}", "5"), ("5, 6", "5"), ("5 \\pm 1", "5"), ("5 = 5", "5"),
 ]
 
 
