@@ -333,6 +333,9 @@ def test_evaluate_benchmark_grades_and_restores_order(tiny, monkeypatch):
     assert metrics["pass@3"] == pytest.approx(sum(i % 3 > 0 for i in range(0, 7, 2)) / 7)
     assert metrics["boxed_rate"] == 1.0 and metrics["truncated_rate"] == 0.0
     assert all(r["temperatures"] == [0.0, 1.0, 1.0, 1.0] for r in records)
+    chat = tokenizer.apply_chat_template(evaluate.math_messages(problems[3]["problem"]), add_generation_prompt=True,
+                                         tokenize=False)
+    assert records[3]["prompt"] == chat  # the paper's prompt through the chat template, nothing added
 
 
 def test_command_line_end_to_end(tmp_path):
