@@ -498,9 +498,12 @@ def build_tiny(seed=0):
 
 
 def resolve_folder(name_or_path):
-    """A local folder as is; an alias or hub id is downloaded (config, weights, tokenizer) to the hub cache."""
+    """A local checkpoint folder (or a run folder: its best/, else last/); an alias or hub id is downloaded
+    (config, weights, tokenizer) to the hub cache."""
     if os.path.isdir(name_or_path):
-        return Path(name_or_path)
+        for sub in ("", "best", "last"):  # a checkpoint folder, or a run folder of sft.py / srl.py / rlvr.py
+            if os.path.exists(os.path.join(name_or_path, sub, "config.json")):
+                return Path(name_or_path, sub)
     repo_id = ALIASES.get(name_or_path, name_or_path)
     if "/" not in repo_id:
         raise ValueError(f"unknown model {name_or_path!r}: not a folder, a hub id (owner/name) or an alias; "

@@ -22,7 +22,19 @@ Departures from the paper and choices it leaves open (known so far):
   - The dynamic-sampling std threshold is not reported in the paper; it is a flag of the loop.
   - KL coefficient 0 as in the paper; the k3 estimator against a frozen reference is available with beta > 0.
 """
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
 import torch
+from tqdm import tqdm
+
+from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
+                   save_model, set_rng_states)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -222,3 +234,212 @@ def srl_messages(example):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints), shared with rlvr.py.
+
+
+def training_arguments(description, data_default, out_default, lr_default, std_threshold_default):
+    """The command line of the GRPO loop; rlvr.py builds its own from the same function."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="alias, hub id, checkpoint folder or run folder")
+    p.add_argument("--data", default=data_default, help="training JSONL from data_prep.py")
+    p.add_argument("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
+    p.add_argument("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-prompts", type=int, default=16, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
+    p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt, G (paper: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=lr_default)
+    p.add_argument("--std-threshold", type=float, default=std_threshold_default,
+                   help="dynamic sampling: keep a group only if the std of its rewards is above this")
+    p.add_argument("--max-draws", type=int, default=4, help="sampling rounds per step before training on less")
+    p.add_argument("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by std")
+    p.add_argument("--clip-low", type=float, default=0.2)
+    p.add_argument("--clip-high", type=float, default=0.28)
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
+    p.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch")
+    p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward pass")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    p.add_argument("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
+    p.add_argument("--val-limit", type=int, default=64, help="validation examples used")
+    p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    return p
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run `python data_prep.py` first (or pass --data)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class PromptStream:
+    """Training examples in a seeded random order, epoch after epoch; its position is part of the checkpoint."""
+
+    def __init__(self, n, seed, position=0):
+        self.n, self.seed, self.position = n, seed, position
+
+    def next(self):
+        epoch, i = divmod(self.position, self.n)
+        order = random.Random(self.seed * 100003 + epoch).sample(range(self.n), self.n)
+        self.position += 1
+        return order[i]
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn, stop_ids):
+    """Rollouts with dynamic sampling (paper, SRL section): draw prompts, sample G completions each, score them,
+    keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are kept or
+    max_draws rounds are spent. Returns the kept groups and counters for the log."""
+    kept, drawn, finished, total_tokens, failures, rewards_all = [], 0, 0, 0, 0, []
+    for draw in range(args.max_draws):
+        need = args.batch_prompts - len(kept)
+        if need <= 0:
+            break
+        batch = [examples[stream.next()] for _ in range(need)]
+        prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in batch]
+        outputs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
+                           num_samples=args.group_size, seed=args.seed * 1_000_003 + step * 101 + draw)
+        drawn += need
+        for i, ex in enumerate(batch):
+            group = outputs[i * args.group_size:(i + 1) * args.group_size]
+            rewards = torch.tensor([reward_fn(decode(tokenizer, c), ex) for c in group])
+            rewards_all.append(rewards)
+            failures += int((rewards == FORMAT_FAILURE).sum())
+            finished += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
+            total_tokens += sum(len(c) for c in group)
+            if bool(keep_group(rewards, args.std_threshold)) and len(kept) < args.batch_prompts:
+                kept.append((prompts[i], group, rewards))
+    rewards_all = torch.cat(rewards_all)
+    n = len(rewards_all)
+    return kept, dict(reward_mean=rewards_all.mean().item(), reward_std=rewards_all.std(unbiased=False).item(),
+                      format_failure_rate=failures / n, kept_group_rate=len(kept) / drawn, groups_drawn=drawn,
+                      response_length=total_tokens / n, truncation_rate=1 - finished / n, sampled_tokens=total_tokens)
+
+
+def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
+    """Greedy action of each validation example: mean reward (format failures count 0) and format rate."""
+    examples = examples[:args.val_limit]
+    prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in examples]
+    outputs = generate(policy, prompts, args.max_new_tokens, temperature=0, progress=True)
+    rewards = [reward_fn(decode(tokenizer, c), ex) for c, ex in zip(outputs, examples)]
+    return dict(val_score=sum(max(r, 0.0) for r in rewards) / max(len(rewards), 1),
+                val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1))
+
+
+def train(args, make_prompt, reward_fn):
+    """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness)."""
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = read_jsonl(args.data)
+    val_path = args.val_data or str(args.data).replace("_train", "_val")
+    val_examples = read_jsonl(val_path) if Path(val_path).exists() and val_path != str(args.data) else []
+    resume_from = out / "last" if args.resume else None
+    if args.resume and not (out / "last" / "training_state.pt").exists():
+        raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
+    model, tokenizer = load_model(str(resume_from or args.model), device=args.device, dtype=torch.float32)
+    model.activation_checkpointing = args.activation_checkpointing
+    on_gpu = args.device.startswith("cuda")
+    # fp32 master weights (lr 5e-7 updates vanish in bf16); on GPU a bf16 copy samples, refreshed every step
+    policy = copy.deepcopy(model).to(torch.bfloat16) if on_gpu else model
+    reference = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    stream, step, best, skipped = PromptStream(len(examples), args.seed), 0, -float("inf"), 0
+    if resume_from:
+        state = load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"])
+        stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
+    total_steps = args.max_steps or math.ceil(args.epochs * len(examples) / args.batch_prompts)
+    stop_ids = set(policy.stop_token_ids)
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=Path(args.out).name)
+    for step in bar:
+        # 1. rollouts and rewards, with dynamic sampling
+        t0 = time.time()
+        policy.eval()
+        kept, log = collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn,
+                                   stop_ids)
+        t_sample = time.time() - t0
+        # 2. advantages within each group; every completion of the step becomes one training row
+        rows = [(p, c, a) for p, group, rewards in kept
+                for c, a in zip(group, group_advantages(rewards, scale_by_std=not args.no_std_scale).tolist())]
+        rows = [r for r in rows if len(r[1]) > 0]
+        num_tokens = max(sum(len(c) for _, c, _ in rows), 1)  # the loss is a mean over all tokens of the step
+        model.train()
+        stats = {"clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
+        old_logps = {}
+        if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio of later updates
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
+                for s in range(0, len(rows), args.micro_batch):
+                    chunk = rows[s:s + args.micro_batch]
+                    old_logps[s] = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk],
+                                                       args.temperature)[0]
+        for update in range(args.updates_per_batch if rows else 0):
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, clip_sum, entropy_sum = 0.0, 0.0, 0.0
+            for s in range(0, len(rows), args.micro_batch):
+                chunk = rows[s:s + args.micro_batch]
+                with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
+                    logp, mask, entropy = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk],
+                                                              args.temperature, with_entropy=True)
+                    ref_logp = None
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref_logp = completion_logprobs(reference, [r[0] for r in chunk],
+                                                           [r[1] for r in chunk], args.temperature)[0]
+                # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
+                old_logp = old_logps.get(s, logp.detach())
+                advantages = torch.tensor([r[2] for r in chunk], device=logp.device)
+                loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
+                                             ref_logp, args.beta, num_tokens=num_tokens)
+                loss.backward()
+                tokens = mask.sum().item()
+                loss_sum += loss.item()
+                clip_sum += loss_stats["clip_fraction"] * tokens
+                entropy_sum += entropy.sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)  # a non-finite loss skips the step
+                skipped += 1
+                continue
+            optimizer.step()
+            stats = dict(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clip_sum / num_tokens,
+                         entropy=entropy_sum / num_tokens)
+        if on_gpu and rows:
+            with torch.no_grad():
+                for p_policy, p_model in zip(policy.parameters(), model.parameters()):
+                    p_policy.copy_(p_model)
+        t_train = time.time() - t0 - t_sample
+        log.update(stats, step=step + 1, kept_groups=len(kept), skipped_steps=skipped, sample_s=round(t_sample, 2),
+                   train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1))
+        # 3. validation (the paper keeps the best checkpoint on validation) and checkpoints
+        last_step = step + 1 == total_steps
+        if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
+            log.update(validate(args, policy, tokenizer, val_examples, make_prompt, reward_fn))
+            if log["val_score"] > best:
+                best = log["val_score"]
+                save_model(model, tokenizer, out / "best")
+        elif last_step and not val_examples:
+            save_model(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(log) + "\n")
+        bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
+        if (step + 1) % args.save_every == 0 or last_step:
+            state = dict(optimizer=optimizer.state_dict(), rng=rng_states(), position=stream.position,
+                         step=step + 1, best=best, skipped=skipped)
+            save_model(model, tokenizer, out / "last", training_state=state)
+    return model
+
+
+if __name__ == "__main__":
+    args = training_arguments(__doc__, "data/srl_train.jsonl", "runs/srl", 1e-6, 0.01).parse_args()
+    train(args, srl_messages, lambda completion, example: srl_reward(completion, example["target_step"]))
