@@ -359,6 +359,10 @@ def train(args, make_prompt, reward_fn):
         optimizer.load_state_dict(state["optimizer"])
         set_rng_states(state["rng"])
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
+    metrics_path = out / "metrics.jsonl"
+    log_lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
+    # a fresh run starts a fresh log; a resumed one drops the steps after its checkpoint, which it redoes
+    metrics_path.write_text("".join(line for line in log_lines if resume_from and json.loads(line)["step"] <= step))
     total_steps = args.max_steps or math.ceil(args.epochs * len(examples) / args.batch_prompts)
     stop_ids = set(policy.stop_token_ids)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=Path(args.out).name)
@@ -430,7 +434,7 @@ def train(args, make_prompt, reward_fn):
                 save_model(model, tokenizer, out / "best")
         elif last_step and not val_examples:
             save_model(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
-        with open(out / "metrics.jsonl", "a") as f:
+        with open(metrics_path, "a") as f:
             f.write(json.dumps(log) + "\n")
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:

@@ -2,6 +2,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread: the models in these tests are small, and on a busy 2-core machine a second thread mostly waits.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the stage files live at the top level
