@@ -11,8 +11,8 @@ groups whose rollouts are all right or all wrong carry no signal and are dropped
     python rlvr.py --model runs/srl/best --out runs/srl_rlvr                # SRL then RLVR (the paper's best)
 
 Defaults and departures from the paper:
-  - batch 16 prompts x G 8 by default to fit one GPU (paper: 128 prompts, G 8), lr 1e-6 (paper: 5e-7 for 7B),
-    temperature 1.0, KL 0, clip 0.2 / 0.28; the rest as srl.py's docstring says.
+  - Defaults by model size as in srl.py (large models: 16 prompts x G 8, lr 1e-6; paper: 128 prompts x G 8,
+    lr 5e-7 for 7B), temperature 1.0, KL 0, clip 0.2 / 0.28; the rest as srl.py's docstring says.
   - Validation selects the best checkpoint by greedy accuracy on data/rlvr_val.jsonl ("val_score"); the format
     rate it logs is always 1 here, since this reward has no format failure.
   - A tiny or untrained model rarely produces a correct boxed answer: every group is then all wrong, dropped,
@@ -30,6 +30,6 @@ def math_reward(completion, gold):
 
 
 if __name__ == "__main__":
-    args = training_arguments(__doc__, "data/rlvr_train.jsonl", "runs/rlvr", 1e-6, 0.0).parse_args()
+    args = training_arguments(__doc__, "data/rlvr_train.jsonl", "runs/rlvr", 0.0).parse_args()
     train(args, lambda example: math_messages(example["problem"]),
           lambda completion, example: math_reward(completion, example["answer"]))

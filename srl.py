@@ -7,11 +7,21 @@ policy writes a private monologue in <think> ... </think> and then one action, i
 compares only that action with the expert's step k (R = 2M/T, Ratcliff/Obershelp similarity, -1 when the output
 breaks the format), and the policy is trained with GRPO plus dynamic sampling.
 
-In reading order: 1. step_similarity (R = 2M/T by hand, equal to difflib's ratio), 2. srl_reward (format check
-and reward), 3. group_advantages, keep_group, grpo_loss (the GRPO pieces, also used by rlvr.py), 4. the training
-loop (usage: python srl.py --model tiny; the flags are in its argparse block).
+    python data_prep.py && python sft.py && python srl.py    # tiny model on the built-in data, a few CPU minutes
+    python srl.py --model qwen-1.5b --data data/srl_train.jsonl --out runs/srl     # one 80 GB GPU
+    python srl.py --resume --out runs/srl                                           # continue a stopped run
 
-Departures from the paper and choices it leaves open (known so far):
+Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
+<out>/best/ (best on validation); each is a Hugging Face folder that `--model` of any stage accepts.
+
+In reading order: 1. step_similarity, 2. srl_reward, 3. group_advantages, keep_group, grpo_loss (the GRPO pieces,
+also used by rlvr.py), 4. the prompt, 5. the training loop, shared with rlvr.py.
+
+Defaults by model size (flags override them): models under 50M parameters (tiny) take 4 prompts x G 8, 64 new
+tokens, lr 3e-5, 20 steps; larger ones 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch. The paper: 512
+prompts x G 8, lr 5e-7 for Qwen2.5-7B on several GPUs; 16 prompts is what one 80 GB GPU turns around quickly.
+
+Departures from the paper and choices it leaves open:
   - The similarity is our own code, not a difflib call; the tests check it equals
     difflib.SequenceMatcher(None, a, b).ratio() bit for bit, including difflib's "autojunk" rule.
   - The paper gives -1 to outputs that break the format but does not define the format; srl_reward's docstring
@@ -19,8 +29,13 @@ Departures from the paper and choices it leaves open (known so far):
   - The advantage divides by the population std of the group (the paper says "group std").
   - Clip range 0.2 low / 0.28 high (DAPO's asymmetric clip); the paper does not report it.
   - The loss is a token mean over all completion tokens of the optimiser step, so micro-batches add up exactly.
-  - The dynamic-sampling std threshold is not reported in the paper; it is a flag of the loop.
+  - Dynamic sampling keeps a group when its reward std exceeds --std-threshold (default 0.01; not reported in
+    the paper), and gives up after --max-draws rounds, training on the groups it has (logged as kept_groups).
   - KL coefficient 0 as in the paper; the k3 estimator against a frozen reference is available with beta > 0.
+  - AdamW without weight decay, constant lr, no warm-up (paper: no warm-up); fp32 master weights with bf16
+    autocast on GPU, where a bf16 copy of the policy does the sampling.
+  - Validation (the paper selects its checkpoint on it) scores the greedy action of each held-out example: mean
+    similarity with format failures counted as 0 ("val_score"), and the format rate.
 """
 import argparse
 import copy
@@ -236,20 +251,25 @@ def srl_messages(example):
 # 5. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints), shared with rlvr.py.
 
 
-def training_arguments(description, data_default, out_default, lr_default, std_threshold_default):
+SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr=3e-5, max_steps=20)
+LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
+
+
+def training_arguments(description, data_default, out_default, std_threshold_default):
     """The command line of the GRPO loop; rlvr.py builds its own from the same function."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="alias, hub id, checkpoint folder or run folder")
+    p.add_argument("--model", default="runs/sft" if Path("runs/sft").is_dir() else "tiny",
+                   help="alias, hub id, checkpoint or run folder (default: runs/sft from sft.py, else tiny)")
     p.add_argument("--data", default=data_default, help="training JSONL from data_prep.py")
     p.add_argument("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
     p.add_argument("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (large models: --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-prompts", type=int, default=16, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
-    p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt, G (paper: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-prompts", type=int, default=None, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
+    p.add_argument("--group-size", type=int, default=None, help="rollouts per prompt, G (paper: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=lr_default)
+    p.add_argument("--lr", type=float, default=None, help="(paper: 5e-7)")
     p.add_argument("--std-threshold", type=float, default=std_threshold_default,
                    help="dynamic sampling: keep a group only if the std of its rewards is above this")
     p.add_argument("--max-draws", type=int, default=4, help="sampling rounds per step before training on less")
@@ -348,6 +368,10 @@ def train(args, make_prompt, reward_fn):
         raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
     model, tokenizer = load_model(str(resume_from or args.model), device=args.device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
+    small = sum(p.numel() for p in model.parameters()) < 50e6
+    for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     on_gpu = args.device.startswith("cuda")
     # fp32 master weights (lr 5e-7 updates vanish in bf16); on GPU a bf16 copy samples, refreshed every step
     policy = copy.deepcopy(model).to(torch.bfloat16) if on_gpu else model
@@ -366,6 +390,7 @@ def train(args, make_prompt, reward_fn):
     total_steps = args.max_steps or math.ceil(args.epochs * len(examples) / args.batch_prompts)
     stop_ids = set(policy.stop_token_ids)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=Path(args.out).name)
+    any_kept = step == total_steps
     for step in bar:
         # 1. rollouts and rewards, with dynamic sampling
         t0 = time.time()
@@ -441,9 +466,14 @@ def train(args, make_prompt, reward_fn):
             state = dict(optimizer=optimizer.state_dict(), rng=rng_states(), position=stream.position,
                          step=step + 1, best=best, skipped=skipped)
             save_model(model, tokenizer, out / "last", training_state=state)
+        any_kept = any_kept or bool(kept)
+    if not any_kept:
+        print(f"no group was kept: every rollout of a prompt scored the same (last format failure rate "
+              f"{log['format_failure_rate']:.0%}). A small model must learn the format first: python sft.py, "
+              f"then --model runs/sft; or lower --std-threshold.")
     return model
 
 
 if __name__ == "__main__":
-    args = training_arguments(__doc__, "data/srl_train.jsonl", "runs/srl", 1e-6, 0.01).parse_args()
+    args = training_arguments(__doc__, "data/srl_train.jsonl", "runs/srl", 0.01).parse_args()
     train(args, srl_messages, lambda completion, example: srl_reward(completion, example["target_step"]))
