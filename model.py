@@ -299,8 +299,12 @@ def sample_next_token(logits, temperature, top_k, top_p, generator):
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling, one uniform number per row: several times faster than torch.multinomial over a
+    # large vocabulary on CPU. In float64 so that u * total stays below total and a zero-probability token
+    # (a plateau of the CDF) is never the first entry above it.
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
 @torch.no_grad()
