@@ -39,7 +39,6 @@ Qwen2.5-Math grader the paper used, all on the strict side:
 import argparse
 import json
 import math
-import os
 import re
 import signal
 import threading
@@ -51,7 +50,7 @@ import sympy
 from sympy.parsing.sympy_parser import parse_expr, standard_transformations
 from tqdm import tqdm
 
-from data_prep import last_boxed
+from data_prep import last_boxed, write_jsonl
 
 # -----------------------------------------------------------------------------------------------------------------
 # Benchmarks
@@ -600,17 +599,6 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
     return records, metrics
 
 
-def write_jsonl_atomic(path, records):
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def summary_table(model_name, results):
     """A markdown row per model like the paper's Table 1: "avg@k / greedy" (or greedy alone) in percent per
     benchmark, and the mean of every number in the row."""
@@ -659,12 +647,12 @@ def main():
     for name, problems in benchmarks.items():
         records, metrics = evaluate_benchmark(model, tokenizer, problems, args.samples, args.max_new_tokens,
                                               args.batch_size, seed=args.seed, desc=name)
-        write_jsonl_atomic(Path(args.out) / f"{name}.jsonl", records)
+        write_jsonl(Path(args.out) / f"{name}.jsonl", records)
         results[name] = metrics
         print(name, json.dumps(metrics))
     summary = {"model": args.model, "seconds": round(time.time() - started, 1), "args": vars(args),
                "results": results}
-    write_jsonl_atomic(Path(args.out) / "summary.json", [summary])
+    write_jsonl(Path(args.out) / "summary.json", [summary])
     print(f"\nresults in {args.out}/; cells: avg@{args.samples} / greedy accuracy (%)" if args.samples else
           f"\nresults in {args.out}/; cells: greedy accuracy (%)")
     print(summary_table(args.model, results))

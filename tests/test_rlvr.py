@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import model as M
+from helpers import supervised_warm_start
 from evaluate import math_messages
 from rlvr import math_reward
 
@@ -32,13 +33,7 @@ def test_rlvr_steps_keep_mixed_groups_and_raise_accuracy(tmp_path):
     prompt = M.encode_chat(tokenizer, math_messages(problem["problem"]))
     targets = [tokenizer.encode(t, add_special_tokens=False) + model.stop_token_ids[:1]
                for t in ("\\boxed{9}", "\\boxed{8}")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    for _ in range(40):
-        logp, mask = M.completion_logprobs(model, [prompt, prompt], targets)
-        loss = -(logp * mask).sum() / mask.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    supervised_warm_start(model, prompt, targets, steps=40)
     M.save_model(model, tokenizer, tmp_path / "warm")
     (tmp_path / "rlvr_train.jsonl").write_text(json.dumps(problem) + "\n")
     (tmp_path / "rlvr_val.jsonl").write_text(json.dumps(problem) + "\n")

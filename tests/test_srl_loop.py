@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model as M
+from helpers import supervised_warm_start
 import srl
 
 EXAMPLE = {"id": "add", "problem": "Compute 2+3+4.", "previous_steps": ["1. 2+3=5"],
@@ -77,13 +78,7 @@ def test_srl_steps_raise_the_reward_on_a_fixed_example(tmp_path):
     prompt = M.encode_chat(tokenizer, short_prompt(EXAMPLE))
     targets = [tokenizer.encode(t, add_special_tokens=False) + model.stop_token_ids[:1]
                for t in ("<think>+</think>2. 5+4=9", "<think>+</think>2. 1-1=0")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    for _ in range(50):
-        logp, mask = M.completion_logprobs(model, [prompt, prompt], targets)
-        loss = -(logp * mask).sum() / mask.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    supervised_warm_start(model, prompt, targets, steps=50)
     M.save_model(model, tokenizer, tmp_path / "warm")
     before = mean_reward(model, tokenizer, EXAMPLE)
     args = loop_args(tmp_path, [EXAMPLE], model=tmp_path / "warm", batch_prompts=1, group_size=32,
