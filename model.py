@@ -28,7 +28,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,8 +56,8 @@ class ModelConfig:
     o_bias: bool
     tie_embeddings: bool
     max_position_embeddings: int
-    bos_token_id: int | None = None
-    eos_token_id: int | list | None = None
+    eos_token_id: int | list | None
+    hf: dict  # the config.json it came from, written back unchanged by save_model
 
     @classmethod
     def from_hf(cls, hf: dict, source="config.json"):
@@ -76,38 +76,14 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         bias = arch == "qwen2" or bool(hf.get("attention_bias"))
         return cls(
-            architecture=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            intermediate_size=hf["intermediate_size"],
+            architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, intermediate_size=hf["intermediate_size"],
             rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            qkv_bias=bias,
-            o_bias=arch == "llama" and bias,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bias, o_bias=arch == "llama" and bias,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
-
-    def to_hf(self, dtype=torch.float32):
-        hf = dict(
-            architectures=["Qwen2ForCausalLM" if self.architecture == "qwen2" else "LlamaForCausalLM"],
-            model_type=self.architecture, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size, hidden_act="silu", rope_theta=self.rope_theta,
-            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_embeddings,
-            max_position_embeddings=self.max_position_embeddings, bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id, torch_dtype=str(dtype).removeprefix("torch."), use_cache=True,
-        )
-        if self.architecture == "llama":
-            hf.update(attention_bias=self.qkv_bias, mlp_bias=False)
-        return hf
+            max_position_embeddings=hf.get("max_position_embeddings", 4096), eos_token_id=hf.get("eos_token_id"),
+            hf=dict(hf))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -485,12 +461,11 @@ def build_tiny(seed=0):
         tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    cfg = ModelConfig(
-        architecture="qwen2", vocab_size=len(tokenizer), hidden_size=256, num_layers=4, num_heads=4,
-        num_kv_heads=2, head_dim=64, intermediate_size=768, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=True,
-        o_bias=False, tie_embeddings=True, max_position_embeddings=4096,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    model = Decoder(cfg)
+    model = Decoder(ModelConfig.from_hf(dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(tokenizer), hidden_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=4096,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -562,7 +537,8 @@ def save_model(model, tokenizer, path, training_state=None):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = model.lm_head.weight.dtype
-    (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2))
+    hf_config = dict(model.config.hf, torch_dtype=str(dtype).removeprefix("torch."))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # the same tensor as the embedding: stored once
