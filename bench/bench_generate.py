@@ -4,9 +4,10 @@
     python bench/bench_generate.py --batches 8 --new-tokens 64
     python bench/bench_generate.py --qwen-shape --device cuda --batches 64 --new-tokens 512   # random weights
 
-Also measures the two ceilings of a decode step on this machine: memory bandwidth (a decode step at small batch
-reads every weight once) and matmul throughput (at large batch it is compute), and prints our tokens/s against
-the roofline min(bandwidth / weight bytes, FLOP/s / 2 flops per parameter per token) * batch.
+Also measures the two ceilings on this machine: memory bandwidth (a decode step at small batch reads every weight
+once) and matmul throughput (the prompts' forward, and decode steps at large batch, are compute), and prints our
+tokens/s against the roofline: the time of the prompts' forward at full matmul speed plus, per decode step, the
+longer of (weight bytes / bandwidth) and (2 flops per parameter per row / matmul speed).
 """
 import argparse
 import sys
@@ -28,7 +29,10 @@ parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bf16 on CUDA)")
 parser.add_argument("--qwen-shape", action="store_true", help="Qwen2.5-1.5B's shape with random weights")
 parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
 device = torch.device(args.device)
 dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -115,7 +119,10 @@ for batch in args.batches:
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
     t_ours, t_hf = best_time(run_ours, prompts), best_time(run_hf, prompts)
     tokens = batch * args.new_tokens
+    # the floor: the prompts' forward at full matmul speed, then each decode step reads every weight once or
+    # does 2 flops per parameter per row, whichever takes longer
+    prefill_floor = 2 * params * sum(map(len, prompts)) / (gflops * 1e9)
     step_floor = max(weight_bytes / (bandwidth * 1e9), 2 * params * batch / (gflops * 1e9))
-    roofline = batch / step_floor
+    roofline = tokens / (prefill_floor + args.new_tokens * step_floor)
     print(f"| {batch} | {tokens / t_ours:.0f} | {tokens / t_hf:.0f} | {t_hf / t_ours:.2f}x | {roofline:.0f} | "
           f"{tokens / t_ours / roofline:.0%} |", flush=True)
