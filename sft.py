@@ -1,0 +1,328 @@
+"""
+Supervised fine-tuning (SFT): the paper's SFT baseline, and the warm start that teaches a small model SRL's
+output format before SRL.
+
+Two kinds of data, told apart per record by a "completion" field:
+  - data/sft_srl_train.jsonl (the default): SRL examples with "completion" = "<think>...</think>" + the next step;
+    prompt = srl.srl_messages(example). This is the warm start: a random `tiny` model learns to write a monologue
+    in the tags and then one step, so that SRL's rewards vary instead of being -1 for every rollout.
+  - data/sft_train.jsonl: problem -> the expert's solution (or, with --target reasoning, "<think>" + the reasoning
+    trace + "</think>" + the solution); prompt = evaluate.math_messages(problem). The paper's SFT baselines.
+
+    python data_prep.py && python sft.py                     # tiny warm start on the built-in data (CPU, ~1-2 min)
+    python sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning --out runs/sft_r1
+    python sft.py --resume                                   # continue runs/sft/last exactly where it stopped
+
+Every prompt goes through the model's chat template (model.encode_chat); the target is the completion's tokens
+plus the end-of-turn token (<|im_end|>), and the loss is the mean negative log-likelihood over those tokens
+only: the prompt is masked, the stop token is trained. Outputs: <out>/last (a Hugging Face folder plus the
+training state for --resume), <out>/metrics.jsonl (one line per optimiser step), and for SRL-format data a
+format check on held-out SRL prompts at the end (<out>/format_check.json).
+
+Defaults per model (the flags override them):
+  tiny        lr 2e-3, 6 epochs, batch 16, warm-up 0.1 (a random model: a high learning rate, many steps)
+  any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
+
+Departures from the paper and choices it leaves open:
+  - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and
+    gradient clipping at norm 1.0.
+  - The learning rate follows a plan of --epochs epochs; --max-steps only ends the run early and does not stretch
+    or shrink the schedule (so a run cut in parts with --resume equals the run in one piece).
+  - Weights are kept in float32 with bfloat16 autocast on GPU (the paper trains in bf16 with verl); with
+    float32 AdamW a 1.5B model needs about 25 GB, a 7B model more than one 80 GB GPU.
+  - Batches group examples of similar length (sorted within shuffled chunks, then the batches shuffled), which
+    changes the order the examples are seen in, not the loss.
+"""
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluate import math_messages
+from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
+                   save_model, set_rng_states)
+from srl import parse_action, srl_messages, srl_reward
+
+TINY_DEFAULTS = dict(lr=2e-3, epochs=6, batch_size=16, warmup_ratio=0.1)
+PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Data: JSONL records -> (prompt ids, target ids)
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"sft.py: {path} not found: run `python data_prep.py` first (it writes data/)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"sft.py: {path}:{line_no}: not valid JSON ({e})") from None
+    if not records:
+        raise SystemExit(f"sft.py: {path} holds no records")
+    return records
+
+
+def end_of_turn_id(tokenizer):
+    """The token that closes an assistant turn: ChatML's <|im_end|> when the vocabulary has it, else EOS."""
+    if "<|im_end|>" in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer.eos_token_id
+
+
+def messages_and_target(record, target="solution", where=""):
+    """(chat messages, target text) of one record: SRL format if it has "completion", else problem -> solution."""
+    if "completion" in record:
+        return srl_messages(record), record["completion"]
+    if "messages" in record:
+        raise SystemExit(f"sft.py: {where}: an agent trajectory; train on sft_srl_train.jsonl (one action each)")
+    for field in ("problem", "solution") + (("reasoning",) if target == "reasoning" else ()):
+        if not record.get(field):
+            raise SystemExit(f"sft.py: {where}: no {field!r} field" + (
+                " (--target reasoning needs data_prep's --reasoning-field data)" if field == "reasoning" else ""))
+    text = record["solution"]
+    if target == "reasoning":
+        text = f"<think>\n{record['reasoning']}\n</think>\n{text}"
+    return math_messages(record["problem"]), text
+
+
+def tokenize(records, tokenizer, target="solution", max_length=4096, where="data"):
+    """[(prompt ids, target ids)], target ids ending with the end-of-turn token. An example longer than max_length
+    loses the end of its target (and its stop token); one whose prompt alone fills max_length is dropped."""
+    stop_id = end_of_turn_id(tokenizer)
+    examples, truncated, dropped = [], 0, 0
+    for line_no, record in enumerate(records, 1):
+        messages, text = messages_and_target(record, target, f"{where}:{line_no}")
+        prompt = encode_chat(tokenizer, messages)
+        completion = tokenizer.encode(text, add_special_tokens=False) + [stop_id]
+        room = max_length - len(prompt)
+        if room < 1:
+            dropped += 1
+            continue
+        truncated += len(completion) > room
+        examples.append((prompt, completion[:room]))
+    return examples, truncated, dropped
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch, chunk_batches=32):
+    """One epoch's batches (lists of example indices): shuffle, sort by length within chunks of chunk_batches
+    batches (little padding), then shuffle the batches. The order depends only on (seed, epoch), so --resume
+    finds its place again from the epoch and the batch index alone."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: -lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Learning rate: linear warm-up over the first warmup_ratio of the plan, then cosine decay to zero
+
+
+def learning_rate(step, total_steps, peak_lr, warmup_ratio):
+    """The learning rate of optimiser step `step` (0-based) of a plan of total_steps steps."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. One optimiser step: micro-batches whose losses add up to the token mean over the whole step
+
+
+def sft_loss(model, batch, num_tokens):
+    """Negative log-likelihood of the targets (stop token included; prompt and padding masked out), summed over
+    the batch's target tokens and divided by num_tokens: the target tokens of the whole optimiser step."""
+    prompts, targets = zip(*batch)
+    logp, mask = completion_logprobs(model, list(prompts), list(targets))
+    return -(logp * mask).sum() / num_tokens
+
+
+def train_step(model, optimizer, batch, micro_batch, lr, device, clip=1.0):
+    """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches, then one AdamW step.
+    Each micro-batch's token sum is divided by the target tokens of the whole batch, so the gradients add up to
+    those of the token mean over the batch however it is split. Returns (loss, grad norm, skipped)."""
+    step_tokens = sum(len(target) for _, target in batch)
+    total = 0.0
+    for start in range(0, len(batch), micro_batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = sft_loss(model, batch[start:start + micro_batch], step_tokens)
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
+    if not skipped:  # a non-finite loss or gradient would poison the weights and AdamW's moments: skip the step
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Format check: does the model write "<think> ... </think>" + one step on held-out SRL prompts?
+
+
+def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_tokens=256, seed=0, batch_prompts=8):
+    """Sample at temperature 1.0 (as SRL's rollouts do) and score with srl.py. Returns a dict with format_rate
+    (fraction that srl.parse_action accepts), reward_mean (srl_reward, -1 for format failures) and a sample."""
+    texts, experts = [], []
+    for start in range(0, len(examples), batch_prompts):
+        part = examples[start:start + batch_prompts]
+        prompts = [encode_chat(tokenizer, srl_messages(ex)) for ex in part]
+        outs = generate(model, prompts, max_new_tokens, temperature=1.0, num_samples=samples_per_prompt,
+                        seed=seed + start)
+        texts += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        experts += [ex["target_step"] for ex in part for _ in range(samples_per_prompt)]
+    rewards = [srl_reward(t, e) for t, e in zip(texts, experts)]
+    well_formed = sum(parse_action(t) is not None for t in texts)
+    return {"samples": len(texts), "format_rate": well_formed / len(texts), "reward_mean": sum(rewards) / len(texts),
+            "reward_mean_well_formed": sum(r for r in rewards if r >= 0) / max(1, well_formed),
+            "example": {"completion": texts[0], "expert_step": experts[0]}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The run: plan, resume, loop, checkpoints
+
+PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed")
+
+
+def save_checkpoint(model, tokenizer, optimizer, args, step, batches_per_epoch, skipped):
+    """<out>/last: the weights (a Hugging Face folder) and everything --resume needs to continue exactly."""
+    state = {"step": step, "epoch": step // batches_per_epoch, "batch_in_epoch": step % batches_per_epoch,
+             "skipped_steps": skipped, "optimizer": optimizer.state_dict(), "rng": rng_states(),
+             "args": {k: getattr(args, k) for k in PLAN}}
+    save_model(model, tokenizer, Path(args.out) / "last", training_state=state)
+
+
+def open_metrics(path, resume_step):
+    """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resume_step is not None and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return open(path, "a", encoding="utf-8")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="alias (tiny, qwen-1.5b, ...), hub id or checkpoint folder")
+    parser.add_argument("--data", default="data/sft_srl_train.jsonl", help="JSONL from data_prep.py")
+    parser.add_argument("--target", choices=["solution", "reasoning"], default="solution",
+                        help="sft_train.jsonl records: train on the solution, or on <think>reasoning</think>solution")
+    parser.add_argument("--out", default="runs/sft", help="run folder: last/ and metrics.jsonl")
+    parser.add_argument("--epochs", type=int, help="length of the plan (tiny: 6, otherwise the paper's 3)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the plan is unchanged)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (tiny: 2e-3, otherwise the paper's 5e-6)")
+    parser.add_argument("--warmup-ratio", type=float, help="warm-up fraction of the plan (tiny: 0.1, otherwise 0.3)")
+    parser.add_argument("--batch-size", type=int, help="examples per optimiser step (default 16)")
+    parser.add_argument("--micro-batch", type=int, help="examples per forward/backward (default: the batch size)")
+    parser.add_argument("--max-length", type=int, default=4096, help="longer examples lose the end of their target")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    parser.add_argument("--save-every", type=int, default=100, help="write <out>/last every N steps and at the end")
+    parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
+                                           "beside --data)")
+    parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
+    args = parser.parse_args(argv)
+
+    out, device = Path(args.out), torch.device(args.device)
+    state = load_training_state(out / "last") if args.resume else None
+    if args.resume and state is None:
+        raise SystemExit(f"sft.py: --resume: {out / 'last'} holds no training state (no earlier run in {out})")
+    if state is not None:
+        vars(args).update(state["args"])  # the same plan as the interrupted run, whatever the flags say
+    for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    micro_batch = args.micro_batch or args.batch_size
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    records = read_jsonl(args.data)
+    model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
+    model.activation_checkpointing = args.activation_checkpointing
+    examples, truncated, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
+    if not examples:
+        raise SystemExit(f"sft.py: every example of {args.data} is longer than --max-length {args.max_length}")
+    lengths = [len(p) + len(t) for p, t in examples]
+    print(f"{len(examples)} examples from {args.data} ({truncated} truncated, {dropped} dropped at --max-length "
+          f"{args.max_length}); tokens per example: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    batches_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
+    end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, skipped = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"])
+        step, skipped = state["step"], state["skipped_steps"]
+        print(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+
+    metrics = open_metrics(out / "metrics.jsonl", step if state else None)
+    model.train()
+    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step")
+    batches, batches_epoch = None, None
+    while step < end_step:
+        epoch, index = divmod(step, batches_per_epoch)  # the data position follows from the step alone
+        if batches_epoch != epoch:
+            batches, batches_epoch = length_grouped_batches(lengths, args.batch_size, args.seed, epoch), epoch
+        batch = [examples[i] for i in batches[index]]
+        lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
+        started = time.time()
+        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, micro_batch, lr, device)
+        seconds = time.time() - started
+        step, skipped = step + 1, skipped + was_skipped
+        metrics.write(json.dumps({
+            "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": sum(len(t) for _, t in batch),  # trained (target) tokens of this step
+            "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens processed
+            "skipped": was_skipped, "skipped_total": skipped}) + "\n")
+        metrics.flush()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        bar.update()
+        if step % args.save_every == 0 or step == end_step:
+            save_checkpoint(model, tokenizer, optimizer, args, step, batches_per_epoch, skipped)
+    bar.close()
+    metrics.close()
+    print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")
+
+    # The warm start's purpose: a format SRL can reward. Check it on held-out prompts.
+    val_path = Path(args.val_data or Path(args.data).with_name("srl_val.jsonl"))
+    if args.check_samples > 0 and "completion" in records[0] and val_path.is_file():
+        model.eval()
+        longest_target = max(len(t) for _, t in examples)
+        check = format_check(model, tokenizer, read_jsonl(val_path), args.check_samples,
+                             max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
+        (out / "format_check.json.tmp").write_text(json.dumps(check, indent=1, ensure_ascii=False))
+        (out / "format_check.json.tmp").replace(out / "format_check.json")
+        print(f"format check on {val_path} ({check['samples']} samples at temperature 1.0): format rate "
+              f"{check['format_rate']:.0%}, mean SRL reward {check['reward_mean']:.3f} (format failures count -1; "
+              f"{check['reward_mean_well_formed']:.3f} over well-formed samples)")
+        print("a sample:\n" + check["example"]["completion"])
+
+
+if __name__ == "__main__":
+    main()
