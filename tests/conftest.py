@@ -19,3 +19,7 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (public data files beside the checkout)")
     return SHARED_DATA
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs whole stages as subprocesses (deselect with -m 'not slow')")
