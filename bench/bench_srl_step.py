@@ -20,7 +20,7 @@ data_prep.split_steps; each problem gives one SRL example (its middle step as th
 On a machine shared with other work, give torch no more threads than there are idle cores: on 2 cores with one
 busy, 2 threads made every step several times slower than 1 (each parallel op waits for the preempted thread).
 Memory: the update holds about 1.4 MB of activations per token (fp32), so micro-batches of 8 rows of ~1,700-token
-prompts need over 20 GB; the default prompt cap of 512 tokens keeps a step near 6 GB and a few minutes on CPU.
+prompts need over 20 GB; with the default prompt cap of 512 tokens the process peaks near 12 GiB.
 
 --trl needs `pip install trl` (1.16 works with transformers 5.24 and torch 2.13; it adds datasets, not torch).
 TRL runs with gradient checkpointing off (its default is on; srl.py's is off), the same micro-batch of
@@ -47,6 +47,10 @@ from smollm2 import smollm2_folder  # noqa: E402
 
 S1K = ROOT.parent / "shared" / "data" / "trajectories" / "s1k_problems_solutions.json"
 PHASES = ["sample", "reward", "forward", "backward", "optimizer"]
+
+
+def load():
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def s1k_examples(count, tokenizer, max_prompt_tokens):
@@ -104,7 +108,7 @@ def run_ours(args, folder, examples):
             t["forward"] += time.perf_counter() - start
             start = time.perf_counter()
             loss.backward()
-            loss.item(), entropy.sum().item()
+            loss.item(), entropy.sum().item()  # srl.train reads these for its log
             t["backward"] += time.perf_counter() - start
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -116,15 +120,18 @@ def run_ours(args, folder, examples):
         t["format_failures"] = int((rewards == srl.FORMAT_FAILURE).sum())
         steps.append(t)
         print(f"  ours step {step + 1}: {t['total']:.1f} s ({', '.join(f'{p} {t[p]:.1f}' for p in PHASES)}), "
-              f"load {os.getloadavg()[0]:.2f}", flush=True)
+              f"load {load()}", flush=True)
     return steps
 
 
 def run_trl(args, folder, examples):
     """Seconds per optimizer step of TRL's GRPOTrainer, and of its generation within each step."""
-    from datasets import Dataset
+    try:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as error:
+        raise SystemExit(f"--trl needs TRL: pip install trl ({error})")
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     examples = examples[:args.steps * args.prompts]
     dataset = Dataset.from_list([{"prompt": srl.srl_messages(ex), "target_step": ex["target_step"]}
@@ -155,7 +162,7 @@ def run_trl(args, folder, examples):
             self.times.append(now - self.last)
             self.last = now
             print(f"  TRL step {len(self.times)}: {self.times[-1]:.1f} s (generation {generation_times[-1]:.1f}), "
-                  f"load {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads", flush=True)
+                  f"load {load()}, {torch.get_num_threads()} threads", flush=True)
 
     timer, generation_times = StepTimer(), []
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
@@ -190,15 +197,15 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = smollm2_folder()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # the tokenizer load_model gives, without loading the weights
     examples = s1k_examples(args.prompts * args.steps, AutoTokenizer.from_pretrained(folder), args.max_prompt_tokens)
     print(f"SmolLM2-135M-Instruct fp32 CPU, {args.prompts} prompts x {args.group_size} samples, "
           f"{args.new_tokens} new tokens, {args.steps} steps, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}", flush=True)
+          f"load average {load()}", flush=True)
 
     ours = run_ours(args, folder, examples)
     median = {k: statistics.median(s[k] for s in ours) for k in ours[0]}
-    print(f"\nload average after ours: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
+    print(f"\nload average after ours: {load()}, "
           f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     print(f"\nmedian per step, ours: {median['prompt_tokens']:.0f} prompt + {median['completion_tokens']:.0f} "
           f"completion tokens in the update, {median['format_failures']:.0f} of {args.prompts * args.group_size} "
@@ -210,8 +217,7 @@ def main():
     if args.trl:
         trl_steps, trl_generation = run_trl(args, folder, examples)
         trl_median = statistics.median(trl_steps)
-        print(f"\nload average after TRL: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
-              f"{os.getloadavg()[2]:.2f}\n")
+        print(f"\nload average after TRL: {load()}\n")
         print("| | ours | TRL GRPOTrainer | TRL / ours |\n|---|---:|---:|---:|")
         print(f"| median step, s | {median['total']:.2f} | {trl_median:.2f} | {trl_median / median['total']:.2f}x |")
         trl_gen = statistics.median(trl_generation)
