@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default="runs/quickstart", help="where every output goes (emptied first)")
     parser.add_argument("--sft-steps", type=int, default=None, help="default: sft.py's tiny plan")
     parser.add_argument("--sft-check-samples", type=int, default=4, help="samples per prompt in SFT's format check")
-    parser.add_argument("--srl-steps", type=int, default=8)
+    parser.add_argument("--srl-steps", type=int, default=20)
     parser.add_argument("--rlvr-steps", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=4, help="prompts per step and samples per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="for rollouts and evaluation")
@@ -84,9 +84,9 @@ def main(argv=None):
     work.mkdir(parents=True)
     data, times, started = work / "data", {}, time.time()
     device = ["--device", args.device]
-    # The GRPO stages with small batches and a learning rate that moves a 3M-parameter model in a few steps.
+    # The GRPO stages with small batches (their learning rate is srl.py's default for tiny models).
     grpo = ["--batch-prompts", args.rollouts, "--group-size", args.rollouts, "--max-new-tokens", args.max_new_tokens,
-            "--max-draws", 2, "--eval-every", 0, "--val-limit", 8, "--lr", 3e-4, *device]
+            "--max-draws", 2, "--eval-every", 0, "--val-limit", 8, *device]
 
     run_stage("data_prep", "data_prep.py", "--out-dir", data, times=times)
     run_stage("sft", "sft.py", "--data", data / "sft_srl_train.jsonl", "--out", work / "sft", *device,

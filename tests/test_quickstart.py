@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import quickstart
+from model import load_model
 
 
 def weights(folder):
@@ -37,16 +38,19 @@ def test_stages_chain(tmp_path, capsys, monkeypatch):
     sft_metrics = [json.loads(line) for line in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in sft_metrics] == [1]
     assert json.loads((work / "sft" / "format_check.json").read_text())["samples"] > 0
-    # sft -> srl: SRL started from sft/last. One SFT step cannot teach the format, so every rollout scores -1,
-    # no group is kept, no update happens, and SRL's best checkpoint is exactly SFT's weights.
+    # sft -> srl: SRL started from sft/last. Eight new tokens cannot hold "<think>\n" and "</think>", so every
+    # rollout scores -1, no group is kept, no update happens, and SRL's best checkpoint is exactly SFT's weights.
     srl_metrics = [json.loads(line) for line in (work / "srl" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in srl_metrics] == [1, 2]
-    if all(m["kept_groups"] == 0 for m in srl_metrics):
-        assert same_weights(weights(work / "srl" / "best"), weights(work / "sft" / "last"))
-    # srl -> rlvr: the same argument with the answer reward (no correct answer: no update)
+    assert all(m["kept_groups"] == 0 and m["format_failure_rate"] == 1.0 for m in srl_metrics)
+    assert same_weights(weights(work / "srl" / "best"), weights(work / "sft" / "last"))
+    untrained = load_model("tiny")[0].state_dict()
+    untrained.pop("lm_head.weight")  # tied to the embedding, stored once
+    assert not same_weights(weights(work / "sft" / "last"), untrained)  # and SFT did train
+    # srl -> rlvr: the same argument with the answer reward (eight tokens hold no "\boxed{...}": reward 0)
     rlvr_metrics = [json.loads(line) for line in (work / "rlvr" / "metrics.jsonl").read_text().splitlines()]
-    if all(m["kept_groups"] == 0 for m in rlvr_metrics):
-        assert same_weights(weights(work / "rlvr" / "best"), weights(work / "srl" / "best"))
+    assert all(m["kept_groups"] == 0 for m in rlvr_metrics)
+    assert same_weights(weights(work / "rlvr" / "best"), weights(work / "srl" / "best"))
     # rlvr -> evaluate: the evaluation read rlvr/best and the held-out RLVR problems
     summary = json.loads((work / "eval" / "summary.json").read_text().splitlines()[0])
     assert summary["model"] == str(work / "rlvr" / "best")

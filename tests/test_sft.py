@@ -144,7 +144,7 @@ def test_loss_falls_on_a_small_set(tmp_path):
     losses = [m["loss"] for m in metrics]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = losses[0], sum(losses[-4:]) / 4
-    assert last < 0.4 * first, losses
+    assert last < 0.3 * first, losses  # from ln(vocab) ~ 5.6 to well below the unigram entropy (~3.3)
 
 
 def test_checkpoint_loads_in_transformers(tmp_path):
