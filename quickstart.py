@@ -1,5 +1,6 @@
 """
-The whole pipeline on the embedded default, on a CPU in a few minutes:
+The whole pipeline on the embedded default, on a CPU in about five minutes (two cores; three of the minutes are
+the SFT warm start):
 
     python quickstart.py
 
@@ -11,8 +12,8 @@ At the end: SRL's reward curve (the mean rollout reward per step, from srl/metri
 is installed, a text sparkline otherwise), the evaluation table and the time of each stage.
 
 The tiny model starts from random weights, so its numbers are a smoke test of the machinery, not a result: expect
-SRL rewards around 0.1-0.3 and an accuracy of 0. The step counts below are the smallest that show each stage
-working; raise them (or use --model qwen-1.5b on a GPU) for real runs.
+SRL rewards around 0.1-0.3 and an accuracy of 0. The step counts (flags below) are small enough for a CPU; for
+real runs, call the stages yourself with --model qwen-1.5b on a GPU (the README shows how).
 """
 import argparse
 import json
