@@ -468,9 +468,10 @@ def train(args, make_prompt, reward_fn):
             save_model(model, tokenizer, out / "last", training_state=state)
         any_kept = any_kept or bool(kept)
     if not any_kept:
-        print(f"no group was kept: every rollout of a prompt scored the same (last format failure rate "
-              f"{log['format_failure_rate']:.0%}). A small model must learn the format first: python sft.py, "
-              f"then --model runs/sft; or lower --std-threshold.")
+        print(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
+              f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
+              f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
+              f"runs/sft), or lower --std-threshold.")
     return model
 
 
