@@ -117,6 +117,17 @@ def apply_rotary(x, cos, sin):  # x: [B, heads, T, head_dim]; cos, sin: [B, T, h
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def attention(q, k, v, attn_mask=None, is_causal=False):
+    """scaled_dot_product_attention with grouped-query attention: q has a whole multiple of k's and v's heads.
+    With a mask the KV heads are repeated rather than passing enable_gqa, because CUDA's fused kernels refuse
+    enable_gqa together with a mask and fall back to the math kernel, which holds every [T, T] score in fp32."""
+    group = q.shape[1] // k.shape[1]
+    if attn_mask is not None and group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -133,11 +144,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin):
-        """Training: causal attention over the whole sequence."""
+    def forward(self, x, cos, sin, attn_mask=None):
+        """Training: causal attention over the whole sequence, or the boolean attn_mask [B, 1, T, T] given."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = attention(q, k, v, attn_mask, is_causal=attn_mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def forward_cached(self, x, cos, sin, cache_k, cache_v, start, attn_mask):
@@ -159,8 +170,7 @@ class Attention(nn.Module):
         else:
             if attn_mask is None:  # causal, shifted by the columns already in the cache
                 attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=group > 1)
-            y = y.transpose(1, 2).reshape(B, T, -1)
+            y = attention(q, keys, values, attn_mask).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
 
@@ -183,8 +193,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_cached(self, x, cos, sin, cache_k, cache_v, start, attn_mask):
@@ -208,17 +218,20 @@ class Decoder(nn.Module):
         self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
 
-    def hidden_states(self, ids):
-        """Training forward up to the final norm: [B, T] ids -> [B, T, hidden], positions 0..T-1."""
+    def hidden_states(self, ids, positions=None, attn_mask=None):
+        """Training forward up to the final norm: [B, T] ids -> [B, T, hidden]. By default every row is one
+        sequence at positions 0..T-1 with causal attention; completion_logprobs passes its own positions [B, T]
+        and boolean attn_mask [B, 1, T, T] to pack several sequences that share a prompt into one row."""
         B, T = ids.shape
-        positions = torch.arange(T, device=ids.device).expand(B, T)
+        if positions is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, attn_mask)
         return self.model.norm(x)
 
     def forward(self, ids):
@@ -360,25 +373,49 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
     temperature (logits / temperature, so they match what the sampler drew from).
 
     Returns logp [B, Tc] and mask [B, Tc] (1.0 where row b has a completion token, built from lengths, never
-    from a pad id), plus the per-token entropy [B, Tc] (no grad) when with_entropy. Each row is placed from
-    position 0 and right-padded; the output layer runs on completion positions only and chunk by chunk, with
-    recomputation in backward, so the [B, T, vocab] logits of long sequences are never held at once."""
+    from a pad id), plus the per-token entropy [B, Tc] (no grad) when with_entropy.
+
+    Consecutive rows with the same prompt (the samples of one GRPO group) are packed into one sequence: the prompt
+    once, then each completion at the positions right after the prompt, seeing only the prompt and its own earlier
+    tokens. That is the same function as one row per sample, but the prompt, usually most of the tokens, goes
+    through the network once per group instead of once per sample. The output layer runs on completion tokens
+    only, chunk by chunk with recomputation in backward, so [B, T, vocab] logits are never held at once."""
     device = model.lm_head.weight.device
-    prompt_len = torch.tensor([len(p) for p in prompts], device=device)
-    completion_len = torch.tensor([len(c) for c in completions], device=device)
-    if (prompt_len == 0).any():
+    prompts, completions = [list(p) for p in prompts], [list(c) for c in completions]
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    width, tc = max(map(len, rows)), int(completion_len.max())
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, device=device)
-    mask = (torch.arange(tc, device=device) < completion_len[:, None]).float()
-    # the token at position p + j is predicted by the hidden state at p + j - 1
-    source = (prompt_len[:, None] - 1 + torch.arange(tc, device=device)).clamp(max=width - 1)
-    targets = ids.gather(1, (source + 1).clamp(max=width - 1))
-    hidden = model.hidden_states(ids)
-    hidden = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+    packs = []  # [prompt, indices of the consecutive rows that share it]
+    for i, p in enumerate(prompts):
+        if packs and packs[-1][0] == p:
+            packs[-1][1].append(i)
+        else:
+            packs.append([p, [i]])
+    width = max(len(p) + sum(len(completions[i]) for i in rows) for p, rows in packs)
+    tc = max(len(c) for c in completions)
+    ids = torch.zeros(len(packs), width, dtype=torch.long)
+    positions = torch.zeros(len(packs), width, dtype=torch.long)
+    owner = torch.full((len(packs), width), -2)  # -1: the prompt, i: row i's completion, -2: padding
+    source = torch.zeros(len(prompts), tc, dtype=torch.long)  # where, in the flattened packs, each token's
+    targets = torch.zeros(len(prompts), tc, dtype=torch.long)  # predicting hidden state is
+    for k, (prompt, rows) in enumerate(packs):
+        n = len(prompt)
+        ids[k, :n], positions[k, :n], owner[k, :n] = torch.tensor(prompt), torch.arange(n), -1
+        start = n
+        for i in rows:
+            end = start + len(completions[i])
+            ids[k, start:end] = targets[i, :end - start] = torch.tensor(completions[i], dtype=torch.long)
+            positions[k, start:end], owner[k, start:end] = torch.arange(n, n + end - start), i
+            predictor = torch.arange(start - 1, end - 1)  # the token before; the prompt's last for the first one
+            predictor[:1] = n - 1
+            source[i, :end - start] = k * width + predictor
+            start = end
+    mask = (torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]).float().to(device)
+    attn_mask = None  # plain causal attention when no prompt is shared
+    if any(len(rows) > 1 for _, rows in packs):
+        sees = (owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == -1)
+        attn_mask = (sees & torch.ones(width, width, dtype=torch.bool).tril())[:, None].to(device)
+    hidden = model.hidden_states(ids.to(device), positions.to(device), attn_mask)
+    hidden, targets = hidden.flatten(0, 1)[source.to(device)], targets.to(device)  # [B, Tc, hidden]
 
     def chunk_logprobs(h, y):
         logits = model.lm_head(h).float() / temperature

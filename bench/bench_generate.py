@@ -8,6 +8,10 @@ Also measures the two ceilings on this machine: memory bandwidth (a decode step 
 once) and matmul throughput (the prompts' forward, and decode steps at large batch, are compute), and prints our
 tokens/s against the roofline: the time of the prompts' forward at full matmul speed plus, per decode step, the
 longer of (weight bytes / bandwidth) and (2 flops per parameter per row / matmul speed).
+
+Those two ceilings are the hardware's; torch's own matmul kernels may not reach them at small batch. So it also
+times the model's linear layers alone, called once over the prompt tokens and once per decode step at the batch
+size, with nothing else: the "matmul floor", the time no sampler built on these kernels can beat.
 """
 import argparse
 import sys
@@ -105,6 +109,30 @@ def run_hf(prompts):
                            eos_token_id=None, pad_token_id=0)
 
 
+linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def linears_time(layers, rows):
+    """Best-of-3 time of the given linear layers, each applied once to `rows` random input rows."""
+    inputs = {n: torch.randn(rows, n, device=device, dtype=dtype) for n in {lin.in_features for lin in layers}}
+    best = float("inf")
+    for _ in range(3):
+        sync(); t = time.perf_counter()
+        for lin in layers:
+            lin(inputs[lin.in_features])
+        sync(); best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_floor(prompts):
+    """The linear layers of generate's work alone: every prompt token through the blocks and each prompt's last
+    token through the head, then new_tokens - 1 decode steps of one token per row."""
+    blocks = [lin for lin in linears if lin is not ours.lm_head]
+    prefill = linears_time(blocks, sum(map(len, prompts))) + linears_time([ours.lm_head], len(prompts))
+    return prefill + (args.new_tokens - 1) * linears_time(linears, len(prompts))
+
+
 def best_time(fn, prompts):
     fn(prompts[:2])  # warm-up
     best = float("inf")
@@ -113,8 +141,9 @@ def best_time(fn, prompts):
     return best
 
 
-print("| batch | ours tok/s | transformers tok/s | ratio | roofline tok/s | ours / roofline |")
-print("| --- | --- | --- | --- | --- | --- |")
+print("| batch | ours tok/s | transformers tok/s | ratio | roofline tok/s | ours / roofline | matmul floor tok/s "
+      "| ours / floor |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for batch in args.batches:
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
     t_ours, t_hf = best_time(run_ours, prompts), best_time(run_hf, prompts)
@@ -124,5 +153,6 @@ for batch in args.batches:
     prefill_floor = 2 * params * sum(map(len, prompts)) / (gflops * 1e9)
     step_floor = max(weight_bytes / (bandwidth * 1e9), 2 * params * batch / (gflops * 1e9))
     roofline = tokens / (prefill_floor + args.new_tokens * step_floor)
+    floor = tokens / matmul_floor(prompts)
     print(f"| {batch} | {tokens / t_ours:.0f} | {tokens / t_hf:.0f} | {t_hf / t_ours:.2f}x | {roofline:.0f} | "
-          f"{tokens / t_ours / roofline:.0%} |", flush=True)
+          f"{tokens / t_ours / roofline:.0%} | {floor:.0f} | {tokens / t_ours / floor:.0%} |", flush=True)

@@ -172,6 +172,35 @@ def test_completion_logprobs_match_full_forward():
     assert ours.lm_head.weight.grad is not None and ours.lm_head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["qwen2_gqa_tied", "llama_bias_tied"])
+def test_completion_logprobs_of_shared_prompts_match_transformers_and_unshared_gradients(name):
+    """Rows that share a prompt are packed into one sequence; their log-probs must be transformers' for each row
+    on its own, and the gradient that of one row at a time."""
+    hf, ours = hf_pair(name)
+    p1, p2, p3 = random_prompts(3, 97, lo=5, hi=12, seed=6)
+    samples = random_prompts(8, 97, lo=1, hi=10, seed=7)
+    prompts = [p1, p1, p1, p2, p3, p3, p3, p1]  # groups of 3, 1 and 3, then p1 again (not next to its group)
+    completions = samples[:5] + [[]] + samples[5:7]  # an empty completion inside a group
+    weights = torch.randn(len(prompts), 10, generator=torch.Generator().manual_seed(8))
+    logp, mask = M.completion_logprobs(ours, prompts, completions, temperature=0.8, chunk_size=4)
+    assert mask.sum(1).tolist() == [len(c) for c in completions]
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        with torch.no_grad():
+            full = torch.log_softmax(hf(torch.tensor([p + c])).logits[0] / 0.8, -1)
+        for j, token in enumerate(c):
+            assert abs(logp[b, j].item() - full[len(p) + j - 1, token].item()) < 1e-5
+        assert (logp[b, len(c):] == 0).all()
+    (logp * weights[:, :logp.shape[1]]).sum().backward()
+    packed = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    for b in range(len(prompts)):
+        if completions[b]:
+            one, _ = M.completion_logprobs(ours, [prompts[b]], [completions[b]], temperature=0.8)
+            (one * weights[b:b + 1, :one.shape[1]]).sum().backward()
+    for n, p in ours.named_parameters():
+        assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
 def test_tiny_save_then_transformers_loads_same_logits(tmp_path):
     ours, tokenizer = M.load_model("tiny")
     M.save_model(ours, tokenizer, tmp_path / "ckpt")
