@@ -16,6 +16,7 @@ transformers, so a Hugging Face state dict loads directly; tests check the logit
 Two forwards, kept apart on purpose (as in nanoGPT / nanochat):
   - `model(ids)`: training and scoring. Whole sequences, every row starting at position 0, causal attention.
     Rows that are right-padded need no mask: causal attention never lets a real token see the padding after it.
+    (`completion_logprobs` also packs the samples of one prompt into a row, through positions and a mask.)
   - `model.forward_cached(...)`: inference. Reads and writes a KV cache that is allocated once per `generate`
     call (prompt + new tokens) and written with slice assignment, never grown by concatenation.
 

@@ -278,7 +278,8 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     p.add_argument("--clip-high", type=float, default=0.28)
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
     p.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch")
-    p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward pass")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="completions per forward/backward pass (the completions of one prompt share its forward)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
     p.add_argument("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")

@@ -133,11 +133,14 @@ def matmul_floor(prompts):
     return prefill + (args.new_tokens - 1) * linears_time(linears, len(prompts))
 
 
-def best_time(fn, prompts):
-    fn(prompts[:2])  # warm-up
-    best = float("inf")
+def best_times(fns, prompts):
+    """Best-of-repeats time of each function, the runs interleaved so that a change of load hits all alike."""
+    for fn in fns:
+        fn(prompts[:2])  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(args.repeats):
-        sync(); t = time.perf_counter(); fn(prompts); sync(); best = min(best, time.perf_counter() - t)
+        for i, fn in enumerate(fns):
+            sync(); t = time.perf_counter(); fn(prompts); sync(); best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -146,7 +149,7 @@ print("| batch | ours tok/s | transformers tok/s | ratio | roofline tok/s | ours
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for batch in args.batches:
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
-    t_ours, t_hf = best_time(run_ours, prompts), best_time(run_hf, prompts)
+    t_ours, t_hf = best_times([run_ours, run_hf], prompts)
     tokens = batch * args.new_tokens
     # the floor: the prompts' forward at full matmul speed, then each decode step reads every weight once or
     # does 2 flops per parameter per row, whichever takes longer

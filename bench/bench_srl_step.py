@@ -3,7 +3,8 @@
 One step does the work of srl.train for one rollout batch, with srl.py's and model.py's own functions:
   sample    model.generate: each prompt prefilled once, G completions drawn at temperature 1.0
   reward    srl.srl_reward on every decoded completion against the expert step
-  forward   model.completion_logprobs (prompt + completion rows, with entropy), then srl.grpo_loss
+  forward   model.completion_logprobs (each group packed as prompt + its G completions, with entropy), then
+            srl.grpo_loss
   backward  loss.backward() of each micro-batch
   optimizer clip_grad_norm_ and AdamW.step
 Unlike srl.train, every group is trained on (no dynamic sampling): an untrained model's groups often score all -1
@@ -19,8 +20,9 @@ data_prep.split_steps; each problem gives one SRL example (its middle step as th
 
 On a machine shared with other work, give torch no more threads than there are idle cores: on 2 cores with one
 busy, 2 threads made every step several times slower than 1 (each parallel op waits for the preempted thread).
-Memory: the update holds about 1.4 MB of activations per token (fp32), so micro-batches of 8 rows of ~1,700-token
-prompts need over 20 GB; with the default prompt cap of 512 tokens the process peaks near 12 GiB.
+Memory: the update holds about 1.4 MB of activations per token (fp32). A micro-batch holds each group's prompt once
+(completion_logprobs packs a group into one row), so 4 samples of a 512-token prompt are ~800 tokens, not ~2,300;
+with the default prompt cap of 512 tokens the process peaked at 6.0 GiB (it was near 12 GiB without packing).
 
 --trl needs `pip install trl` (1.16 works with transformers 5.24 and torch 2.13; it adds datasets, not torch).
 TRL runs with gradient checkpointing off (its default is on; srl.py's is off), the same micro-batch of
@@ -115,7 +117,9 @@ def run_ours(args, folder, examples):
         optimizer.step()
         t["optimizer"] = time.perf_counter() - start
         t["total"] = sum(t[p] for p in PHASES)
-        t["prompt_tokens"] = sum(len(r[0]) for r in rows)
+        # completion_logprobs packs the rows of one prompt within a micro-batch: that prompt goes through once
+        t["prompt_tokens"] = sum(len(r[0]) for i, r in enumerate(rows)
+                                 if i % args.micro_batch == 0 or r[0] != rows[i - 1][0])
         t["completion_tokens"] = num_tokens
         t["format_failures"] = int((rewards == srl.FORMAT_FAILURE).sum())
         steps.append(t)
@@ -208,7 +212,7 @@ def main():
     print(f"\nload average after ours: {load()}, "
           f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     print(f"\nmedian per step, ours: {median['prompt_tokens']:.0f} prompt + {median['completion_tokens']:.0f} "
-          f"completion tokens in the update, {median['format_failures']:.0f} of {args.prompts * args.group_size} "
+          f"completion tokens through the network in the update, {median['format_failures']:.0f} of {args.prompts * args.group_size} "
           "completions break the format\n")
     print("| phase | median s | share |\n|---|---:|---:|")
     for phase in PHASES + ["total"]:  # total: the median of the step totals
