@@ -146,7 +146,7 @@ class Attention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, attn_mask=None):
-        """Training: causal attention over the whole sequence, or the boolean attn_mask [B, 1, T, T] given."""
+        """Training: causal attention over the whole sequence, or the attn_mask [B, 1, T, T] given."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         y = attention(q, k, v, attn_mask, is_causal=attn_mask is None)
@@ -222,7 +222,7 @@ class Decoder(nn.Module):
     def hidden_states(self, ids, positions=None, attn_mask=None):
         """Training forward up to the final norm: [B, T] ids -> [B, T, hidden]. By default every row is one
         sequence at positions 0..T-1 with causal attention; completion_logprobs passes its own positions [B, T]
-        and boolean attn_mask [B, 1, T, T] to pack several sequences that share a prompt into one row."""
+        and an attn_mask [B, 1, T, T] (boolean, or added to the scores) to pack sequences that share a prompt."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -392,6 +392,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
         else:
             packs.append([p, [i]])
     width = max(len(p) + sum(len(completions[i]) for i in rows) for p, rows in packs)
+    width = -(-width // 16) * 16  # CUDA's memory-efficient attention copies a mask whose width is not a multiple of 16
     tc = max(len(c) for c in completions)
     ids = torch.zeros(len(packs), width, dtype=torch.long)
     positions = torch.zeros(len(packs), width, dtype=torch.long)
@@ -413,8 +414,13 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
     mask = (torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]).float().to(device)
     attn_mask = None  # plain causal attention when no prompt is shared
     if any(len(rows) > 1 for _, rows in packs):
+        owner = owner.to(device)
         sees = (owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == -1)
-        attn_mask = (sees & torch.ones(width, width, dtype=torch.bool).tril())[:, None].to(device)
+        sees &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        # additive, in the model's dtype, made once: SDPA would turn a boolean mask into one in every layer and
+        # keep each copy for backward
+        attn_mask = torch.zeros(sees.shape, dtype=model.lm_head.weight.dtype, device=device)
+        attn_mask = attn_mask.masked_fill(~sees, float("-inf"))[:, None]
     hidden = model.hidden_states(ids.to(device), positions.to(device), attn_mask)
     hidden, targets = hidden.flatten(0, 1)[source.to(device)], targets.to(device)  # [B, Tc, hidden]
 

@@ -212,8 +212,8 @@ def main():
     print(f"\nload average after ours: {load()}, "
           f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     print(f"\nmedian per step, ours: {median['prompt_tokens']:.0f} prompt + {median['completion_tokens']:.0f} "
-          f"completion tokens through the network in the update, {median['format_failures']:.0f} of {args.prompts * args.group_size} "
-          "completions break the format\n")
+          f"completion tokens through the network in the update, {median['format_failures']:.0f} of "
+          f"{args.prompts * args.group_size} completions break the format\n")
     print("| phase | median s | share |\n|---|---:|---:|")
     for phase in PHASES + ["total"]:  # total: the median of the step totals
         print(f"| {phase} | {median[phase]:.2f} | {100 * median[phase] / median['total']:.0f}% |")
