@@ -25,7 +25,6 @@ mask, runs the prompts once, then copies each prompt's cache to its `num_samples
 the prefill but draw their first token independently.
 """
 import json
-import math
 import os
 import random
 import shutil

@@ -1,6 +1,4 @@
 """model.py against transformers (the oracle): logits, cached decoding, greedy generation, sampling, save/load."""
-import json
-import math
 import sys
 from pathlib import Path
 

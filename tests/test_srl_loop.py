@@ -1,5 +1,4 @@
 """The GRPO training loop of srl.py on the tiny model: dynamic sampling, learning, exact resume."""
-import argparse
 import json
 
 import pytest
