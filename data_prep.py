@@ -163,29 +163,24 @@ def _parse_header(line):
     return number, indent, style
 
 
-class _MathTracker:
-    """Is the next line inside display math ($$, \\[ \\], math environments) or a code fence?"""
-
-    def __init__(self):
-        self.dollars = self.fence = False
-        self.brackets = self.envs = 0
-
-    def inside(self):
-        return self.dollars or self.fence or self.brackets > 0 or self.envs > 0
-
-    def feed(self, line):
+def _inside_math(lines):
+    """For each line: does it start inside display math ($$, \\[ \\], math environments) or a code fence?"""
+    inside, dollars, fence, brackets, envs = [], False, False, 0, 0
+    for line in lines:
+        inside.append(dollars or fence or brackets > 0 or envs > 0)
         if line.lstrip().startswith("```"):
-            self.fence = not self.fence
-        if self.fence:
-            return
+            fence = not fence
+        if fence:
+            continue
         if not line.strip():  # TeX allows no blank line inside math: an unclosed block ends here
-            self.dollars, self.brackets, self.envs = False, 0, 0
-        self.dollars ^= len(DOLLARS.findall(line)) % 2 == 1
-        self.brackets = max(0, self.brackets + len(BRACKET_OPEN.findall(line)) - len(BRACKET_CLOSE.findall(line)))
-        self.envs = max(0, self.envs + len(ENV_OPEN.findall(line)) - len(ENV_CLOSE.findall(line)))
+            dollars, brackets, envs = False, 0, 0
+        dollars ^= len(DOLLARS.findall(line)) % 2 == 1
+        brackets = max(0, brackets + len(BRACKET_OPEN.findall(line)) - len(BRACKET_CLOSE.findall(line)))
+        envs = max(0, envs + len(ENV_OPEN.findall(line)) - len(ENV_CLOSE.findall(line)))
+    return inside
 
 
-def _run(headers, headings, first):
+def _step_run(headers, headings, first):
     """(start lines, marked) of the steps that follow a "1." header: 2, 3, ... of the same indentation and
     style as the first; "marked" tells whether that style is more than a bare number."""
     _, _, top_indent, style = first
@@ -217,17 +212,16 @@ def split_steps(solution):
     (the closing answer line too) belongs to the last step."""
     lines = solution.split("\n")
     headers, headings = [], []  # (line index, number, indent, style); line indices of section headings
-    math = _MathTracker()
-    for i, line in enumerate(lines):
-        if not math.inside():
-            header = _parse_header(line)
-            if header:
-                headers.append((i, *header))
-            elif SECTION_HEADING.match(line) and not line[:1].isspace():
-                headings.append(i)
-        math.feed(line)
+    for i, (line, in_math) in enumerate(zip(lines, _inside_math(lines))):
+        if in_math:
+            continue
+        header = _parse_header(line)
+        if header:
+            headers.append((i, *header))
+        elif SECTION_HEADING.match(line) and not line[:1].isspace():
+            headings.append(i)
     top_indent = min((h[2] for h in headers if h[1] == 1), default=None)
-    runs = [_run(headers, headings, first) for first in headers if first[1] == 1 and first[2] == top_indent]
+    runs = [_step_run(headers, headings, first) for first in headers if first[1] == 1 and first[2] == top_indent]
     if not runs:
         return []
     # A solution may hold several lists at the top level (e.g. the problem's conditions restated before
@@ -240,20 +234,18 @@ def split_steps(solution):
 def split_paragraphs(solution):
     """Fallback for free text: paragraphs separated by blank lines (display math stays whole, and a
     paragraph that is only display math joins the paragraph before it)."""
-    paragraphs, current, math = [], [], _MathTracker()
-    for line in solution.split("\n") + [""]:
-        if not line.strip() and not math.inside():
-            if current:
-                text = "\n".join(current).strip()
-                is_math = text.startswith(("\\[", "$$", "\\begin"))
-                if is_math and paragraphs:
-                    paragraphs[-1] += "\n\n" + text
-                else:
-                    paragraphs.append(text)
-            current = []
-        else:
+    lines = solution.split("\n") + [""]
+    paragraphs, current = [], []
+    for line, in_math in zip(lines, _inside_math(lines)):
+        if line.strip() or in_math:
             current.append(line)
-        math.feed(line)
+        elif current:
+            text = "\n".join(current).strip()
+            if text.startswith(("\\[", "$$", "\\begin")) and paragraphs:
+                paragraphs[-1] += "\n\n" + text
+            else:
+                paragraphs.append(text)
+            current = []
     return paragraphs
 
 
@@ -262,14 +254,14 @@ def step_title(step):
     else its first sentence; at most 80 characters."""
     lines = step.split("\n")
     n, m = next(((n, STEP_HEADER.match(line)) for n, line in enumerate(lines) if _parse_header(line)), (0, None))
-    rest = m["rest"].strip() if m else step
+    rest, after = (m["rest"].strip(), lines[n + 1:]) if m else (step, [])
     bold = re.match(r"\*\*(.+?)\*\*", rest)
     if bold:
         title = bold[1]
     elif m and (m["word"] or m["hashes"] or m["bold"]) and rest.strip("*# "):
         title = rest
     else:  # a bare "1. text": the first sentence
-        text = " ".join(" ".join([rest] + lines[n + 1:] if m else lines).split())
+        text = " ".join(" ".join([rest] + after).split())
         title = re.split(r"(?<=[.:!?])\s", text, maxsplit=1)[0]
     title = " ".join(title.replace("**", "").split()).strip("*# ").rstrip(":.").strip()
     return title if len(title) <= 80 else title[:77].rstrip() + "..."
@@ -282,19 +274,15 @@ def last_boxed(text):
     if not heads:
         return None
     rest = text[heads[-1].end():]
-    start = len(rest) - len(rest.lstrip(" "))
-    if not rest[start:].startswith("{"):
+    body = rest.lstrip(" ")
+    if not body.startswith("{"):
         token = re.match(r" +([^\s$]+)", rest)
         return token[1] if token else None
-    depth, j = 0, start
-    while j < len(rest):
-        if rest[j] == "\\":  # an escaped character, e.g. \{ in a set
-            j += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(rest[j], 0)
+    depth = 0
+    for brace in re.finditer(r"\\.|[{}]", body, re.DOTALL):  # an escaped character (e.g. \{ in a set) is skipped
+        depth += {"{": 1, "}": -1}.get(brace[0], 0)
         if depth == 0:
-            return rest[start + 1:j].strip() or None
-        j += 1
+            return body[1:brace.start()].strip() or None
     return None  # unclosed braces
 
 
@@ -376,7 +364,7 @@ def _message(message):
 def _answer_text(value):
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 27.0 -> "27"
-    return None if value is None or str(value).strip() == "" else str(value).strip()
+    return None if value is None else str(value).strip() or None
 
 
 def normalize(records, fields, locations=None):
@@ -406,7 +394,7 @@ def normalize(records, fields, locations=None):
         if not question.strip():
             raise DataError(f"{where}: the field {fields['question']!r} is empty")
         answer = (_answer_text(record[fields["answer"]]) if fields["answer"]
-                  else _answer_text(record.get("answer")) or _answer_text(last_boxed(solution)))
+                  else _answer_text(record.get("answer")) or last_boxed(solution))
         reasoning = _text(record.get(fields["reasoning"])) if fields["reasoning"] else None
         problems.append({"id": pid, "problem": question, "solution": solution, "answer": answer,
                          "reasoning": reasoning or None})
@@ -439,10 +427,10 @@ def agentic_examples(problem, context_pairs=2):
         else:  # an observation ("tool" or "user") belongs to the action before it
             pairs[-1].append(message)
     examples = []
-    for k, pair in enumerate(pairs, 1):
-        window = pairs[max(0, k - 1 - context_pairs):k - 1]
+    for k, pair in enumerate(pairs):
+        window = pairs[max(0, k - context_pairs):k]
         examples.append({"id": problem["id"], "messages": issue + [m for p in window for m in p],
-                         "target_step": pair[0]["content"], "step_index": k, "num_steps": len(pairs),
+                         "target_step": pair[0]["content"], "step_index": k + 1, "num_steps": len(pairs),
                          "answer": None})
     return examples
 
@@ -457,11 +445,6 @@ def think_completion(example):
         done = "Nothing is written yet." if k == 1 else "Step 1 is done." if k == 2 else f"Steps 1-{k - 1} are done."
         thought = f"{done} Next, step {k}: {step_title(target)}."
     return f"<think>\n{thought}\n</think>\n{target}"
-
-
-def choose_val_ids(ids, val_problems, seed):
-    """A deterministic sample of problem ids held out for validation."""
-    return set(random.Random(seed).sample(sorted(ids), val_problems))
 
 
 def prepare(problems, include_first_step=False, next_step_title=False, context_pairs=2, fallback=None,
@@ -491,7 +474,7 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
         val_problems = min(60, max(1, len(pool) // 10)) if len(pool) > 1 else 0
     if not 0 <= val_problems <= len(pool):
         raise DataError(f"--val-problems {val_problems}: must lie in 0..{len(pool)} (problems with examples)")
-    val_ids = choose_val_ids(pool, val_problems, seed)
+    val_ids = set(random.Random(seed).sample(sorted(pool), val_problems))
     stats["val_problems"] = len(val_ids)
 
     outputs = {name: [] for name in ("srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl",
@@ -500,58 +483,47 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
         split = "val" if problem["id"] in val_ids else "train"
         srl = examples.get(problem["id"], [])
         outputs[f"srl_{split}.jsonl"] += srl
+        if "messages" in problem:
+            sft = {"id": problem["id"], "messages": problem["messages"]}
+        else:
+            if problem["answer"] is None:
+                stats["no_answer"] += 1
+            else:
+                outputs[f"rlvr_{split}.jsonl"].append({k: problem[k] for k in ("id", "problem", "answer")})
+            sft = {k: problem[k] for k in ("id", "problem", "solution", "answer")}
+            if problem["reasoning"]:
+                sft["reasoning"] = problem["reasoning"]
         if split == "train":
             outputs["sft_srl_train.jsonl"] += [{**ex, "completion": think_completion(ex)} for ex in srl]
-        if "messages" in problem:
-            if split == "train":
-                outputs["sft_train.jsonl"].append({"id": problem["id"], "messages": problem["messages"]})
-            continue
-        if problem["answer"] is None:
-            stats["no_answer"] += 1
-        else:
-            outputs[f"rlvr_{split}.jsonl"].append({k: problem[k] for k in ("id", "problem", "answer")})
-        if split == "train":
-            record = {k: problem[k] for k in ("id", "problem", "solution", "answer")}
-            if problem["reasoning"]:
-                record["reasoning"] = problem["reasoning"]
-            outputs["sft_train.jsonl"].append(record)
+            outputs["sft_train.jsonl"].append(sft)
     return outputs, stats
 
 
 # ----------------------------------------------------------------------------------------------------
-# Writing: every file goes to a temporary file first, and is renamed only when all of them are written
-
-def _write_temp(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def write_jsonl(path, records):
-    """Write records as JSONL atomically (a temporary file, then os.replace)."""
-    os.replace(_write_temp(Path(path), records), path)
-
+# Writing
 
 def write_outputs(out_dir, outputs):
-    """Write several JSONL files so that either all of them change or none does."""
-    temps = {}
+    """Write JSONL files ({name: records}) so that either all of them change or none does: each goes to a
+    temporary file first, and they are renamed only when all of them are written."""
+    out_dir, temps = Path(out_dir), {}
     try:
         for name, records in outputs.items():
-            temps[name] = _write_temp(Path(out_dir) / name, records)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, temps[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            os.chmod(temps[name], 0o644)
     except BaseException:
         for tmp in temps.values():
             os.unlink(tmp)
         raise
     for name, tmp in temps.items():
-        os.replace(tmp, Path(out_dir) / name)
+        os.replace(tmp, out_dir / name)
+
+
+def write_jsonl(path, records):
+    """Write records as JSONL atomically (a temporary file, then os.replace)."""
+    write_outputs(Path(path).parent, {Path(path).name: records})
 
 
 def summary(source, outputs, stats, out_dir, seconds):
