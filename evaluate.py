@@ -16,11 +16,10 @@ data/benchmarks). Nothing is downloaded: get each file from its public repositor
 A record needs `problem` or `question`, and `answer` (string, integer or float; 27.0 reads as "27"; GSM8K's
 full solution is cut at "#### N") or else a `solution` holding a \\boxed{} answer.
 
-Prompt (Qwen2.5-Math's chain-of-thought prompt, the evaluation package the paper grades with): the system
-message "Please reason step by step, and put your final answer within \\boxed{}.", the problem as the user message,
-through the model's chat template. Metrics, as in the paper: greedy accuracy for every benchmark; with
---samples k also avg@k (mean accuracy of k samples at temperature 1.0; the paper uses k = 32 on AMC23/AIME) and
-pass@k. The table's mean column averages every number in the row, as the paper's Table 1 does.
+Prompt: the chain-of-thought system message (MATH_INSTRUCTION) of Qwen2.5-Math's evaluation package, which the
+paper grades with, then the problem as the user message, through the model's chat template. Metrics, as in the
+paper: greedy accuracy; with --samples k also avg@k (mean accuracy of k samples at temperature 1.0; the paper uses
+k = 32 on AMC23/AIME) and pass@k. The table's mean column averages every number in the row, as Table 1 does.
 
 The grader (extract_answer, is_equiv) is also the RLVR reward, so it is built never to call two different
 answers equal; where it must choose, it chooses a false "wrong" over a false "right". Departures from the
@@ -53,7 +52,7 @@ from tqdm import tqdm
 from data_prep import last_boxed, write_jsonl
 
 # -----------------------------------------------------------------------------------------------------------------
-# Benchmarks
+# Benchmarks, prompt, answer extraction
 
 BENCHMARKS = ["amc23", "aime24", "aime25", "minerva", "math500", "gsm8k"]
 ROOT = Path(__file__).resolve().parent
@@ -73,18 +72,14 @@ BUILTIN_PROBLEMS = [
 
 def answer_to_str(answer):
     """Gold answers come as strings, integers or floats; 27.0 becomes "27"."""
-    if isinstance(answer, float) and answer.is_integer():
-        return str(int(answer))
-    return str(answer).strip()
+    return str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
 
 
 def load_benchmark(name_or_path, data_dir=DEFAULT_DATA_DIR, limit=None):
     """[{"id", "problem", "answer"}] from a benchmark name (a file NAME.jsonl in data_dir) or a JSONL path."""
     if name_or_path == "builtin":
         return [dict(p) for p in BUILTIN_PROBLEMS[:limit]]
-    path = Path(name_or_path)
-    if name_or_path in BENCHMARKS:
-        path = Path(data_dir) / f"{name_or_path}.jsonl"
+    path = Path(data_dir) / f"{name_or_path}.jsonl" if name_or_path in BENCHMARKS else Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {path} not found; names: builtin, {', '.join(BENCHMARKS)} "
                                 f"(download sources are listed at the top of evaluate.py) or a JSONL path")
@@ -105,17 +100,15 @@ def load_benchmark(name_or_path, data_dir=DEFAULT_DATA_DIR, limit=None):
                 answer = answer.rsplit("####", 1)[1]
             if answer is None and record.get("solution"):
                 answer = extract_answer(record["solution"])
-            if answer is None or answer_to_str(answer) == "":
+            answer = "" if answer is None else answer_to_str(answer)
+            if not answer:
                 raise ValueError(f"{path}:{line_no}: no 'answer' field (nor a \\boxed{{}} answer in 'solution')")
             problem_id = next((record[k] for k in ("id", "idx", "unique_id") if k in record), line_no - 1)
-            problems.append({"id": problem_id, "problem": problem, "answer": answer_to_str(answer)})
+            problems.append({"id": problem_id, "problem": problem, "answer": answer})
             if limit is not None and len(problems) >= limit:
                 break
     return problems
 
-
-# -----------------------------------------------------------------------------------------------------------------
-# Prompt
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -123,10 +116,6 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 def math_messages(problem):
     """The evaluation prompt as chat messages (also the RLVR and SFT prompt)."""
     return [{"role": "system", "content": MATH_INSTRUCTION}, {"role": "user", "content": problem}]
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Answer extraction
 
 
 def extract_answer(text):
@@ -153,8 +142,9 @@ def normalize_answer(answer):
     s = re.sub(r"\\?[$%]", "", s)  # dollars and percent signs (10% == 10; see the docstring)
     # "\text{ cm}^2", "\mbox{ square units}" at the end: a unit (one word, so "\text{ or six}" is kept)
     s = re.sub(r"\\(?:text|mbox)\{\s+(?:square |sq |cubic )?[A-Za-z/]+\s*\}(?:\^\{?\d\}?)?\s*$", "", s)
-    while re.search(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{[^{}]*\}", s):
-        s = re.sub(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1", s)
+    unwrapped = 1
+    while unwrapped:  # \text{...}, \mathbf{...}: keep the content, innermost first
+        s, unwrapped = re.subn(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(rf"(?<=[\d}}\s])\s*(?:{UNIT_WORDS})(?:\^\{{?[23]\}}?)?\s*$", "", s)  # "5 cm", "864 inches^2"
     s = re.sub(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])", "", s.strip().rstrip(".").strip()).strip()  # "x \in [-2, 7]"
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")):  # 1,000 (not the list 1,2)
@@ -197,12 +187,12 @@ def matching_bracket(s, i):
 
 def answer_structure(s):
     """(kind, content): ("scalar", str), ("ordered()" / "ordered[]" / "ordered(]" / ..., [items]),
-    ("unordered", [items]) for sets, unions and bare lists, ("matrix", [[items]])."""
+    ("unordered", [items]) for sets, unions and bare lists, ("matrix", [("row", [items])])."""
     s = s.strip()
     matrix = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, re.S)
     if matrix:
         rows = [row for row in matrix.group(1).split("\\\\") if row.strip()]
-        return "matrix", [[answer_structure(x) for x in split_top_level(row, "&")] for row in rows]
+        return "matrix", [("row", [answer_structure(x) for x in split_top_level(row, "&")]) for row in rows]
     union = split_top_level(s, "\\cup")
     if len(union) > 1:
         return "unordered", [answer_structure(part) for part in union]
@@ -235,9 +225,6 @@ def structures_equal(a, b):
         return False
     if kind == "scalar":
         return scalars_equal(items_a, items_b)
-    if kind == "matrix":
-        return len(items_a) == len(items_b) and all(
-            len(ra) == len(rb) and all(map(structures_equal, ra, rb)) for ra, rb in zip(items_a, items_b))
     if len(items_a) != len(items_b):
         return False
     if kind == "unordered":  # multiset match: each item of a pairs with a different item of b
@@ -248,24 +235,21 @@ def structures_equal(a, b):
                 return False
             unused.pop(j)
         return True
-    return all(map(structures_equal, items_a, items_b))
+    return all(map(structures_equal, items_a, items_b))  # tuples, intervals, a matrix's rows, a row's entries
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Scalars: a small LaTeX -> sympy converter, then exact / symbolic comparison under size and time limits
 
-FUNCTIONS = {"sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", "csc": "csc", "arcsin": "asin",
-             "arccos": "acos", "arctan": "atan", "sinh": "sinh", "cosh": "cosh", "tanh": "tanh", "ln": "log",
-             "log": "log", "exp": "exp"}
+FUNCTIONS = {**{name: name for name in "sin cos tan cot sec csc sinh cosh tanh log exp".split()},
+             "arcsin": "asin", "arccos": "acos", "arctan": "atan", "ln": "log"}  # LaTeX name: sympy name
 GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho sigma "
             "tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Upsilon Phi Psi Omega hbar "
             "ell".split())
 WRAPPERS = {"text", "textbf", "textit", "mathrm", "mathbf", "mathit", "mbox", "operatorname"}
-SYMPY_NAMES = {"__builtins__": {}, "Rational": sympy.Rational, "Symbol": sympy.Symbol, "Function": sympy.Function,
-               "Integer": sympy.Integer,
-               "Add": sympy.Add, "Mul": sympy.Mul, "Pow": sympy.Pow,
-               "sqrt": sympy.sqrt, "root": sympy.root, "pi": sympy.pi, "E": sympy.E, "I": sympy.I, "oo": sympy.oo,
-               **{name: getattr(sympy, name) for name in set(FUNCTIONS.values())}}
+SYMPY_NAMES = {"__builtins__": {}, **{name: getattr(sympy, name) for name in  # all that the generated code may use
+               ["Rational", "Symbol", "Function", "Integer", "Add", "Mul", "Pow", "sqrt", "root", "pi", "E", "I", "oo",
+                *FUNCTIONS.values()]}}
 NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 MAX_EXPONENT, MAX_DIGITS, MAX_LENGTH = 1000, 100, 300
 
@@ -299,30 +283,10 @@ def latex_to_sympy_code(s):
         elif c.isalpha() or c == "\\":
             m = re.compile(r"[a-zA-Z]+|\\([a-zA-Z]+|.)").match(s, i)
             word, i = (m.group(1) or m.group()), m.end()
-            if word in FUNCTIONS:
+            if word in FUNCTIONS:  # \sin x, and sin x too
                 code, i = function_code(s, i, word)
                 operand(code)
-            elif c == "\\" and word in ("cdot", "times", "div"):
-                out.append("/" if word == "div" else "*")
-                operand_before = False
-            elif c == "\\" and word == "frac":
-                numerator, i = argument_code(s, i, last=False)
-                denominator, i = argument_code(s, i)
-                operand(f"(({numerator})/({denominator}))")
-            elif c == "\\" and word == "sqrt":
-                index = None
-                if s[i:].lstrip().startswith("["):
-                    start = s.index("[", i)
-                    end = matching_bracket(s, start)
-                    index, i = latex_to_sympy_code(s[start + 1:end]), end + 1
-                radicand, i = argument_code(s, i)
-                operand(f"sqrt({radicand})" if index is None else f"root({radicand},{index})")
-            elif c == "\\" and word in ("pi", "infty"):
-                operand({"pi": "pi", "infty": "oo"}[word])
-            elif c == "\\" and word in WRAPPERS:
-                inner, i = argument_code(s, i)
-                operand(f"({inner})")
-            elif c != "\\" or word in GREEK:
+            elif c != "\\" or word in GREEK:  # a name
                 if s[i:i + 1] == "_":  # subscripted name: x_1, C_{2}, \theta_w
                     sub, i = argument_text(s, i + 1)
                     word += "_" + re.sub(r"[^A-Za-z0-9]", "", sub)
@@ -335,6 +299,26 @@ def latex_to_sympy_code(s):
                     i = end + 1
                 else:
                     operand(f"Symbol('{word}')")
+            elif word in ("cdot", "times", "div"):  # from here on, a LaTeX command
+                out.append("/" if word == "div" else "*")
+                operand_before = False
+            elif word == "frac":
+                numerator, i = argument_code(s, i, last=False)
+                denominator, i = argument_code(s, i)
+                operand(f"(({numerator})/({denominator}))")
+            elif word == "sqrt":
+                index = None
+                if s[i:].lstrip().startswith("["):
+                    start = s.index("[", i)
+                    end = matching_bracket(s, start)
+                    index, i = latex_to_sympy_code(s[start + 1:end]), end + 1
+                radicand, i = argument_code(s, i)
+                operand(f"sqrt({radicand})" if index is None else f"root({radicand},{index})")
+            elif word in ("pi", "infty"):
+                operand("pi" if word == "pi" else "oo")
+            elif word in WRAPPERS:
+                inner, i = argument_code(s, i)
+                operand(f"({inner})")
             else:
                 raise ValueError(f"unsupported command \\{word}")
         elif c in "([{":
@@ -454,7 +438,7 @@ def sympy_equal(x, y, approximate):
     """Exact equality; a number with a decimal point against an irrational may differ by a relative 1e-9."""
     if x == y:
         return True
-    if x.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) or y.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+    if any(e.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) for e in (x, y)):
         return False
     if not x.free_symbols and not y.free_symbols:
         if x.is_Rational and y.is_Rational:
@@ -525,7 +509,7 @@ def is_equiv(pred, gold, timeout_s=5.0):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Metrics
+# Metrics, generation and grading
 
 
 def pass_at_k(n, c, k):
@@ -543,10 +527,6 @@ def mean(values):
     return sum(values) / len(values) if values else 0.0
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Generation and grading
-
-
 def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=1024, batch_size=16, greedy=True,
                        seed=0, desc="evaluate", progress=True):
     """Generate for every problem (one greedy completion, then `samples` at temperature 1.0) and grade them.
@@ -558,10 +538,10 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
         raise ValueError("nothing to evaluate: no problems, or neither greedy nor samples")
     prompts = [encode_chat(tokenizer, math_messages(p["problem"])) for p in problems]
     outputs = [[] for _ in problems]
+    # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once
+    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))
     bar = tqdm(total=len(problems) * sum(n for _, n in runs), desc=desc, unit="completion", disable=not progress)
     for temperature, n in runs:
-        # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once
-        order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))
         per_batch = max(1, batch_size // n)
         for b, start in enumerate(range(0, len(order), per_batch)):
             batch = order[start:start + per_batch]
@@ -590,12 +570,11 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
         metrics["greedy"] = mean(r["correct"][0] for r in records)
     if samples > 0:
         metrics[f"avg@{samples}"] = mean(mean(r["correct"][first_sample:]) for r in records)
-        for k in sorted({2 ** i for i in range(samples.bit_length()) if 2 ** i <= samples} | {samples}):
+        for k in sorted({2 ** i for i in range(samples.bit_length())} | {samples}):  # 1, 2, 4, ..., samples
             metrics[f"pass@{k}"] = mean(pass_at_k(samples, sum(r["correct"][first_sample:]), k) for r in records)
-    every = [(x, n, t) for r in records for x, n, t in zip(r["extracted"], r["num_tokens"], r["truncated"])]
-    metrics["boxed_rate"] = mean(x is not None for x, _, _ in every)
-    metrics["truncated_rate"] = mean(t for _, _, t in every)
-    metrics["mean_completion_tokens"] = mean(n for _, n, _ in every)
+    metrics["boxed_rate"] = mean(x is not None for r in records for x in r["extracted"])
+    metrics["truncated_rate"] = mean(t for r in records for t in r["truncated"])
+    metrics["mean_completion_tokens"] = mean(n for r in records for n in r["num_tokens"])
     return records, metrics
 
 
@@ -653,8 +632,8 @@ def main():
     summary = {"model": args.model, "seconds": round(time.time() - started, 1), "args": vars(args),
                "results": results}
     write_jsonl(Path(args.out) / "summary.json", [summary])
-    print(f"\nresults in {args.out}/; cells: avg@{args.samples} / greedy accuracy (%)" if args.samples else
-          f"\nresults in {args.out}/; cells: greedy accuracy (%)")
+    cells = f"avg@{args.samples} / greedy accuracy" if args.samples else "greedy accuracy"
+    print(f"\nresults in {args.out}/; cells: {cells} (%)")
     print(summary_table(args.model, results))
 
 
