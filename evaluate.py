@@ -565,13 +565,13 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
             "num_tokens": [len(o) for o in outs], "truncated": [not (o and o[-1] in stop_ids) for o in outs]})
 
     metrics = {"problems": len(records), "samples": samples, "max_new_tokens": max_new_tokens}
-    first_sample = 1 if greedy else 0
     if greedy:
         metrics["greedy"] = mean(r["correct"][0] for r in records)
     if samples > 0:
-        metrics[f"avg@{samples}"] = mean(mean(r["correct"][first_sample:]) for r in records)
+        sampled = [r["correct"][1:] if greedy else r["correct"] for r in records]  # the temperature-1.0 ones
+        metrics[f"avg@{samples}"] = mean(mean(correct) for correct in sampled)
         for k in sorted({2 ** i for i in range(samples.bit_length())} | {samples}):  # 1, 2, 4, ..., samples
-            metrics[f"pass@{k}"] = mean(pass_at_k(samples, sum(r["correct"][first_sample:]), k) for r in records)
+            metrics[f"pass@{k}"] = mean(pass_at_k(samples, sum(correct), k) for correct in sampled)
     metrics["boxed_rate"] = mean(x is not None for r in records for x in r["extracted"])
     metrics["truncated_rate"] = mean(t for r in records for t in r["truncated"])
     metrics["mean_completion_tokens"] = mean(n for r in records for n in r["num_tokens"])
