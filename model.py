@@ -390,8 +390,10 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
             packs[-1][1].append(i)
         else:
             packs.append([p, [i]])
+    shared = any(len(rows) > 1 for _, rows in packs)  # else plain causal attention, no mask
     width = max(len(p) + sum(len(completions[i]) for i in rows) for p, rows in packs)
-    width = -(-width // 16) * 16  # CUDA's memory-efficient attention copies a mask whose width is not a multiple of 16
+    if shared:  # CUDA's memory-efficient attention would copy a mask whose width is not a multiple of 16
+        width = -(-width // 16) * 16
     tc = max(len(c) for c in completions)
     ids = torch.zeros(len(packs), width, dtype=torch.long)
     positions = torch.zeros(len(packs), width, dtype=torch.long)
@@ -411,8 +413,8 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
             source[i, :end - start] = k * width + predictor
             start = end
     mask = (torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]).float().to(device)
-    attn_mask = None  # plain causal attention when no prompt is shared
-    if any(len(rows) > 1 for _, rows in packs):
+    attn_mask = None
+    if shared:
         owner = owner.to(device)
         sees = (owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == -1)
         sees &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
