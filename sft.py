@@ -21,8 +21,10 @@ format check on held-out SRL prompts at the end (<out>/format_check.json).
 
 Defaults per model (the flags override them):
   tiny        lr 3e-3, 12 epochs, batch 4, warm-up 0.05 (a random model needs a high learning rate and many small
-              steps). On the built-in data: 312 steps, 3.3 minutes on two idle CPU cores; then 94% of samples at
-              temperature 1.0 are well formed, with a mean SRL reward of 0.25. After 8 epochs only 33% are.
+              steps). On the built-in data: 312 steps, 3.3 minutes on two idle CPU cores. Samples at temperature
+              1.0 on the held-out prompts are then well formed 80%, 68% and 56% of the time for --seed 0, 1 and 2
+              (432 samples each; the 36-sample check at the end of training said 94%, 72%, 64%). With 8 epochs
+              the check said 33% (seed 0).
   any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
 
 Departures from the paper and choices it leaves open:
