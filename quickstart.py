@@ -1,6 +1,6 @@
 """
-The whole pipeline on the embedded default, on a CPU in about five minutes (two cores; three of the minutes are
-the SFT warm start):
+The whole pipeline on the embedded default, on a CPU in about five minutes (two cores; three to four of the minutes
+are the SFT warm start):
 
     python quickstart.py
 
