@@ -398,8 +398,8 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
     ids = torch.zeros(len(packs), width, dtype=torch.long)
     positions = torch.zeros(len(packs), width, dtype=torch.long)
     owner = torch.full((len(packs), width), -2)  # -1: the prompt, i: row i's completion, -2: padding
-    source = torch.zeros(len(prompts), tc, dtype=torch.long)  # where, in the flattened packs, each token's
-    targets = torch.zeros(len(prompts), tc, dtype=torch.long)  # predicting hidden state is
+    targets = torch.zeros(len(prompts), tc, dtype=torch.long)
+    source = torch.zeros(len(prompts), tc, dtype=torch.long)  # of each target: its predictor's flat index in packs
     for k, (prompt, rows) in enumerate(packs):
         n = len(prompt)
         ids[k, :n], positions[k, :n], owner[k, :n] = torch.tensor(prompt), torch.arange(n), -1
