@@ -50,30 +50,13 @@ from tqdm import tqdm
 from evaluate import math_messages
 from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
                    save_model, set_rng_states)
-from srl import parse_action, srl_messages, srl_reward
+from srl import parse_action, read_jsonl, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
 PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Data: JSONL records -> (prompt ids, target ids)
-
-
-def read_jsonl(path):
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"sft.py: {path} not found: run `python data_prep.py` first (it writes data/)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"sft.py: {path}:{line_no}: not valid JSON ({e})") from None
-    if not records:
-        raise SystemExit(f"sft.py: {path} holds no records")
-    return records
 
 
 def end_of_turn_id(tokenizer):
@@ -266,6 +249,8 @@ def main(argv=None):
     random.seed(args.seed)
 
     records = read_jsonl(args.data)
+    if not records:
+        raise SystemExit(f"sft.py: {args.data} holds no records")
     model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
     examples, truncated, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
@@ -315,10 +300,11 @@ def main(argv=None):
 
     # The warm start's purpose: a format SRL can reward. Check it on held-out prompts.
     val_path = Path(args.val_data or Path(args.data).with_name("srl_val.jsonl"))
-    if args.check_samples > 0 and "completion" in records[0] and val_path.is_file():
+    val_examples = read_jsonl(val_path) if val_path.is_file() else []
+    if args.check_samples > 0 and "completion" in records[0] and val_examples:
         model.eval()
         longest_target = max(len(t) for _, t in examples)
-        check = format_check(model, tokenizer, read_jsonl(val_path), args.check_samples,
+        check = format_check(model, tokenizer, val_examples, args.check_samples,
                              max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
         (out / "format_check.json.tmp").write_text(json.dumps(check, indent=1, ensure_ascii=False))
         (out / "format_check.json.tmp").replace(out / "format_check.json")

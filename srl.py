@@ -292,11 +292,20 @@ def training_arguments(description, data_default, out_default, std_threshold_def
 
 
 def read_jsonl(path):
+    """The records of a JSONL file (data_prep.py's outputs). A missing file or a malformed line ends the program
+    with a message that names the file and the line."""
     path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist: run `python data_prep.py` first (or pass --data)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `python data_prep.py` first (it writes data/), or pass --data")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})") from None
+    return records
 
 
 class PromptStream:
@@ -362,6 +371,8 @@ def train(args, make_prompt, reward_fn):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     examples = read_jsonl(args.data)
+    if not examples:
+        raise SystemExit(f"{args.data} holds no examples")
     val_path = args.val_data or str(args.data).replace("_train", "_val")
     val_examples = read_jsonl(val_path) if Path(val_path).exists() and val_path != str(args.data) else []
     resume_from = out / "last" if args.resume else None
