@@ -295,51 +295,47 @@ def builtin_problems():
     return read_records(BUILTIN_PATH)
 
 
-NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Eli", "Ivy", "Max", "Lia", "Ben"]
-THINGS = ["marbles", "stickers", "coins", "apples", "cards", "shells", "stamps", "beads"]
 # operation -> (how the problem states it, the step's title, the step's operator)
-SYNTHETIC_OPS = {
-    "add": ("gets {n} more", "Add {n}", "+"),
-    "sub": ("gives away {n}", "Subtract {n}", "-"),
-    "mul": ("ends up with {n} times as many", "Multiply by {n}", "*"),
-    "div": ("keeps one of {n} equal shares", "Divide by {n}", "/"),
-}
+SYNTHETIC_OPS = {"add": ("add {n}", "Add {n}", "+"), "sub": ("subtract {n}", "Subtract {n}", "-")}
 
 
-def synthetic_problems(count, steps=4, max_number=20, seed=0):
-    """count arithmetic-chain problems: a start quantity and `steps` operations on it. Each solution step
-    states one operation and its result ("2. **Multiply by 3.** 12 * 3 = 36"), the last one boxes the
-    answer. Difficulty grows with steps and max_number (the largest start value and operand)."""
-    if count < 1 or steps < 1 or max_number < 2:
-        raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1, --synthetic-max-number >= 2")
+def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=50):
+    """count arithmetic chains: a start number and a numbered list of additions and subtractions, solved one
+    operation per step ("3. **Subtract 4.** 23 - 4 = 19."), the last step boxing the answer. A step is within
+    reach of a small model (find operation k in the problem, one addition); a long chain is not, since every
+    step must be right. Difficulty: steps (an int, or (low, high) for a mix of lengths), max_number (the largest
+    operand) and max_value (every intermediate value stays in 0..max_value)."""
+    low, high = steps if isinstance(steps, tuple) else (steps, steps)
+    if count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value:
+        raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1 (or LOW-HIGH), and "
+                        "1 <= --synthetic-max-number < --synthetic-max-value")
     rng = random.Random(seed)
     problems = []
     for index in range(count):
-        name, things = rng.choice(NAMES), rng.choice(THINGS)
-        value = start = rng.randint(2, max_number)
+        value = start = rng.randint(0, max_value)
         phrases, lines = [], []
-        for k in range(1, steps + 1):
-            # every operation keeps the quantity a positive integer of moderate size
-            divisors = [d for d in range(2, min(max_number, 9) + 1) if value % d == 0]
-            op = rng.choice(["add"] + ["sub"] * (value > 1) + ["mul"] * (value <= 5 * max_number)
-                            + ["div"] * bool(divisors))
-            low, high = {"add": (1, max_number), "sub": (1, min(value - 1, max_number)),
-                         "mul": (2, min(5, max_number))}.get(op, (0, 0))
-            n = rng.choice(divisors) if op == "div" else rng.randint(low, high)
+        for k in range(1, rng.randint(low, high) + 1):
+            op = rng.choice(["add"] * (value < max_value) + ["sub"] * (value > 0))
+            n = rng.randint(1, min(max_number, max_value - value if op == "add" else value))
             phrase, title, symbol = SYNTHETIC_OPS[op]
-            result = {"+": value + n, "-": value - n, "*": value * n, "/": value // n}[symbol]
-            phrases.append(phrase.format(n=n))
-            line = f"{k}. **{title.format(n=n)}.** {value} {symbol} {n} = {result}, so {name} now has {result}."
-            if k == steps:
-                line += f" The answer is \\boxed{{{result}}}."
-            lines.append(line)
+            result = value + n if op == "add" else value - n
+            phrases.append(f"({k}) " + phrase.format(n=n))
+            lines.append(f"{k}. **{title.format(n=n)}.** {value} {symbol} {n} = {result}.")
             value = result
-        chain = phrases[0] if steps == 1 else ", then ".join(phrases[:-1]) + ", and finally " + phrases[-1]
-        problem = (f"{name} has {start} {things}. {name} {chain}. "
-                   f"How many {things} does {name} have at the end?")
-        problems.append({"id": f"synthetic-{index + 1:05d}", "problem": problem,
+        lines[-1] += f" The answer is \\boxed{{{value}}}."
+        problem = f"Start with {start}. Then: {', '.join(phrases)}. What number do you end with?"
+        problems.append({"id": f"synthetic-{seed}-{index + 1:05d}", "problem": problem,
                          "solution": "\n".join(lines), "answer": str(value)})
     return problems
+
+
+def step_range(text):
+    """--synthetic-steps: "8" -> 8, "1-8" -> (1, 8)."""
+    low, _, high = text.partition("-")
+    try:
+        return (int(low), int(high)) if high else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -562,15 +558,19 @@ def main(argv=None):
     parser.add_argument("--fallback", choices=["paragraphs"], help="split unnumbered solutions on blank lines")
     parser.add_argument("--val-problems", type=int, default=None, help="default: min(60, max(1, 10%% of problems))")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--synthetic-steps", type=int, default=4, help="operations per synthetic problem")
-    parser.add_argument("--synthetic-max-number", type=int, default=20, help="largest synthetic start/operand")
+    parser.add_argument("--synthetic-steps", type=step_range, default=4,
+                        help="operations per synthetic problem: N, or LOW-HIGH for a mix (default 4)")
+    parser.add_argument("--synthetic-max-number", type=int, default=9, help="largest synthetic operand (default 9)")
+    parser.add_argument("--synthetic-max-value", type=int, default=50,
+                        help="synthetic values stay in 0..this (default 50)")
     args = parser.parse_args(argv)
 
     start = time.time()
     try:
         if args.synthetic is not None:
             source, fields, locations = f"the synthetic generator (seed {args.seed})", BUILTIN_FIELDS, None
-            records = synthetic_problems(args.synthetic, args.synthetic_steps, args.synthetic_max_number, args.seed)
+            records = synthetic_problems(args.synthetic, args.synthetic_steps, args.synthetic_max_number, args.seed,
+                                         args.synthetic_max_value)
         else:
             source = args.input or (download_hf_dataset(args.hf_dataset, args.hf_file) if args.hf_dataset
                                     else BUILTIN_PATH)

@@ -473,38 +473,36 @@ def test_builtin_problems_are_correct_and_well_formed():
 # ----------------------------------------------------------------------------------------------------
 # Synthetic problems: answers recomputed from the problem text
 
-PHRASES = [(r"gets (\d+) more", lambda v, n: v + n), (r"gives away (\d+)", lambda v, n: v - n),
-           (r"ends up with (\d+) times as many", lambda v, n: v * n),
-           (r"keeps one of (\d+) equal shares", lambda v, n: v / n)]
-
-
 def solve_synthetic(problem):
-    value = Fraction(int(re.match(r"\w+ has (\d+) ", problem).group(1)))
-    operations = sorted((m.start(), int(m.group(1)), op) for pattern, op in PHRASES
-                        for m in re.finditer(pattern, problem))
-    for _, n, op in operations:
-        value = op(value, n)
-        assert value.denominator == 1 and value > 0
-    return int(value), len(operations)
+    """The answer of a synthetic chain, read from the problem text alone; and its number of operations."""
+    value = int(re.match(r"Start with (\d+)\. Then: ", problem).group(1))
+    operations = re.findall(r"\((\d+)\) (add|subtract) (\d+)", problem)
+    assert [int(k) for k, _, _ in operations] == list(range(1, len(operations) + 1))
+    for _, op, n in operations:
+        value = value + int(n) if op == "add" else value - int(n)
+    return value, len(operations)
 
 
-@pytest.mark.parametrize("steps,max_number", [(1, 5), (3, 20), (6, 50), (10, 1000)])
-def test_synthetic_problems_are_exact(steps, max_number):
-    problems = data_prep.synthetic_problems(60, steps=steps, max_number=max_number, seed=steps)
+@pytest.mark.parametrize("steps,max_number,max_value", [(1, 5, 30), (3, 9, 50), ((2, 6), 9, 99), (10, 50, 1000)])
+def test_synthetic_problems_are_exact(steps, max_number, max_value):
+    problems = data_prep.synthetic_problems(60, steps, max_number, seed=3, max_value=max_value)
     assert len({p["problem"] for p in problems}) > 50
+    low, high = steps if isinstance(steps, tuple) else (steps, steps)
     for p in problems:
         answer, n_ops = solve_synthetic(p["problem"])
-        assert n_ops == steps and str(answer) == p["answer"]
+        assert low <= n_ops <= high and str(answer) == p["answer"]
         solution_steps = split_steps(p["solution"])
-        assert len(solution_steps) == steps
-        value = int(re.match(r"\w+ has (\d+) ", p["problem"]).group(1))
-        assert 2 <= value <= max_number
+        assert len(solution_steps) == n_ops
+        value = int(re.match(r"Start with (\d+)", p["problem"]).group(1))
         for k, step in enumerate(solution_steps, 1):
-            a, op, b, c = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)", step).groups()
-            assert int(a) == value and int(b) <= max_number
-            assert Fraction(eval(f"{a} {op} {b}")) == int(c)  # the step's own arithmetic is right
+            a, op, b, c = re.search(r"(\d+) ([-+]) (\d+) = (\d+)", step).groups()
+            assert int(a) == value and 1 <= int(b) <= max_number
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))  # the step's own arithmetic
+            assert 0 <= int(c) <= max_value
             value = int(c)
         assert last_boxed(solution_steps[-1]) == p["answer"] == str(value)
+    if low < high:  # a mix of lengths covers the range
+        assert {solve_synthetic(p["problem"])[1] for p in problems} == set(range(low, high + 1))
     assert data_prep.synthetic_problems(5, seed=1) == data_prep.synthetic_problems(5, seed=1)
     assert data_prep.synthetic_problems(5, seed=1) != data_prep.synthetic_problems(5, seed=2)
 
@@ -515,6 +513,11 @@ def test_synthetic_cli(tmp_path):
     assert len(read_jsonl(tmp_path / "rlvr_train.jsonl")) + len(read_jsonl(tmp_path / "rlvr_val.jsonl")) == 200
     assert len(read_jsonl(tmp_path / "srl_train.jsonl")) == 180 * 4
     assert run_cli("--synthetic", 0, "--out-dir", tmp_path / "x").returncode != 0
+    assert run_cli("--synthetic", 5, "--synthetic-steps", "3-2", "--out-dir", tmp_path / "x").returncode != 0
+    assert run_cli("--synthetic", 5, "--synthetic-steps", "2-x", "--out-dir", tmp_path / "x").returncode != 0
+    result = run_cli("--synthetic", 50, "--synthetic-steps", "1-3", "--out-dir", tmp_path / "mix")
+    assert result.returncode == 0, result.stderr
+    assert {r["num_steps"] for r in read_jsonl(tmp_path / "mix" / "srl_train.jsonl")} == {2, 3}
 
 
 # ----------------------------------------------------------------------------------------------------
