@@ -10,7 +10,7 @@ pairs. This file reads the trajectory formats that agent frameworks publish and 
 
     python data_prep.py --input trajs/ --out-dir data/swe   # the same from the command line (srl_train.jsonl, ...)
 
-Formats, told apart by each record's structure (`format=` / data_prep.py's --format overrides):
+Formats, told apart by each record's structure (the fmt argument, or data_prep.py's --format, overrides):
   swe-agent       SWE-agent .traj: one object with "history" (chat messages). The command is the message's own
                   "action" field (the thought is its "thought"); messages marked "is_demo" (demonstrations) go.
   mini-swe-agent  a bare list of messages whose assistant turns hold exactly one ```mswea_bash_command (or

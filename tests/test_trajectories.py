@@ -145,14 +145,17 @@ TOOL_CALLS = {"instance_id": "demo__calc-7", "run_id": "run-1", "messages": [
     {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
         "name": "str_replace_editor",
         "arguments": '{"command": "view", "path": "/workspace/calc/calc.py", "view_range": [1, 20]}'}}]},
-    {"role": "tool", "tool_call_id": "c1", "content": "OBSERVATION:\n     1\tdef divide(a, b):\n     2\t    return a / b"},
+    {"role": "tool", "tool_call_id": "c1",
+     "content": "OBSERVATION:\n     1\tdef divide(a, b):\n     2\t    return a / b"},
     {"role": "assistant", "content": "I will patch divide and run the tests at once.", "tool_calls": [
         {"id": "c2", "type": "function", "function": {"name": "str_replace_editor", "arguments": json.dumps({
-            "command": "str_replace", "path": "/workspace/calc/calc.py", "old_str": "def divide(a, b):\n    return a / b",
+            "command": "str_replace", "path": "/workspace/calc/calc.py",
+            "old_str": "def divide(a, b):\n    return a / b",
             "new_str": "def divide(a, b):\n    return None if b == 0 else a / b"})}},
         {"id": "c3", "type": "function", "function": {
             "name": "execute_bash", "arguments": '{"command": "cd /workspace/calc && python -m pytest -q"}'}}]},
-    {"role": "tool", "tool_call_id": "c2", "content": "OBSERVATION:\nThe file /workspace/calc/calc.py has been edited."},
+    {"role": "tool", "tool_call_id": "c2",
+     "content": "OBSERVATION:\nThe file /workspace/calc/calc.py has been edited."},
     {"role": "tool", "tool_call_id": "c3", "content": "OBSERVATION:\n3 passed in 0.02s"},
     {"role": "assistant", "content": "The fix is in and the tests pass.", "tool_calls": None},
     {"role": "user", "content": "Please continue on whatever approach you think is suitable."},
@@ -340,6 +343,16 @@ def test_data_prep_on_a_folder(tmp_path):
     assert forced.returncode == 0 and "3 assistant turns without an action; 1 trajectories" in forced.stdout
     bad = run("data_prep.py", "--input", folder / "0.json", "--out-dir", tmp_path / "o3", "--format", "nebius")
     assert bad.returncode != 0 and "0.json: no 'trajectory' list" in bad.stderr and not (tmp_path / "o3").exists()
+
+
+def test_data_prep_detects_trajectories_in_parquet(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([NEBIUS, NEBIUS | {"instance_id": "demo__num-10"}]), tmp_path / "n.parquet")
+    data_prep.main(["--input", str(tmp_path / "n.parquet"), "--out-dir", str(tmp_path / "out")])
+    assert "read 2 agent trajectories" in capsys.readouterr().out
+    examples = read_jsonl(tmp_path / "out" / "srl_train.jsonl") + read_jsonl(tmp_path / "out" / "srl_val.jsonl")
+    assert sorted(e["target_step"] for e in examples) == sorted(NEBIUS_ACTIONS * 2)
 
 
 # ----------------------------------------------------------------------------------------------------
