@@ -12,32 +12,40 @@ Run:
     python data_prep.py --input s1K-1.1.parquet  # s1K-1.1 columns: question, deepseek_attempt, ...
     python data_prep.py --input s1k.json --question-field problem --solution-field solution
     python data_prep.py --hf-dataset simplescaling/s1K-1.1    # online only (needs huggingface_hub)
-    python data_prep.py --input trajectories.jsonl            # records with "messages": agentic steps
+    python data_prep.py --input trajs/ --out-dir data/swe     # agent trajectories (a file or a folder): agent steps
 
-Inputs: JSONL, JSON (a list of records) or parquet (needs pyarrow). Records with a "messages" list are
-agent trajectories (the paper's software-engineering setting): each assistant message is one action; its
-context is the issue (every message before the first action) plus the previous --context-pairs
-action/observation pairs (paper: 2). Solutions without numbered steps are dropped from SRL (and counted);
---fallback paragraphs splits them on blank lines instead.
+Inputs: JSONL, JSON (one object, or a list of records) or parquet (needs pyarrow). Solutions without numbered
+steps are dropped from SRL (and counted); --fallback paragraphs splits them on blank lines instead.
+Agent trajectories (the paper's software-engineering setting) are recognised by their structure, or named with
+--format, and read by trajectories.py (SWE-agent .traj, mini-swe-agent, OpenAI tool calls as in SWE-Gym /
+OpenHands, SWE-smith's <function=...> markup, nebius-style ai/user turns); a folder is read file by file. Each
+action (the command the agent ran) is one example; its context is the issue plus the previous --context-pairs
+action/observation pairs (paper: 2), each observation cut to --max-observation-chars.
 
 Outputs in --out-dir (JSONL, one record per line), training files hold no step of a validation problem:
     srl_train / srl_val     {id, problem, previous_steps, target_step, step_index, num_steps, answer
-                             [, next_step_title]}; agentic: {id, messages, target_step, step_index, ...}
+                             [, next_step_title]}; agentic: {id, instance_id, issue, previous_pairs:
+                             [{action, observation}], target_step (the command), thought, step_index, ...}
     sft_srl_train           the SRL training examples + "completion": "<think>\\n...\\n</think>\\n" + step
     rlvr_train / rlvr_val   {id, problem, answer}
-    sft_train               {id, problem, solution, answer[, reasoning]} (agentic: {id, messages})
+    sft_train               {id, problem, solution, answer[, reasoning]} (agentic: the whole trajectory,
+                             {id, instance_id, format, issue, steps: [{thought, action, observation}]})
 
 Choices the paper does not state, and departures from it:
 - Examples use k = 2..N (the context always holds at least one step); --include-first-step adds k = 1.
   Agentic trajectories always include the first action: the issue alone is a full context.
 - Validation: the paper holds out 60 of 1,000 problems; we hold out min(60, max(1, 10%)) problems, drawn
-  among those that give SRL examples, so that both validation files are populated on small data.
+  among those that give SRL examples, so that both validation files are populated on small data. Agent
+  trajectories are held out by instance, so two runs on one issue never sit on both sides.
+- Observations over --max-observation-chars (default 4,000; the paper states no limit) keep their head and
+  tail around a marker saying how much was cut; srl.py drops any prompt still over its --max-prompt-tokens.
 - A multi-part solution ("### Part (b)" then a list that restarts at 1) continues the step sequence, and
   the part heading opens the next step; a restart without such a heading is a list nested in the step.
 - The gold answer is the --answer-field column, else "answer" when present, else the last \\boxed{} of
   the solution; problems without one are left out of the RLVR files only.
 - sft_srl_train's monologue is a template ("Steps 1-2 are done. Next, step 3: <title>."), not real
-  reasoning: it only teaches a small model the <think>...</think> + step format before SRL.
+  reasoning: it only teaches a small model the <think>...</think> + step format before SRL. An agent step
+  uses the agent's own recorded thought when it has one.
 """
 import argparse
 import json
@@ -48,7 +56,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+
+import trajectories
+from trajectories import TrajectoryError, text_of
 
 ROOT = Path(__file__).resolve().parent
 BUILTIN_PATH = ROOT / "builtin_problems.jsonl"
@@ -66,11 +78,10 @@ class DataError(ValueError):
 # Reading
 
 def _load(path):
-    """(records, locations): locations[i] says where record i is, for error messages."""
+    """(records, locations, names): locations[i] says where record i is, for error messages; names[i] is the
+    id of a record that has none (its file's name). A folder is read file by file (trajectories.py)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet" and path.is_file():
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -80,38 +91,21 @@ def _load(path):
             records = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises its own error types
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
-        locations = [f"row {i + 1}" for i in range(len(records))]
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if text.lstrip().startswith("["):  # JSON: one list of records
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
-            locations = [f"record {i + 1}" for i in range(len(records))]
-        else:  # JSONL: one record per line
-            records, locations = [], []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-                locations.append(f"line {lineno}")
+        locations = [f"{path}, row {i + 1}" for i in range(len(records))]
+        names = [f"{path.stem}-{i + 1}" for i in range(len(records))]
+    else:  # JSON (one object, or a list), JSONL, or a folder of them
+        records, locations, names = trajectories.read_json_records(path)
     if not records:
         raise DataError(f"{path}: empty input (no records)")
     for record, where in zip(records, locations):
         if not isinstance(record, dict):
-            raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
-    return records, [f"{path}, {where}" for where in locations]
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return records, locations, names
 
 
 def read_records(path):
-    """Records (dicts) of a JSONL, JSON (list) or parquet file; DataError names the file and line."""
+    """Records (dicts) of a JSONL, JSON (an object, or a list) or parquet file; the error names the file and
+    line."""
     return _load(path)[0]
 
 
@@ -341,22 +335,6 @@ def step_range(text):
 # ----------------------------------------------------------------------------------------------------
 # Records -> problems -> examples
 
-def _text(value):
-    """Message content as text: a string, or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(value, list):
-        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in value)
-    return "" if value is None else str(value)
-
-
-def _message(message):
-    """{"role", "content"}; OpenAI-style tool calls are appended to the content as text."""
-    content = _text(message.get("content"))
-    for call in message.get("tool_calls") or []:
-        function = call.get("function", call)
-        content += "\n" + json.dumps({"name": function.get("name"), "arguments": function.get("arguments")})
-    return {"role": message["role"], "content": content.strip()}
-
-
 def _answer_text(value):
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 27.0 -> "27"
@@ -364,9 +342,8 @@ def _answer_text(value):
 
 
 def normalize(records, fields, locations=None):
-    """Map raw records to {"id", "problem", "solution", "answer", "reasoning"}, or {"id", "messages"}
-    for agent trajectories. fields: question, solution, answer (None: "answer" if present, else the last
-    \\boxed{} of the solution) and reasoning (optional)."""
+    """Map raw records to {"id", "problem", "solution", "answer", "reasoning"}. fields: question, solution,
+    answer (None: "answer" if present, else the last \\boxed{} of the solution) and reasoning (optional)."""
     locations = locations or [f"record {i + 1}" for i in range(len(records))]
     problems, seen = [], set()
     for index, (record, where) in enumerate(zip(records, locations)):
@@ -374,24 +351,18 @@ def normalize(records, fields, locations=None):
         if pid in seen:
             raise DataError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
-        if "messages" in record:
-            messages = record["messages"]
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-                raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
-            problems.append({"id": pid, "messages": [_message(m) for m in messages]})
-            continue
         needed = [fields["question"], fields["solution"]] + ([fields["answer"]] if fields["answer"] else [])
         missing = [f for f in needed if f not in record]
         if missing:
             raise DataError(f"{where}: no field {', '.join(map(repr, missing))}; the record has: "
                             f"{', '.join(sorted(record)) or 'no fields'} "
                             "(map them with --question-field / --solution-field / --answer-field)")
-        question, solution = _text(record[fields["question"]]), _text(record[fields["solution"]])
+        question, solution = text_of(record[fields["question"]]), text_of(record[fields["solution"]])
         if not question.strip():
             raise DataError(f"{where}: the field {fields['question']!r} is empty")
         answer = (_answer_text(record[fields["answer"]]) if fields["answer"]
                   else _answer_text(record.get("answer")) or last_boxed(solution))
-        reasoning = _text(record.get(fields["reasoning"])) if fields["reasoning"] else None
+        reasoning = text_of(record.get(fields["reasoning"])) if fields["reasoning"] else None
         problems.append({"id": pid, "problem": question, "solution": solution, "answer": answer,
                          "reasoning": reasoning or None})
     return problems
@@ -411,32 +382,11 @@ def srl_examples(problem, steps, include_first_step=False, next_step_title=False
     return examples
 
 
-def agentic_examples(problem, context_pairs=2):
-    """One example per assistant action: the context is the issue (every message before the first action)
-    plus the previous context_pairs (action, observations) pairs; the target is the action."""
-    messages = problem["messages"]
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    issue, pairs = messages[:first], []
-    for message in messages[first:]:
-        if message["role"] == "assistant":
-            pairs.append([message])
-        else:  # an observation ("tool" or "user") belongs to the action before it
-            pairs[-1].append(message)
-    examples = []
-    for k, pair in enumerate(pairs):
-        window = pairs[max(0, k - context_pairs):k]
-        examples.append({"id": problem["id"], "messages": issue + [m for p in window for m in p],
-                         "target_step": pair[0]["content"], "step_index": k + 1, "num_steps": len(pairs),
-                         "answer": None})
-    return examples
-
-
 def think_completion(example):
     """"<think>\\n" + a short templated monologue + "\\n</think>\\n" + the target step, for SFT warm-up."""
     k, target = example["step_index"], example["target_step"]
-    if "messages" in example:
-        first_line = " ".join(target.strip().split("\n")[0].split())[:80]
-        thought = f"Next action {k}: {first_line}"
+    if "issue" in example:  # an agent step: the agent's own thought when it wrote one
+        thought = example["thought"] or f"Next command: number {k}."
     else:
         done = "Nothing is written yet." if k == 1 else "Step 1 is done." if k == 2 else f"Steps 1-{k - 1} are done."
         thought = f"{done} Next, step {k}: {step_title(target)}."
@@ -444,15 +394,20 @@ def think_completion(example):
 
 
 def prepare(problems, include_first_step=False, next_step_title=False, context_pairs=2, fallback=None,
-            val_problems=None, seed=0):
-    """(outputs, stats): outputs maps each file name to its records; the split is by problem."""
+            val_problems=None, seed=0, max_observation_chars=4000):
+    """(outputs, stats): outputs maps each file name to its records; the split is by problem (for agent
+    trajectories, by instance). problems may be agent trajectories (trajectories.py: they have "steps")."""
     stats = {"problems": len(problems), "agentic": 0, "no_steps": 0, "one_step": 0, "no_answer": 0,
-             "steps": []}
+             "steps": [], "formats": Counter(), "no_action_turns": 0, "cut_observations": 0}
     examples = {}  # problem id -> its SRL examples
     for problem in problems:
-        if "messages" in problem:
+        if "steps" in problem:  # an agent trajectory: one example per action
             stats["agentic"] += 1
-            examples[problem["id"]] = agentic_examples(problem, context_pairs)
+            stats["formats"][problem["format"]] += 1
+            stats["steps"].append(len(problem["steps"]))
+            stats["no_action_turns"] += problem["turns_without_action"]
+            stats["cut_observations"] += sum(len(s["observation"]) > max_observation_chars for s in problem["steps"])
+            examples[problem["id"]] = trajectories.agent_examples(problem, context_pairs, max_observation_chars)
             stats["no_steps"] += not examples[problem["id"]]  # a trajectory without any action
             continue
         steps = split_steps(problem["solution"])
@@ -464,23 +419,25 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
         stats["steps"].append(len(steps))
         examples[problem["id"]] = srl_examples(problem, steps, include_first_step, next_step_title)
         stats["one_step"] += not examples[problem["id"]]
-    # Hold out problems that give SRL examples (so both validation files are populated), else any.
-    pool = [pid for pid, exs in examples.items() if exs] or [p["id"] for p in problems]
+    # Hold out problems that give SRL examples (so both validation files are populated), else any; the runs
+    # of one agent instance go to the same side.
+    group = {p["id"]: p.get("instance_id") or p["id"] for p in problems}
+    pool = sorted({group[pid] for pid, exs in examples.items() if exs} or set(group.values()))
     if val_problems is None:
         val_problems = min(60, max(1, len(pool) // 10)) if len(pool) > 1 else 0
     if not 0 <= val_problems <= len(pool):
         raise DataError(f"--val-problems {val_problems}: must lie in 0..{len(pool)} (problems with examples)")
-    val_ids = set(random.Random(seed).sample(sorted(pool), val_problems))
+    val_ids = set(random.Random(seed).sample(pool, val_problems))
     stats["val_problems"] = len(val_ids)
 
     outputs = {name: [] for name in ("srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl",
                                      "rlvr_train.jsonl", "rlvr_val.jsonl", "sft_train.jsonl")}
     for problem in problems:
-        split = "val" if problem["id"] in val_ids else "train"
+        split = "val" if group[problem["id"]] in val_ids else "train"
         srl = examples.get(problem["id"], [])
         outputs[f"srl_{split}.jsonl"] += srl
-        if "messages" in problem:
-            sft = {"id": problem["id"], "messages": problem["messages"]}
+        if "steps" in problem:
+            sft = problem
         else:
             if problem["answer"] is None:
                 stats["no_answer"] += 1
@@ -522,17 +479,25 @@ def write_jsonl(path, records):
     write_outputs(Path(path).parent, {Path(path).name: records})
 
 
-def summary(source, outputs, stats, out_dir, seconds):
+def summary(source, outputs, stats, out_dir, seconds, max_observation_chars=4000):
     steps = stats["steps"]
-    lines = [f"read {stats['problems']} problems from {source}"
-             + (f" ({stats['agentic']} agent trajectories)" if stats["agentic"] else ""),
-             f"with numbered steps: {len(steps)}"
-             + (f"; steps per solution min {min(steps)} / median {statistics.median(steps):g} / max {max(steps)}"
-                if steps else ""),
-             f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a single "
-             "step (no example without --include-first-step)",
-             f"dropped from RLVR: {stats['no_answer']} without an answer",
-             f"problems held out for validation: {stats['val_problems']}"]
+    spread = f"min {min(steps)} / median {statistics.median(steps):g} / max {max(steps)}" if steps else ""
+    if stats["agentic"]:
+        formats = ", ".join(f"{name} {n}" for name, n in sorted(stats["formats"].items()))
+        lines = [f"read {stats['agentic']} agent trajectories from {source} ({formats})",
+                 f"actions (one example each): {sum(steps)}" + (f"; per trajectory {spread}" if steps else ""),
+                 f"not targets: {stats['no_action_turns']} assistant turns without an action; "
+                 f"{stats['no_steps']} trajectories without any action",
+                 f"observations cut to {max_observation_chars:,} characters (head and tail kept): "
+                 f"{stats['cut_observations']} of {sum(steps)}",
+                 f"instances held out for validation: {stats['val_problems']}"]
+    else:
+        lines = [f"read {stats['problems']} problems from {source}",
+                 f"with numbered steps: {len(steps)}" + (f"; steps per solution {spread}" if steps else ""),
+                 f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a "
+                 "single step (no example without --include-first-step)",
+                 f"dropped from RLVR: {stats['no_answer']} without an answer",
+                 f"problems held out for validation: {stats['val_problems']}"]
     lines += [f"  {Path(out_dir) / name}: {len(records)} examples" for name, records in outputs.items()]
     lines.append(f"done in {seconds:.2f} s")
     return "\n".join(lines)
@@ -541,7 +506,8 @@ def summary(source, outputs, stats, out_dir, seconds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--input", help="JSONL, JSON or parquet file (default: the built-in problems)")
+    source.add_argument("--input", help="JSONL, JSON or parquet file, or a folder of agent trajectories "
+                        "(default: the built-in problems)")
     source.add_argument("--hf-dataset", help="download a data file of this Hugging Face dataset (online)")
     source.add_argument("--synthetic", type=int, metavar="N", help="generate N arithmetic-chain problems")
     parser.add_argument("--hf-file", help="with --hf-dataset: which file of the dataset (default: the first)")
@@ -554,7 +520,12 @@ def main(argv=None):
                         help="reasoning trace for sft_train.jsonl, used when present")
     parser.add_argument("--include-first-step", action="store_true", help="also k = 1 (empty context)")
     parser.add_argument("--next-step-title", action="store_true", help="add the target step's title")
-    parser.add_argument("--context-pairs", type=int, default=2, help="agentic: previous action/observation pairs")
+    parser.add_argument("--format", choices=trajectories.FORMATS,
+                        help="agent trajectories: read every record in this format (default: detected per record)")
+    parser.add_argument("--context-pairs", type=int, default=2,
+                        help="agentic: previous action/observation pairs in the context (paper: 2)")
+    parser.add_argument("--max-observation-chars", type=int, default=4000,
+                        help="agentic: longer observations keep their head and tail, with a marker (>= 40)")
     parser.add_argument("--fallback", choices=["paragraphs"], help="split unnumbered solutions on blank lines")
     parser.add_argument("--val-problems", type=int, default=None, help="default: min(60, max(1, 10%% of problems))")
     parser.add_argument("--seed", type=int, default=0)
@@ -565,7 +536,11 @@ def main(argv=None):
                         help="synthetic values stay in 0..this (default 50)")
     args = parser.parse_args(argv)
 
+    if args.context_pairs < 0 or args.max_observation_chars < 40:
+        parser.error("--context-pairs must be >= 0 and --max-observation-chars >= 40")
+
     start = time.time()
+    skipped = []
     try:
         if args.synthetic is not None:
             source, fields, locations = f"the synthetic generator (seed {args.seed})", BUILTIN_FIELDS, None
@@ -577,14 +552,23 @@ def main(argv=None):
             fields = BUILTIN_FIELDS if source == BUILTIN_PATH else dict(
                 question=args.question_field, solution=args.solution_field, answer=args.answer_field,
                 reasoning=args.reasoning_field)
-            records, locations = _load(source)
-        problems = normalize(records, fields, locations)
+            records, locations, names = _load(source)
+        folder = args.synthetic is None and Path(source).is_dir()
+        if args.synthetic is None and (args.format or folder or trajectories.detect_format(records[0])):
+            problems, skipped = trajectories.trajectories_of(records, locations, names, args.format, folder)
+            if not problems:
+                raise DataError(f"{source}: no agent trajectory among its files")
+        else:
+            problems = normalize(records, fields, locations)
         outputs, stats = prepare(problems, args.include_first_step, args.next_step_title, args.context_pairs,
-                                 args.fallback, args.val_problems, args.seed)
+                                 args.fallback, args.val_problems, args.seed, args.max_observation_chars)
         write_outputs(args.out_dir, outputs)
-    except DataError as e:
+    except (DataError, TrajectoryError) as e:
         sys.exit(f"data_prep.py: error: {e}")
-    print(summary(source, outputs, stats, args.out_dir, time.time() - start))
+    if skipped:
+        print(f"skipped {len(skipped)} files that hold no agent trajectory: {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""))
+    print(summary(source, outputs, stats, args.out_dir, time.time() - start, args.max_observation_chars))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def messages_and_target(record, target="solution", where=""):
     """(chat messages, target text) of one record: SRL format if it has "completion", else problem -> solution."""
     if "completion" in record:
         return srl_messages(record), record["completion"]
-    if "messages" in record:
+    if "steps" in record:
         raise SystemExit(f"sft.py: {where}: an agent trajectory; train on sft_srl_train.jsonl (one action each)")
     for field in ("problem", "solution") + (("reasoning",) if target == "reasoning" else ()):
         if not record.get(field):

@@ -36,6 +36,10 @@ Departures from the paper and choices it leaves open:
     autocast on GPU, where a bf16 copy of the policy does the sampling.
   - Validation (the paper selects its checkpoint on it) scores the greedy action of each held-out example: mean
     similarity with format failures counted as 0 ("val_score"), and the format rate.
+  - Prompts over --max-prompt-tokens (default 4096; not reported in the paper) are dropped once, when the
+    training and validation examples are loaded, and the count is printed (drop_long_prompts).
+  - Agent steps (data_prep.py on agent trajectories: the paper's software-engineering setting) get their own
+    system prompt, asking for the next command; the target is the command, never the agent's thought.
 """
 import argparse
 import copy
@@ -232,13 +236,32 @@ SYSTEM_PROMPT = (
     "You are solving a problem one step at a time. You are given the problem and a partial solution. First think "
     "freely, for as long as you like, inside <think> ... </think>. Then, after </think>, write only the very next "
     "step of the solution, in the same style as the previous steps. Do not solve the rest of the problem.")
+# Agent steps (the paper's software-engineering setting) get their own instruction; the agent framework's own
+# system prompt never reaches the model (data_prep.py keeps only the issue and the last commands).
+AGENT_SYSTEM_PROMPT = (
+    "You are a software engineering agent resolving an issue in a code repository, one command at a time. You are "
+    "given the issue and the last commands you ran, with their outputs. First think freely, for as long as you "
+    "like, inside <think> ... </think>. Then, after </think>, write only the next command to run, exactly as it "
+    "should be executed, and nothing else: no explanation, no output, no further commands.")
 
 
 def srl_messages(example):
-    """Chat messages for one SRL example (data_prep.py's fields). An agentic example carries its context as
-    messages already (the issue and the last action/observation pairs); the system prompt is put in front."""
-    if "messages" in example:
-        return [{"role": "system", "content": SYSTEM_PROMPT}] + example["messages"]
+    """Chat messages for one SRL example (data_prep.py's fields): one system prompt, one user message. An agent
+    step (it has an "issue") shows the issue and its previous (command, output) pairs."""
+    if "issue" in example:
+        pairs = example["previous_pairs"]
+        user = f"Issue:\n{example['issue']}\n\n"
+        if pairs:
+            earlier = example["step_index"] - 1 - len(pairs)
+            user += "The last command you ran" if len(pairs) == 1 else f"The last {len(pairs)} commands you ran"
+            user += f" (after {earlier} earlier)" if earlier else ""
+            user += ", with its output:" if len(pairs) == 1 else ", with their outputs:"
+            for pair in pairs:
+                user += f"\n\nCommand:\n{pair['action']}\n\nOutput:\n{pair['observation'] or '(no output)'}"
+        else:
+            user += "You have not run any command yet."
+        user += "\n\nWrite the next command."
+        return [{"role": "system", "content": AGENT_SYSTEM_PROMPT}, {"role": "user", "content": user}]
     steps = "\n\n".join(example["previous_steps"]) or "(no steps yet)"
     user = f"Problem:\n{example['problem']}\n\nSolution so far:\n{steps}"
     if example.get("next_step_title"):
@@ -288,7 +311,26 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096,
+                   help="examples whose prompt is longer are dropped before training (counted and printed)")
     return p
+
+
+def drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples):
+    """(examples, val_examples) without those whose prompt exceeds --max-prompt-tokens: agent steps can carry
+    long issues and outputs, and such a prompt would cost memory and time (or overflow the model's context)
+    without teaching more. The count is printed, never silent."""
+    kept = []
+    for name, source in (("training", examples), ("validation", val_examples)):
+        lengths = [len(encode_chat(tokenizer, make_prompt(ex))) for ex in source]
+        short = [ex for ex, n in zip(source, lengths) if n <= args.max_prompt_tokens]
+        if len(short) < len(source):
+            print(f"dropped {len(source) - len(short)} of {len(source)} {name} examples whose prompt is over "
+                  f"--max-prompt-tokens {args.max_prompt_tokens} (longest: {max(lengths)} tokens)")
+        kept.append(short)
+    if not kept[0]:
+        raise SystemExit(f"every training prompt is over --max-prompt-tokens {args.max_prompt_tokens}")
+    return kept[0], kept[1]
 
 
 def read_jsonl(path):
@@ -380,6 +422,7 @@ def train(args, make_prompt, reward_fn):
         raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
     model, tokenizer = load_model(str(resume_from or args.model), device=args.device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
+    examples, val_examples = drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples)
     small = sum(p.numel() for p in model.parameters()) < 50e6
     for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
         if getattr(args, name) is None:

@@ -329,53 +329,6 @@ def test_val_problems_flag_and_split_does_not_depend_on_input_order(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Agentic trajectories
-
-TRAJECTORY = {"id": "issue-1", "messages": [
-    {"role": "system", "content": "You are a software engineer with a bash tool."},
-    {"role": "user", "content": "Fix the crash in parse() on empty input."},
-    {"role": "assistant", "content": "grep -n 'def parse' src/*.py"},
-    {"role": "tool", "content": "src/io.py:10:def parse(text):"},
-    {"role": "assistant", "content": "sed -n 10,30p src/io.py"},
-    {"role": "tool", "content": "def parse(text):\n    return text.split()[0]"},
-    {"role": "assistant", "content": "apply the patch: return text.split()[0] if text.split() else None"},
-    {"role": "user", "content": "Patch applied."},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"type": "function", "function": {"name": "bash", "arguments": "{\"cmd\": \"pytest -q\"}"}}]},
-    {"role": "tool", "content": "3 passed"},
-]}
-
-
-def test_agentic_examples_context_is_issue_plus_previous_pairs():
-    problem = data_prep.normalize([TRAJECTORY], data_prep.DEFAULT_FIELDS)[0]
-    messages = problem["messages"]
-    issue, actions = messages[:2], [2, 4, 6, 8]
-    for pairs in [0, 1, 2, 5]:
-        examples = data_prep.agentic_examples(problem, context_pairs=pairs)
-        assert [e["step_index"] for e in examples] == [1, 2, 3, 4]
-        for e, at in zip(examples, actions):
-            assert e["target_step"] == messages[at]["content"] and e["num_steps"] == 4
-            first_kept = max(2, at - 2 * pairs)  # each pair is one action and one observation
-            assert e["messages"] == issue + messages[first_kept:at]
-    assert '"name": "bash"' in messages[8]["content"] and "pytest -q" in messages[8]["content"]
-
-
-def test_agentic_cli(tmp_path):
-    path = tmp_path / "traj.jsonl"
-    path.write_text(json.dumps(TRAJECTORY) + "\n" + json.dumps({**TRAJECTORY, "id": "issue-2"}) + "\n")
-    result = run_cli("--input", path, "--out-dir", tmp_path / "out", "--val-problems", 1)
-    assert result.returncode == 0, result.stderr
-    train = read_jsonl(tmp_path / "out" / "srl_train.jsonl")
-    assert len(train) == 4 and all("messages" in e and "problem" not in e for e in train)
-    assert train[-1]["messages"][-1] == {"role": "user", "content": "Patch applied."}
-    assert len(train[-1]["messages"]) == 2 + 4  # issue + two pairs
-    sft_srl = read_jsonl(tmp_path / "out" / "sft_srl_train.jsonl")
-    assert all(s["completion"].endswith("\n</think>\n" + s["target_step"]) for s in sft_srl)
-    assert read_jsonl(tmp_path / "out" / "rlvr_train.jsonl") == []
-    assert read_jsonl(tmp_path / "out" / "sft_train.jsonl")[0]["messages"][1]["role"] == "user"
-
-
-# ----------------------------------------------------------------------------------------------------
 # Built-in problems: every answer recomputed in Python
 
 def answer_value(latex):

@@ -39,8 +39,6 @@ def test_srl_messages_hold_the_problem_the_steps_and_the_title():
     user = messages[1]["content"]
     assert "Compute 2+3+4." in user and "1. 2+3=5" in user and "Add the last number" in user
     assert EXAMPLE["target_step"] not in user
-    agentic = srl.srl_messages({"messages": [{"role": "user", "content": "Fix the bug"}], "target_step": "ls"})
-    assert agentic[1:] == [{"role": "user", "content": "Fix the bug"}]
 
 
 def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary(tmp_path):
