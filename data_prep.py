@@ -394,9 +394,12 @@ def think_completion(example):
 
 
 def prepare(problems, include_first_step=False, next_step_title=False, context_pairs=2, fallback=None,
-            val_problems=None, seed=0, max_observation_chars=4000):
+            val_problems=None, seed=0, max_observation_chars=4000, test_problems=0, one_step=False):
     """(outputs, stats): outputs maps each file name to its records; the split is by problem (for agent
-    trajectories, by instance). problems may be agent trajectories (trajectories.py: they have "steps")."""
+    trajectories, by instance). problems may be agent trajectories (trajectories.py: they have "steps").
+    test_problems > 0 holds out that many more problems as test.jsonl ({id, problem, answer}), in no other file.
+    one_step: the whole solution is one step (the paper's one-step reward ablation: the target is the whole
+    expert solution, the context the problem alone)."""
     stats = {"problems": len(problems), "agentic": 0, "no_steps": 0, "one_step": 0, "no_answer": 0,
              "steps": [], "formats": Counter(), "no_action_turns": 0, "cut_observations": 0}
     examples = {}  # problem id -> its SRL examples
@@ -410,14 +413,14 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
             examples[problem["id"]] = trajectories.agent_examples(problem, context_pairs, max_observation_chars)
             stats["no_steps"] += not examples[problem["id"]]  # a trajectory without any action
             continue
-        steps = split_steps(problem["solution"])
+        steps = [problem["solution"].strip()] if one_step else split_steps(problem["solution"])
         if not steps and fallback == "paragraphs":
             steps = split_paragraphs(problem["solution"])
         if not steps:
             stats["no_steps"] += 1
             continue
         stats["steps"].append(len(steps))
-        examples[problem["id"]] = srl_examples(problem, steps, include_first_step, next_step_title)
+        examples[problem["id"]] = srl_examples(problem, steps, include_first_step or one_step, next_step_title)
         stats["one_step"] += not examples[problem["id"]]
     # Hold out problems that give SRL examples (so both validation files are populated), else any; the runs
     # of one agent instance go to the same side.
@@ -427,12 +430,22 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
         val_problems = min(60, max(1, len(pool) // 10)) if len(pool) > 1 else 0
     if not 0 <= val_problems <= len(pool):
         raise DataError(f"--val-problems {val_problems}: must lie in 0..{len(pool)} (problems with examples)")
-    val_ids = set(random.Random(seed).sample(pool, val_problems))
-    stats["val_problems"] = len(val_ids)
+    if not 0 <= test_problems <= len(pool) - val_problems:
+        raise DataError(f"--test-problems {test_problems}: must lie in 0..{len(pool) - val_problems} (problems "
+                        "with examples, less the validation problems)")
+    held_out = random.Random(seed).sample(pool, val_problems + test_problems)
+    val_ids, test_ids = set(held_out[:val_problems]), set(held_out[val_problems:])
+    stats["val_problems"], stats["test_problems"] = len(val_ids), len(test_ids)
 
     outputs = {name: [] for name in ("srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl",
                                      "rlvr_train.jsonl", "rlvr_val.jsonl", "sft_train.jsonl")}
+    if test_ids:
+        outputs["test.jsonl"] = []
     for problem in problems:
+        if group[problem["id"]] in test_ids:
+            if problem.get("answer") is not None:
+                outputs["test.jsonl"].append({k: problem[k] for k in ("id", "problem", "answer")})
+            continue
         split = "val" if group[problem["id"]] in val_ids else "train"
         srl = examples.get(problem["id"], [])
         outputs[f"srl_{split}.jsonl"] += srl
@@ -497,7 +510,8 @@ def summary(source, outputs, stats, out_dir, seconds, max_observation_chars=4000
                  f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a "
                  "single step (no example without --include-first-step)",
                  f"dropped from RLVR: {stats['no_answer']} without an answer",
-                 f"problems held out for validation: {stats['val_problems']}"]
+                 f"problems held out for validation: {stats['val_problems']}"
+                 + (f", for the test file: {stats['test_problems']}" if stats["test_problems"] else "")]
     lines += [f"  {Path(out_dir) / name}: {len(records)} examples" for name, records in outputs.items()]
     lines.append(f"done in {seconds:.2f} s")
     return "\n".join(lines)
@@ -528,6 +542,10 @@ def main(argv=None):
                         help="agentic: longer observations keep their head and tail, with a marker (>= 40)")
     parser.add_argument("--fallback", choices=["paragraphs"], help="split unnumbered solutions on blank lines")
     parser.add_argument("--val-problems", type=int, default=None, help="default: min(60, max(1, 10%% of problems))")
+    parser.add_argument("--test-problems", type=int, default=0,
+                        help="hold out N more problems as test.jsonl (problem, answer), for evaluate.py")
+    parser.add_argument("--one-step", action="store_true",
+                        help="the whole solution is one step (the paper's one-step reward ablation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-steps", type=step_range, default=4,
                         help="operations per synthetic problem: N, or LOW-HIGH for a mix (default 4)")
@@ -561,7 +579,8 @@ def main(argv=None):
         else:
             problems = normalize(records, fields, locations)
         outputs, stats = prepare(problems, args.include_first_step, args.next_step_title, args.context_pairs,
-                                 args.fallback, args.val_problems, args.seed, args.max_observation_chars)
+                                 args.fallback, args.val_problems, args.seed, args.max_observation_chars,
+                                 args.test_problems, args.one_step)
         write_outputs(args.out_dir, outputs)
     except (DataError, TrajectoryError) as e:
         sys.exit(f"data_prep.py: error: {e}")

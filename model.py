@@ -486,31 +486,44 @@ def default_stop_token_ids(tokenizer):
     return sorted(ids)
 
 
-def build_tiny(seed=0):
-    """The embedded default: a small random Qwen2-style decoder and a byte-level tokenizer (256 byte tokens plus
-    ChatML special tokens), made on the spot with no file or network. After save_model it is a normal checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def build_tiny(seed=0, texts=None):
+    """The embedded default: a small random Qwen2-style decoder (1.1M parameters) and a byte-level tokenizer with
+    ChatML special tokens, made on the spot with no file or network. After save_model it is a normal checkpoint.
+
+    texts=None gives one token per byte (256 tokens). With texts (e.g. the warm start's training data, rendered
+    through the chat template), byte-level BPE merges are learned from them, as a real model's tokenizer is
+    learned from its corpus: frequent words and whole numbers become single tokens, so sequences are about 3x
+    shorter and a number is one token, which a model this small learns to add far sooner than digit by digit.
+    The merges are deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    # GPT-2's byte-level scheme: every byte value b gets a printable stand-in character; token id = b
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    stand_in, extra = {}, 0
-    for b in range(256):
-        stand_in[b] = chr(b) if b in printable else chr(256 + extra)
-        extra += b not in printable
-    vocab = {ch: b for b, ch in stand_in.items()}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    specials = ["<|im_end|>", "<|endoftext|>", "<|im_start|>"]
+    if texts is None:
+        # GPT-2's byte-level scheme: every byte value b gets a printable stand-in character; token id = b
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        stand_in, extra = {}, 0
+        for b in range(256):
+            stand_in[b] = chr(b) if b in printable else chr(256 + extra)
+            extra += b not in printable
+        core = Tokenizer(models.BPE(vocab={ch: b for b, ch in stand_in.items()}, merges=[]))  # one token per byte
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    else:
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's word split
+        trainer = trainers.BpeTrainer(vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=specials, show_progress=False)
+        core.train_from_iterator(texts, trainer)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+        tokenizer_object=core, eos_token=specials[0], pad_token=specials[1], additional_special_tokens=specials[2:],
+        chat_template=CHATML_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[2:]})
     model = Decoder(ModelConfig.from_hf(dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(tokenizer), hidden_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768,
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
         rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=4096,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))))
+        eos_token_id=tokenizer.convert_tokens_to_ids(specials[0]))))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

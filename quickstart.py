@@ -1,39 +1,230 @@
 """
-The whole pipeline on the embedded default, on a CPU in about five minutes (two cores; three to four of the minutes
-are the SFT warm start):
+The paper's claim in miniature, on a CPU (Deng et al. 2025, Table 1): on problems a model almost never solves,
+RLVR gets no learning signal (every group of rollouts is all wrong and dynamic sampling drops it), while SRL's
+step-wise reward still tells better rollouts from worse ones, so SRL learns, and SRL then RLVR ends best.
 
-    python quickstart.py
+    python quickstart.py                       # one seed (see the README for the measured time)
+    python quickstart.py --seeds 0 1 2         # the whole study once per seed; mean and std per arm
+    python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
+    python quickstart.py --tune                # the learning-rate search on validation problems (README)
 
-data_prep (built-in problems) -> sft (tiny warm start: the <think>...</think> + step format) -> srl -> rlvr (from
-SRL's best checkpoint) -> evaluate (RLVR's best on the held-out RLVR problems). Each stage is the ordinary
-command line, run as a separate process and printed as it starts, and each reads only what the previous one wrote.
-Everything goes to --workdir (default runs/quickstart/; emptied first), never to data/ or runs/<stage>/.
-At the end: SRL's reward curve (the mean rollout reward per step, from srl/metrics.jsonl; a PNG when matplotlib
-is installed, a text sparkline otherwise), the evaluation table and the time of each stage.
-
-The tiny model starts from random weights, so its numbers are a smoke test of the machinery, not a result: expect
-SRL rewards around 0.1-0.3 and an accuracy of 0. The step counts (flags below) are small enough for a CPU; for
-real runs, call the stages yourself with --model qwen-1.5b on a GPU (the README shows how).
+The task is data_prep.py's synthetic arithmetic chains ("Start with 42. Then: (1) add 7, (2) subtract 3, ...").
+One step (find operation k, add or subtract) is within reach of the tiny model after its warm start; a chain of
+six is not, since every step must be right. Per seed:
+  1. data_prep.py: warm-start problems (1 to 6 operations) and the study's hard problems (6 operations), split into
+     training, validation (only for --tune) and held-out test problems.
+  2. sft.py --model tiny: the warm start, the base that every arm starts from. It learns both formats: the whole
+     solution after the evaluation prompt, and SRL's "<think>...</think> + next step" after the SRL prompt.
+  3. The arms, on the same hard training problems:
+       sft        sft.py on the expert solutions (the paper's SFT baseline)
+       rlvr       rlvr.py: final-answer reward
+       sft_rlvr   rlvr.py from sft
+       srl        srl.py: step-similarity reward on the step-wise examples
+       srl_rlvr   rlvr.py from srl (the paper's best)
+     With --ablations: srl_no_ds (dynamic sampling off: --std-threshold -1 keeps every group) and srl_one_step (the
+     whole expert solution as the one target: data_prep.py --one-step).
+     The budget is counted in rollouts: every RL stage samples --rl-steps x --prompts x --group-size of them.
+     Dynamic sampling filters each draw and does not draw again (--max-draws 1), so no arm samples more than another.
+  4. evaluate.py on the held-out test problems: greedy accuracy (the table's main number) and avg@k at temperature 1.
+Every stage is its ordinary command line, printed as it starts, with its output in <out>/seed<N>/<name>.log; up to
+--jobs of them run at once. At the end: a table shaped like the paper's Table 1, <out>/summary.json and a picture of
+the training curves and held-out accuracies (<out>/study.png with matplotlib, text sparklines without).
 """
 import argparse
 import json
+import os
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from evaluate import summary_table
-
 ROOT = Path(__file__).resolve().parent
+RL_ARMS = ["rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
 
 
-def run_stage(name, script, *args, times):
-    command = [sys.executable, str(ROOT / script), *map(str, args)]
-    print(f"\n=== {name}: python {script} {' '.join(map(str, args))}", flush=True)
-    started = time.time()
-    subprocess.run(command, check=True, cwd=ROOT)
-    times[name] = time.time() - started
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quickstart", help="study folder (a seed's folder is emptied first)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole study per seed")
+    p.add_argument("--ablations", action="store_true", help="add srl_no_ds and srl_one_step")
+    p.add_argument("--tune", action="store_true", help="learning-rate search on the validation problems instead")
+    p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
+    # the task
+    p.add_argument("--hard-steps", type=int, default=6, help="operations per hard problem (the difficulty knob)")
+    p.add_argument("--max-value", type=int, default=99, help="values stay in 0..max-value (answers to guess from)")
+    p.add_argument("--warm-problems", type=int, default=3000, help="warm-start problems (1..hard-steps operations)")
+    p.add_argument("--train-problems", type=int, default=350, help="hard problems the arms train on")
+    p.add_argument("--val-problems", type=int, default=50, help="hard problems for --tune")
+    p.add_argument("--test-problems", type=int, default=200, help="held-out hard problems for the table")
+    # the warm start
+    p.add_argument("--warm-epochs", type=int, default=3)
+    p.add_argument("--warm-lr", type=float, default=4e-3)
+    p.add_argument("--warm-srl-share", type=float, default=0.5,
+                   help="SRL-format examples per whole-solution example in the warm start")
+    # the arms
+    p.add_argument("--sft-epochs", type=int, default=2)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--rl-steps", type=int, default=30, help="optimiser steps of every RL stage")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
+    p.add_argument("--srl-lr", type=float, default=3e-4)
+    p.add_argument("--rlvr-lr", type=float, default=3e-4)
+    p.add_argument("--srl-new-tokens", type=int, default=64, help="an SRL rollout: monologue and one step")
+    p.add_argument("--solution-tokens", type=int, default=160, help="a whole solution: RLVR and evaluation")
+    p.add_argument("--samples", type=int, default=4, help="k of avg@k in the evaluation")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU cores to use")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running stages: each one its own command line and log file, up to --jobs at once
+
+
+def run_stages(stages, jobs, threads):
+    """Run {name: (command, log path)}, at most `jobs` at a time, each with threads // jobs CPU threads. Stops the
+    study with the log's tail when a stage fails. Returns {name: seconds}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // min(jobs, len(stages)))))
+    waiting, running, seconds = list(stages.items()), {}, {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name, (command, log) = waiting.pop(0)
+            print(f"=== {name}: python {' '.join(map(str, command[1:]))}", flush=True)
+            with open(log, "w") as f:
+                running[name] = (subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                                 time.time(), log)
+        time.sleep(0.2)
+        for name, (process, started, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            seconds[name] = time.time() - started
+            if process.returncode != 0:
+                for other, _, _ in running.values():
+                    other.kill()
+                tail = Path(log).read_text(errors="replace")[-3000:]
+                raise SystemExit(f"quickstart.py: stage {name} failed (exit {process.returncode}); end of {log}:\n{tail}")
+    return seconds
+
+
+def python(script, *args):
+    return [sys.executable, str(ROOT / script), *map(str, args)]
+
+
+def warm_start_file(data, out_path, srl_share, seed):
+    """The warm start's data: every whole solution, plus SRL-format examples (srl_share per solution, drawn at
+    random), in one file sft.py reads (it tells the two kinds apart per record)."""
+    read = lambda name: [json.loads(line) for line in (data / name).read_text().splitlines() if line.strip()]
+    solutions, srl_format = read("sft_train.jsonl"), read("sft_srl_train.jsonl")
+    random.Random(seed).shuffle(srl_format)
+    records = solutions + srl_format[:int(srl_share * len(solutions))]
+    out_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One study: data, warm start, arms, evaluation
+
+
+def prepare_seed(args, seed):
+    """Data and warm start for one seed: <out>/seed<N>/ with data/ (hard problems), base/ (the warm start)."""
+    work = Path(args.out).resolve() / f"seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    hard = ["--synthetic", args.train_problems + args.val_problems + args.test_problems, "--synthetic-steps",
+            args.hard_steps, "--synthetic-max-value", args.max_value, "--val-problems", args.val_problems,
+            "--test-problems", args.test_problems, "--seed", 1000 + seed]
+    stages = {"data_warm": python("data_prep.py", "--synthetic", args.warm_problems, "--synthetic-steps",
+                                  f"1-{args.hard_steps}", "--synthetic-max-value", args.max_value,
+                                  "--include-first-step", "--val-problems", 0, "--seed", seed,
+                                  "--out-dir", work / "data_warm"),
+              "data": python("data_prep.py", *hard, "--out-dir", work / "data")}
+    if args.ablations:  # the same problems and split (same seed), each whole solution one step
+        stages["data_one_step"] = python("data_prep.py", *hard, "--one-step", "--out-dir", work / "data_one_step")
+    seconds = run_stages(logged(work, stages), args.jobs, args.threads)
+    warm_start_file(work / "data_warm", work / "warm_start.jsonl", args.warm_srl_share, seed)
+    seconds.update(run_stages(logged(work, {"base": python(
+        "sft.py", "--model", "tiny", "--data", work / "warm_start.jsonl", "--out", work / "base", "--epochs",
+        args.warm_epochs, "--lr", args.warm_lr, "--batch-size", 8, "--warmup-ratio", 0.05, "--check-samples", 0,
+        "--save-every", 10_000, "--seed", seed, "--device", args.device)}), 1, args.threads))
+    return work, seconds
+
+
+def logged(work, stages):
+    """{name: command} -> {name: (command, <work>/<name>.log)}"""
+    return {name: (command, work / f"{name}.log") for name, command in stages.items()}
+
+
+def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
+    """Train the arms from work/base into arms_dir and evaluate them (and the base) on problems_file;
+    returns ({arm: results}, {stage: seconds})."""
+    data, base = work / "data", work / "base" / "last"
+    rl = ["--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
+          "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--seed", seed, "--device", args.device]
+    rlvr = lambda start, out: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out", out,
+                                     "--lr", lrs["rlvr"], "--max-new-tokens", args.solution_tokens, *rl)
+    srl = lambda out, data_dir, *extra: python("srl.py", "--model", base, "--data", data_dir / "srl_train.jsonl",
+                                               "--out", out, "--lr", lrs["srl"], *extra, *rl)
+    first = {
+        "sft": python("sft.py", "--model", base, "--data", data / "sft_train.jsonl", "--out", arms_dir / "sft",
+                      "--lr", lrs["sft"], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
+                      "--check-samples", 0, "--seed", seed, "--device", args.device),
+        "rlvr": rlvr(base, arms_dir / "rlvr"),
+        "srl": srl(arms_dir / "srl", data, "--max-new-tokens", args.srl_new_tokens),
+        "srl_no_ds": srl(arms_dir / "srl_no_ds", data, "--max-new-tokens", args.srl_new_tokens, "--std-threshold", -1),
+        "srl_one_step": srl(arms_dir / "srl_one_step", work / "data_one_step", "--max-new-tokens",
+                            args.solution_tokens)}
+    then = {"sft_rlvr": rlvr(arms_dir / "sft" / "last", arms_dir / "sft_rlvr"),
+            "srl_rlvr": rlvr(arms_dir / "srl" / "last", arms_dir / "srl_rlvr")}
+    first = {k: v for k, v in first.items() if k in arms}
+    then = {k: v for k, v in then.items() if k in arms}
+    evaluate = lambda arm: python(
+        "evaluate.py", "--model", base if arm == "base" else arms_dir / arm / "last", "--benchmarks",
+        data / problems_file, "--samples", args.samples, "--max-new-tokens", args.solution_tokens, "--batch-size", 64,
+        "--seed", seed, "--out", arms_dir / "eval" / arm, "--device", args.device)
+    arms_dir.mkdir(parents=True, exist_ok=True)
+    # an evaluation waits only for its own arm: the first wave's run beside the second wave's training
+    seconds = run_stages(logged(arms_dir, first), args.jobs, args.threads)
+    second = {**then, **{f"eval_{arm}": evaluate(arm) for arm in ["base", *first]}}
+    seconds.update(run_stages(logged(arms_dir, second), args.jobs, args.threads))
+    seconds.update(run_stages(logged(arms_dir, {f"eval_{arm}": evaluate(arm) for arm in then}), args.jobs, args.threads))
+
+    results = {}
+    for arm in ["base"] + arms:
+        summary = json.loads((arms_dir / "eval" / arm / "summary.json").read_text().splitlines()[0])
+        metrics = next(iter(summary["results"].values()))
+        results[arm] = {"accuracy": metrics["greedy"], f"avg@{args.samples}": metrics[f"avg@{args.samples}"]}
+        if arm in RL_ARMS:
+            log = [json.loads(line) for line in (arms_dir / arm / "metrics.jsonl").read_text().splitlines()]
+            results[arm].update(reward_curve=[m["reward_mean"] for m in log],
+                                kept_group_curve=[m["kept_group_rate"] for m in log],
+                                kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
+    return results, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting: the table, summary.json, the picture
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(arms_results, samples):
+    """Rows as the paper's Table 1: greedy accuracy and avg@k on the held-out problems (%), mean ± std over seeds,
+    and each RL arm's kept-group rate (the share of drawn groups whose rewards differed)."""
+    head = f"| arm | held-out greedy (%) | avg@{samples} (%) | kept-group rate | per seed (greedy %) |"
+    lines = [head, "| --- | --- | --- | --- | --- |"]
+    for arm, r in arms_results.items():
+        acc, avg = mean_std(r["accuracy"]), mean_std(r[f"avg@{samples}"])
+        kept = f"{mean_std(r['kept_group_rate'])[0]:.2f}" if "kept_group_rate" in r else ""
+        per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy"])
+        lines.append(f"| {arm} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | {100 * avg[0]:.1f} ± {100 * avg[1]:.1f} | "
+                     f"{kept} | {per_seed} |")
+    return "\n".join(lines)
 
 
 def sparkline(values):
@@ -43,70 +234,106 @@ def sparkline(values):
     return "".join(bars[int((v - low) / (high - low) * (len(bars) - 1)) if high > low else 0] for v in values)
 
 
-def show_reward_curve(metrics_path, png_path):
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    steps, rewards = [r["step"] for r in rows], [r["reward_mean"] for r in rows]
-    print(f"\nSRL reward curve ({metrics_path}, mean rollout reward per step, format failures count -1):")
+def draw(arms_results, png_path, title):
+    """Training curves (SRL step reward, RLVR reward, kept-group rate; one line per seed) and held-out accuracy per
+    arm. A PNG with matplotlib; text sparklines of the seed-mean curves without it."""
+    rl = {arm: r for arm, r in arms_results.items() if "reward_curve" in r}
+    mean_curve = lambda curves: [statistics.mean(v) for v in zip(*curves)]
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"  {sparkline(rewards)}  steps {steps[0]}..{steps[-1]}, reward {rewards[0]:.3f} -> {rewards[-1]:.3f} "
-              f"(min {min(rewards):.3f}, max {max(rewards):.3f}); install matplotlib for a plot")
+        for arm, r in rl.items():
+            reward, kept = mean_curve(r["reward_curve"]), mean_curve(r["kept_group_curve"])
+            print(f"  {arm:13s} reward {sparkline(reward)} {reward[0]:.2f} -> {reward[-1]:.2f}   "
+                  f"kept groups {sparkline(kept)} {kept[0]:.2f} -> {kept[-1]:.2f}")
+        print("  (install matplotlib for a picture)")
         return
-    plt.figure(figsize=(6, 3.5))
-    plt.plot(steps, rewards, marker="o")
-    plt.xlabel("SRL step")
-    plt.ylabel("mean rollout reward")
-    plt.title("SRL reward (tiny model, built-in data)")
-    plt.grid(alpha=0.3)
-    plt.tight_layout()
-    plt.savefig(png_path, dpi=120)
-    print(f"  plot: {png_path}; reward {rewards[0]:.3f} -> {rewards[-1]:.3f} (min {min(rewards):.3f}, "
-          f"max {max(rewards):.3f})")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    colors = {arm: f"C{i}" for i, arm in enumerate(arms_results)}
+    panels = [(axes[0, 0], [a for a in rl if a.startswith("srl") and not a.endswith("rlvr")],
+               "reward_curve", "SRL: mean step-similarity reward (-1 = bad format)"),
+              (axes[0, 1], [a for a in rl if a.endswith("rlvr")], "reward_curve", "RLVR: mean final-answer reward"),
+              (axes[1, 0], list(rl), "kept_group_curve", "kept-group rate (dynamic sampling)")]
+    for ax, arms, key, name in panels:
+        for arm in arms:
+            for i, curve in enumerate(rl[arm][key]):
+                ax.plot(range(1, len(curve) + 1), curve, color=colors[arm], alpha=0.8 if len(rl[arm][key]) == 1
+                        else 0.45, label=arm if i == 0 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    names = list(arms_results)
+    for x, arm in enumerate(names):
+        accuracy = [100 * a for a in arms_results[arm]["accuracy"]]
+        ax.bar(x, statistics.mean(accuracy), color=colors[arm], alpha=0.6)
+        ax.plot([x] * len(accuracy), accuracy, "k.", markersize=6)
+    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax.set_title("held-out greedy accuracy (%): bars = mean, dots = seeds", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    print(f"picture: {png_path}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--workdir", default="runs/quickstart", help="where every output goes (emptied first)")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: sft.py's tiny plan")
-    parser.add_argument("--sft-check-samples", type=int, default=4, help="samples per prompt in SFT's format check")
-    parser.add_argument("--srl-steps", type=int, default=20)
-    parser.add_argument("--rlvr-steps", type=int, default=2)
-    parser.add_argument("--rollouts", type=int, default=4, help="prompts per step and samples per prompt (G)")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="for rollouts and evaluation")
-    parser.add_argument("--eval-limit", type=int, default=4, help="evaluation problems")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    arms = ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr"] + (["srl_no_ds", "srl_one_step"] if args.ablations else [])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}
+    if args.tune:
+        return tune(args, default_lrs)
+    arms_results, times = {}, {}
+    for seed in args.seeds:
+        work, seconds = prepare_seed(args, seed)
+        results, more_seconds = run_arms(args, seed, work, work, default_lrs, arms, "test.jsonl")
+        times[seed] = {name: round(t) for name, t in {**seconds, **more_seconds}.items()}
+        print(f"seed {seed}: stage times " + ", ".join(f"{k} {v} s" for k, v in times[seed].items()))
+        for arm, r in results.items():
+            for key, value in r.items():
+                arms_results.setdefault(arm, {}).setdefault(key, []).append(value)
+    rollouts = args.rl_steps * args.prompts * args.group_size
+    settings = {**vars(args), "rollouts_per_rl_stage": rollouts, "seconds": round(time.time() - started)}
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "arms": arms_results, "stage_seconds": times},
+                                                 indent=1))
+    print(f"\nHeld-out test: {args.test_problems} problems of {args.hard_steps} operations, {len(args.seeds)} seed(s) "
+          f"{args.seeds}; every RL stage sampled {rollouts} rollouts (summary: {out / 'summary.json'})")
+    print(table(arms_results, args.samples))
+    draw(arms_results, out / "study.png",
+         f"SRL vs RLVR in miniature: tiny model, {args.hard_steps}-step arithmetic chains, seeds {args.seeds}")
+    print(f"total {time.time() - started:.0f} s")
 
-    work = Path(args.workdir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    data, times, started = work / "data", {}, time.time()
-    device = ["--device", args.device]
-    # The GRPO stages with small batches (their learning rate is srl.py's default for tiny models).
-    grpo = ["--batch-prompts", args.rollouts, "--group-size", args.rollouts, "--max-new-tokens", args.max_new_tokens,
-            "--max-draws", 2, "--eval-every", 0, "--val-limit", 8, *device]
 
-    run_stage("data_prep", "data_prep.py", "--out-dir", data, times=times)
-    run_stage("sft", "sft.py", "--data", data / "sft_srl_train.jsonl", "--out", work / "sft", *device,
-              "--check-samples", args.sft_check_samples,
-              *(["--max-steps", args.sft_steps] if args.sft_steps else []), times=times)
-    run_stage("srl", "srl.py", "--model", work / "sft" / "last", "--data", data / "srl_train.jsonl",
-              "--out", work / "srl", "--max-steps", args.srl_steps, *grpo, times=times)
-    run_stage("rlvr", "rlvr.py", "--model", work / "srl" / "best", "--data", data / "rlvr_train.jsonl",
-              "--out", work / "rlvr", "--max-steps", args.rlvr_steps, *grpo, times=times)
-    run_stage("evaluate", "evaluate.py", "--model", work / "rlvr" / "best", "--benchmarks",
-              data / "rlvr_val.jsonl", "--limit", args.eval_limit, "--max-new-tokens", args.max_new_tokens,
-              "--out", work / "eval", *device, times=times)
+# ----------------------------------------------------------------------------------------------------------------
+# Tuning: the same learning-rate search for every method, judged on the validation problems only
 
-    show_reward_curve(work / "srl" / "metrics.jsonl", work / "srl" / "reward_curve.png")
-    summary = json.loads((work / "eval" / "summary.json").read_text().splitlines()[0])
-    print(f"\nEvaluation ({work / 'eval'}; greedy accuracy in %):")
-    print(summary_table("tiny: sft -> srl -> rlvr", summary["results"]))
-    print("\nTime per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-          + f"; total {time.time() - started:.0f} s")
+
+def tune(args, default_lrs, factors=(1 / 3, 1, 3)):
+    """Each method's learning rate times 1/3, 1 and 3 (the others at their defaults), scored by greedy accuracy on
+    the validation problems (never the test problems). Chained arms use the RLVR learning rate being tried."""
+    out, rows = Path(args.out), []
+    for seed in args.seeds:
+        work, _ = prepare_seed(args, seed)
+        for method in default_lrs:
+            for factor in factors:
+                lrs = dict(default_lrs, **{method: default_lrs[method] * factor})
+                results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lrs[method]:.2g}", lrs, [method],
+                                      "rlvr_val.jsonl")
+                rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"]["accuracy"],
+                             "accuracy": results[method]["accuracy"]})
+                print(rows[-1], flush=True)
+    (out / "tune.json").write_text(json.dumps(rows, indent=1))
+    print("| method | lr | validation greedy accuracy (%) per seed |\n| --- | --- | --- |")
+    for method in default_lrs:
+        for lr in sorted({r["lr"] for r in rows if r["method"] == method}):
+            accuracy = [r["accuracy"] for r in rows if r["method"] == method and r["lr"] == lr]
+            print(f"| {method} | {lr:.2g} | " + ", ".join(f"{100 * a:.1f}" for a in accuracy) + " |")
 
 
 if __name__ == "__main__":

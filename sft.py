@@ -48,8 +48,8 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
-                   save_model, set_rng_states)
+from model import (build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate, load_model,
+                   load_training_state, rng_states, save_model, set_rng_states)
 from srl import parse_action, read_jsonl, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
@@ -80,6 +80,17 @@ def messages_and_target(record, target="solution", where=""):
     if target == "reasoning":
         text = f"<think>\n{record['reasoning']}\n</think>\n{text}"
     return math_messages(record["problem"]), text
+
+
+def fitted_tiny(records, target="solution"):
+    """A fresh tiny model whose tokenizer is fitted to these records (model.build_tiny), each rendered as the chat
+    the model will be trained on, so the prompts' wording and the data's words and numbers become single tokens."""
+    chat = build_tiny()[1]  # one token per byte: used here only to render the chat template
+    texts = [chat.apply_chat_template(messages + [{"role": "assistant", "content": text}], tokenize=False)
+             for messages, text in (messages_and_target(record, target) for record in records)]
+    model, tokenizer = build_tiny(texts=texts)
+    model.stop_token_ids = default_stop_token_ids(tokenizer)
+    return model, tokenizer
 
 
 def tokenize(records, tokenizer, target="solution", max_length=4096, where="data"):
@@ -251,7 +262,11 @@ def main(argv=None):
     records = read_jsonl(args.data)
     if not records:
         raise SystemExit(f"sft.py: {args.data} holds no records")
-    model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
+    if args.model == "tiny" and state is None:  # a fresh tiny model gets a tokenizer fitted to this data
+        model, tokenizer = fitted_tiny(records, args.target)
+        model.to(device)
+    else:
+        model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
     examples, truncated, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
     if not examples:

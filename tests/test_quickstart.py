@@ -1,22 +1,13 @@
-"""quickstart.py: the stages chain (each reads what the previous one wrote), with the smallest step counts.
+"""quickstart.py: the miniature study runs every arm through the stages' own command lines and reports each one.
 
-Runs the real command lines one after another (about a minute on a laptop CPU); deselect with -m "not slow"."""
+The study's outcome is not asserted here (it is a measurement: see the README); these tests check the machinery
+at the smallest sizes. The run test starts every stage as a subprocess (a minute or so); deselect with -m "not slow"."""
 import json
+import statistics
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import quickstart
-from model import load_model
-
-
-def weights(folder):
-    return load_file(str(folder / "model.safetensors"))
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sparkline():
@@ -24,37 +15,53 @@ def test_sparkline():
     assert quickstart.sparkline([-1.0, -1.0]) == "▁▁"
 
 
-@pytest.mark.slow
-def test_stages_chain(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # the text sparkline, whatever is installed
-    work = tmp_path / "qs"
-    quickstart.main(["--workdir", str(work), "--sft-steps", "1", "--sft-check-samples", "1", "--srl-steps", "2",
-                     "--rlvr-steps", "1", "--rollouts", "2", "--max-new-tokens", "8", "--eval-limit", "1"])
-    printed = capsys.readouterr().out
+def test_table_reports_mean_std_and_every_seed():
+    results = {"base": {"accuracy": [0.02, 0.04], "avg@4": [0.01, 0.03]},
+               "rlvr": {"accuracy": [0.0, 0.1], "avg@4": [0.0, 0.05], "kept_group_rate": [0.125, 0.375]}}
+    rows = quickstart.table(results, 4).splitlines()
+    assert rows[0].startswith("| arm | held-out greedy (%) | avg@4 (%)")
+    # mean and sample std over the seeds, in percent: 3.0 +- 1.4 and 5.0 +- 7.1
+    assert rows[2] == "| base | 3.0 ± 1.4 | 2.0 ± 1.4 |  | 2.0, 4.0 |"
+    assert rows[3] == "| rlvr | 5.0 ± 7.1 | 2.5 ± 3.5 | 0.25 | 0.0, 10.0 |"
+    assert quickstart.mean_std([0.5]) == (0.5, 0.0)
 
-    # data_prep -> sft: sft trained one step on the SRL-format file and checked the format on srl_val.jsonl
-    for name in ("sft_srl_train", "srl_train", "srl_val", "rlvr_train", "rlvr_val"):
-        assert (work / "data" / f"{name}.jsonl").stat().st_size > 0
-    sft_metrics = [json.loads(line) for line in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in sft_metrics] == [1]
-    assert json.loads((work / "sft" / "format_check.json").read_text())["samples"] > 0
-    # sft -> srl: SRL started from sft/last. Eight new tokens cannot hold "<think>\n" and "</think>", so every
-    # rollout scores -1, no group is kept, no update happens, and SRL's best checkpoint is exactly SFT's weights.
-    srl_metrics = [json.loads(line) for line in (work / "srl" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in srl_metrics] == [1, 2]
-    assert all(m["kept_groups"] == 0 and m["format_failure_rate"] == 1.0 for m in srl_metrics)
-    assert same_weights(weights(work / "srl" / "best"), weights(work / "sft" / "last"))
-    untrained = load_model("tiny")[0].state_dict()
-    untrained.pop("lm_head.weight")  # tied to the embedding, stored once
-    assert not same_weights(weights(work / "sft" / "last"), untrained)  # and SFT did train
-    # srl -> rlvr: the same argument with the answer reward (eight tokens hold no "\boxed{...}": reward 0)
-    rlvr_metrics = [json.loads(line) for line in (work / "rlvr" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["kept_groups"] == 0 for m in rlvr_metrics)
-    assert same_weights(weights(work / "rlvr" / "best"), weights(work / "srl" / "best"))
-    # rlvr -> evaluate: the evaluation read rlvr/best and the held-out RLVR problems
-    summary = json.loads((work / "eval" / "summary.json").read_text().splitlines()[0])
-    assert summary["model"] == str(work / "rlvr" / "best")
-    assert list(summary["results"]) == ["rlvr_val"] and summary["results"]["rlvr_val"]["problems"] == 1
-    # and the ending: the reward curve as a sparkline, the table, the stage times
-    assert "SRL reward curve" in printed and "| tiny: sft -> srl -> rlvr |" in printed
-    assert "Time per stage: data_prep" in printed
+
+@pytest.mark.slow
+def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # the text picture, whatever is installed
+    out = tmp_path / "study"
+    quickstart.main(["--out", str(out), "--ablations", "--warm-problems", "24", "--train-problems", "8",
+                     "--val-problems", "2", "--test-problems", "3", "--hard-steps", "2", "--warm-epochs", "1",
+                     "--sft-epochs", "1", "--rl-steps", "2", "--prompts", "2", "--group-size", "2",
+                     "--srl-new-tokens", "8", "--solution-tokens", "8", "--samples", "2"])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    arms = ["base", "sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
+    assert list(summary["arms"]) == arms
+    assert summary["settings"]["seeds"] == [0] and summary["settings"]["rollouts_per_rl_stage"] == 2 * 2 * 2
+    for arm in arms:
+        result = summary["arms"][arm]
+        assert len(result["accuracy"]) == 1 and 0.0 <= result["accuracy"][0] <= 1.0
+        assert 0.0 <= result["avg@2"][0] <= 1.0
+        eval_summary = json.loads((out / "seed0" / "eval" / arm / "summary.json").read_text().splitlines()[0])
+        assert eval_summary["results"]["test"]["problems"] == 3  # the held-out test problems, all of them
+        assert f"| {arm} |" in printed
+    for arm in ["rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]:
+        metrics = [json.loads(line) for line in (out / "seed0" / arm / "metrics.jsonl").read_text().splitlines()]
+        # the same sampling budget for every RL stage: each step draws --prompts groups once, never more
+        assert [m["groups_drawn"] for m in metrics] == [2, 2]
+        assert summary["arms"][arm]["reward_curve"] == [[m["reward_mean"] for m in metrics]]
+        assert summary["arms"][arm]["kept_group_rate"] == [statistics.mean(m["kept_group_rate"] for m in metrics)]
+    # dynamic sampling off keeps every group, whatever the rewards
+    assert summary["arms"]["srl_no_ds"]["kept_group_rate"] == [1.0]
+    # the held-out test problems reach no training file, and the one-step data keeps the same split
+    data = out / "seed0" / "data"
+    test_ids = {json.loads(line)["id"] for line in (data / "test.jsonl").read_text().splitlines()}
+    for name in ("srl_train", "rlvr_train", "sft_train", "srl_val", "rlvr_val"):
+        assert not test_ids & {json.loads(line)["id"] for line in (data / f"{name}.jsonl").read_text().splitlines()}
+    one_step = [json.loads(line) for line in (out / "seed0" / "data_one_step" / "srl_train.jsonl").read_text().splitlines()]
+    train_ids = {json.loads(line)["id"] for line in (data / "rlvr_train.jsonl").read_text().splitlines()}
+    assert {e["id"] for e in one_step} == train_ids and all(e["previous_steps"] == [] for e in one_step)
+    # the warm start fitted its own tokenizer: the base's vocabulary is not the 259 byte-level tokens
+    assert json.loads((out / "seed0" / "base" / "last" / "config.json").read_text())["vocab_size"] != 259
+    assert "reward" in printed and "kept groups" in printed  # the text picture
