@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from grader import last_boxed  # the gold answer of a solution: its last \boxed{}
+
 ROOT = Path(__file__).resolve().parent
 BUILTIN_PATH = ROOT / "builtin_problems.jsonl"
 # s1K-1.1's columns (the paper's data), as its dataset card lists them (huggingface.co/datasets/simplescaling/
@@ -279,25 +281,6 @@ def step_title(step):
         title = re.split(r"(?<=[.:!?])\s", text, maxsplit=1)[0]
     title = " ".join(title.replace("**", "").split()).strip("*# ").rstrip(":.").strip()
     return title if len(title) <= 80 else title[:77].rstrip() + "..."
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces; escaped \\{ \\} skipped), or the
-    token after "\\boxed " ("\\boxed 5"); None when there is none, it is empty, or it is left unclosed."""
-    heads = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text or ""))
-    if not heads:
-        return None
-    rest = text[heads[-1].end():]
-    body = rest.lstrip(" ")
-    if not body.startswith("{"):
-        token = re.match(r" +([^\s$]+)", rest)
-        return token[1] if token else None
-    depth = 0
-    for brace in re.finditer(r"\\.|[{}]", body, re.DOTALL):  # an escaped character (e.g. \{ in a set) is skipped
-        depth += {"{": 1, "}": -1}.get(brace[0], 0)
-        if depth == 0:
-            return body[1:brace.start()].strip() or None
-    return None  # unclosed braces
 
 
 # ----------------------------------------------------------------------------------------------------
