@@ -536,8 +536,13 @@ def relations_equal(op_a, a, op_b, b):
     return c is not None and (c > 0 if op_a in ("<", "<=") else True)
 
 
+def squash(s):
+    """s without the spaces that mean nothing: "x + 1" -> "x+1", but "1 2" (two numbers) keeps its space."""
+    return re.sub(r"(?<=\W) | (?=\W)", "", " ".join(s.split()))
+
+
 def scalars_equal(a, b):
-    if a.replace(" ", "") == b.replace(" ", ""):
+    if squash(a) == squash(b):
         return True
     words = r"(?=.*[a-z])[A-Za-z ]{3,}"  # "Evelyn", "east" (not "ABC" against "abc")
     if re.fullmatch(words, a) and re.fullmatch(words, b):
