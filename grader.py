@@ -81,7 +81,7 @@ UNIT = (r"(?:(?:square|sq\.?|cubic) )?(?:cm|mm|km|meters?|metres?|kilometers?|ce
         r"feet|foot|ft|miles?|yards?|units?|degrees?|radians?|cents?|dollars?|seconds?|minutes?|hours?|days?|"
         r"weeks?|months?|years?|grams?|kilograms?|kg|pounds?|lbs?|ounces?|liters?|litres?|gallons?|mph|km/h|m/s)")
 TEXT_MACRO = r"\\(?:text|textnormal|textrm|textbf|textit|mbox|mathrm|mathbf|mathit|operatorname)"
-THOUSANDS = re.compile(r"(?<![\d.])[1-9]\d{0,2}(?:(?:\\[,;: ]|~| )\d{3})+(?:\.\d+)?(?![\d.])")  # 10\,000, 10 000
+THOUSANDS = re.compile(r"(?<![\d.])[1-9]\d{0,2}(?:(?:,\\!\s*|\\[,;: ]|~| )\d{3})+(?:\.\d+)?(?![\d.])")  # 10\,000
 
 
 def braced_comma_number(m):
@@ -115,14 +115,14 @@ def normalize_answer(answer):
     """(text, unit): a canonical string for an answer, and its unit (None without one). Equal strings mean equal
     answers; everything removed here never changes the value (see the module docstring)."""
     s = answer_to_str(answer).replace("\n", " ")
-    s = re.sub(r"\\(?:!|displaystyle|textstyle)|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", "", s)
     s = re.sub(r"\d+(?:\{,\}\d+)+", braced_comma_number, s)
-    s = THOUSANDS.sub(lambda m: re.sub(r"\\[,;: ]|~| ", "", m.group()), s)
+    s = THOUSANDS.sub(lambda m: re.sub(r",\\!\s*|\\[,;: ]|~| ", "", m.group()), s)
+    s = re.sub(r"\\(?:!|displaystyle|textstyle)|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", "", s)
     s = re.sub(r"(?<!\\)\\[,;: ]|\\q?quad(?![a-zA-Z])|~", " ", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s).replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
     for macro, op in (("geq?", ">="), ("leq?", "<="), ("neq?", "!="), ("gt", ">"), ("lt", "<")):
         s = re.sub(rf"\\{macro}(?![a-zA-Z])", op, s)
-    s = s.replace("≥", ">=").replace("≤", "<=").replace("≠", "!=")
+    s = re.sub(r"\\approx(?![a-zA-Z])", "≈", s).replace("≥", ">=").replace("≤", "<=").replace("≠", "!=")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°", "", s)  # degrees
     s = re.sub(r"\\?[$%]", "", s)  # dollars and percent signs (10% == 10; see the docstring)
     # "\text{ cm}^2", "\textnormal{ miles}" at the end: a unit (one word, so that "\text{ or six}" stays)
@@ -139,8 +139,10 @@ def normalize_answer(answer):
         s, unit = s[:m.start()], m.group(1)
     s = re.sub(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])", "", s.strip().rstrip(".").strip()).strip()  # "x \in [-2, 7]"
     s = join_word_lists(s)
-    if re.fullmatch(r"[-+]?[1-9]\d{0,2}(,\d{3})+(\.\d+)?", s):  # 1,000 (not the list 1,2, nor "2, 500")
-        s = s.replace(",", "")
+    s = re.sub(r"^(-?\d+) (\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # 1 1/2, the plain-text mixed number
+    number = re.fullmatch(rf"((?:{NAME})\s*=\s*)?([-+]?[1-9]\d{{0,2}}(?:,\d{{3}})+(?:\.\d+)?)", s)
+    if number:  # 1,000 and x = 1,000, the whole answer (not the list 1,2, nor "2, 500")
+        s = (number[1] or "") + number[2].replace(",", "")
     return s, (unit_name(unit) if unit else None)
 
 
@@ -185,6 +187,8 @@ def answer_structure(s):
         return "unordered", [answer_structure(part) for part in union]
     if s.startswith("\\{") and s.endswith("\\}") and matching_bracket(s, 1) == len(s) - 1:
         return "unordered", expand_plus_minus(split_top_level(s[2:-2], ","))
+    if s.startswith("{") and matching_bracket(s, 0) == len(s) - 1:
+        return answer_structure(s[1:-1])  # {-1, 1}: TeX braces only group (a set is \{-1, 1\})
     if len(s) > 1 and s[0] in "([" and s[-1] in ")]" and matching_bracket(s, 0) == len(s) - 1:
         items = split_top_level(s[1:-1], ",")
         if len(items) > 1:
@@ -473,10 +477,13 @@ def constant_ratio(x, y):
 # -----------------------------------------------------------------------------------------------------------------
 # Relations and labels, then the whole comparison
 
-RELATIONS = r"(<=|>=|!=|=|<|>)"
+RELATIONS = r"(<=|>=|!=|=|<|>|≈)"
 FLIPPED = {">=": "<=", ">": "<"}  # a >= b is b <= a
-# A label names a value and holds no operator: x, x_1, f(x), P(A), \theta, AB, \angle ABC, \overline{AB}, area
-NAME = r"(?:m?\\angle\s*)?(?:[A-Za-z]+|\\[a-zA-Z]+)(?:_\{?\w+\}?)?'*(?:\([^()=<>]*\))?|\\overline\{[A-Za-z]+\}"
+# A label names a value and holds no operator: x, x_1, f(x), P(A), \theta, AB, \angle ABC, \overline{AB}, |AB|, area;
+# never a function such as \sin x (\sin x = a says something else than \cos x = a)
+NAME = (rf"(?:m?\\angle\s*)?(?:(?!(?:{'|'.join(FUNCTIONS)})\b)[A-Za-z]+|\\(?:{'|'.join(GREEK)}))(?![a-zA-Z])"
+        r"(?:_\{?\w+\}?)?'*(?:\([^()=<>]*\))?|\\overline\{[A-Za-z]+\}|\|[A-Za-z]+\|")
+SIMPLE_NAME = r"(?:[A-Za-z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?"  # x, x_1, \theta: a constant's name may differ
 
 
 def relation(s):
@@ -491,20 +498,27 @@ def letters(text):
 
 
 def labelled(s):
-    """([(label, value)], the values without labels) when every item of s is labelled: "x = 5", "AB = 4, CD = 5",
-    "(p,q) = (3,2)", a chain "x = 5 + 1 = 6" (its value is the last side); else None."""
+    """([(label, value)], the values without labels) when s is labelled: "x = 5", "AB = 4, CD = 5", "x = 2, 3" (one
+    label for the list), "(p,q) = (3,2)", "(x,y) = (5,8), (8,5)", a chain "x = 5 + 1 = 6" (its value is its last
+    side, or the last before an \\approx: x = 1/3 \\approx 0.33 is 1/3); else None."""
     sides, ops = relation(s)
-    if ops == ["="] and re.fullmatch(rf"\((?:\s*(?:{NAME})\s*,)+\s*(?:{NAME})\s*\)", sides[0]):
-        names, values = split_top_level(sides[0][1:-1], ","), split_top_level(sides[1][1:-1], ",")
-        if answer_structure(sides[1])[0].startswith("ordered") and len(names) == len(values):
-            return list(zip(names, values)), sides[1]
+    if ops == ["="] and re.fullmatch(rf"\((?:\s*(?:{NAME})\s*,)+\s*(?:{NAME})\s*\)", sides[0]):  # (p, q) = ...
+        names, (kind, items) = split_top_level(sides[0][1:-1], ","), answer_structure(sides[1])
+        if kind.startswith("ordered") and len(items) == len(names):
+            return list(zip(names, split_top_level(sides[1][1:-1], ","))), sides[1]
+        if kind == "unordered" and all(k.startswith("ordered") and len(t) == len(names) for k, t in items):
+            return [(sides[0].replace(" ", ""), t) for t in split_top_level(sides[1], ",")], sides[1]
         return None
     pairs = []
     for item in split_top_level(s, ","):
         sides, ops = relation(item)
-        if not ops or set(ops) != {"="} or not re.fullmatch(NAME, sides[0]) or not all(sides):
+        if not ops and pairs:  # "x = 2, 3": the list's label
+            pairs.append((pairs[-1][0], item))
+        elif ops and set(ops) <= {"=", "≈"} and re.fullmatch(NAME, sides[0]) and all(sides):
+            exact = ops.index("≈") if "≈" in ops else len(ops)  # x = 1/3 ≈ 0.33 stands for 1/3
+            pairs.append((sides[0].replace(" ", ""), sides[max(exact, 1)]))
+        else:
             return None
-        pairs.append((sides[0].replace(" ", ""), sides[-1]))
     return pairs, ", ".join(value for _, value in pairs)
 
 
@@ -519,7 +533,8 @@ def label_removable(label, value):
 
 def labels_equal(pairs_a, pairs_b):
     """Labelled answers: the same labels with equal values; x = 5 and y = 5 count as one constant."""
-    if len(pairs_a) == len(pairs_b) == 1 and not letters(pairs_a[0][1] + pairs_b[0][1]):
+    if len(pairs_a) == len(pairs_b) == 1 and not letters(pairs_a[0][1] + pairs_b[0][1]) and \
+            all(re.fullmatch(SIMPLE_NAME, pairs[0][0]) for pairs in (pairs_a, pairs_b)):
         return structures_equal(answer_structure(pairs_a[0][1]), answer_structure(pairs_b[0][1]))
     if sorted(label for label, _ in pairs_a) != sorted(label for label, _ in pairs_b):
         return False
@@ -533,12 +548,13 @@ def relations_equal(op_a, a, op_b, b):
     op_a, a = (FLIPPED[op_a], -a) if op_a in FLIPPED else (op_a, a)
     op_b, b = (FLIPPED[op_b], -b) if op_b in FLIPPED else (op_b, b)
     c = constant_ratio(a, b) if op_a == op_b else None
-    return c is not None and (c > 0 if op_a in ("<", "<=") else True)
+    return c is not None and (bool(c > 0) if op_a in ("<", "<=") else True)
 
 
 def squash(s):
-    """s without the spaces that mean nothing: "x + 1" -> "x+1", but "1 2" (two numbers) keeps its space."""
-    return re.sub(r"(?<=\W) | (?=\W)", "", " ".join(s.split()))
+    """s without the spaces and braces that mean nothing: "x + 1" -> "x+1", "4210_{7}" -> "4210_7", but "1 2" (two
+    numbers) keeps its space."""
+    return re.sub(r"([_^])\{(\w)\}", r"\1\2", re.sub(r"(?<=\W) | (?=\W)", "", " ".join(s.split())))
 
 
 def scalars_equal(a, b):
@@ -562,8 +578,32 @@ def scalars_equal(a, b):
         return False
 
 
+BOUNDS = {"<": ("(", ")"), "<=": ("[", "]")}
+
+
+def as_interval(s):
+    """An inequality on one name as the interval it describes: "-2 <= x < 7" -> "[-2, 7)", "x > 5" -> "(5, \\infty)";
+    anything else unchanged."""
+    sides, ops = relation(s)
+    if ops and set(ops) <= set(FLIPPED):  # 7 >= x >= -2 is -2 <= x <= 7
+        sides, ops = sides[::-1], [FLIPPED[op] for op in reversed(ops)]
+    if not ops or not set(ops) <= set(BOUNDS):
+        return s
+    if len(ops) == 2 and re.fullmatch(NAME, sides[1]) and not letters(sides[0] + sides[2]) & letters(sides[1]):
+        return f"{BOUNDS[ops[0]][0]}{sides[0]}, {sides[2]}{BOUNDS[ops[1]][1]}"
+    if len(ops) == 1 and re.fullmatch(NAME, sides[0]) and not letters(sides[1]):
+        return f"(-\\infty, {sides[1]}{BOUNDS[ops[0]][1]}"
+    if len(ops) == 1 and re.fullmatch(NAME, sides[1]) and not letters(sides[0]):
+        return f"{BOUNDS[ops[0]][0]}{sides[0]}, \\infty)"
+    return s
+
+
 def answers_equal(a, b):
-    """Two normalised answers: labels (dropped against a bare value), then the structure, then the scalars."""
+    """Two normalised answers: an inequality against an interval, labels (dropped against a bare value), then the
+    structure, then the scalars."""
+    relation_a, relation_b = relation(a)[1], relation(b)[1]
+    a, b = (as_interval(a) if relation_a and not relation_b else a), (as_interval(b) if relation_b and not relation_a
+                                                                      else b)
     label_a, label_b = labelled(a), labelled(b)
     if label_a and label_b:
         return labels_equal(label_a[0], label_b[0])
@@ -586,6 +626,6 @@ def is_equiv(pred, gold, timeout_s=5.0):
         return True
     try:
         with time_limit(timeout_s):
-            return answers_equal(a, b)
+            return bool(answers_equal(a, b))
     except (GraderTimeout, RecursionError, ValueError):
         return False
