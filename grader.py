@@ -31,6 +31,7 @@ What counts as equal (the departures from the Qwen2.5-Math grader the paper used
   - Each comparison is bounded in size (exponents up to 1000, 100-digit numbers) and, in the main thread on
     Unix, in time (signal.alarm); a comparison that runs out of time counts as not equal.
 """
+import itertools
 import re
 import signal
 import threading
@@ -102,10 +103,10 @@ def unit_name(unit):
 
 def join_word_lists(s):
     """"2 and 3", "x = 2 or x = 3", "1; 2": a list joined by words or semicolons (outside brackets) -> "2, 3"."""
+    depth = [0, *itertools.accumulate((c in "([{") - (c in ")]}") for c in s)]  # depth[i]: brackets open before i
     pieces, last = [], 0
     for m in re.finditer(r"\s*,?\s*\b(?:and|or)\b\s*|\s*;\s*", s):
-        before = s[:m.start()]
-        if sum(c in "([{" for c in before) == sum(c in ")]}" for c in before):
+        if depth[m.start()] == 0:
             pieces.append(s[last:m.start()])
             last = m.end()
     return ", ".join(pieces + [s[last:]]) if pieces else s
@@ -123,6 +124,7 @@ def normalize_answer(answer):
     for macro, op in (("geq?", ">="), ("leq?", "<="), ("neq?", "!="), ("gt", ">"), ("lt", "<")):
         s = re.sub(rf"\\{macro}(?![a-zA-Z])", op, s)
     s = re.sub(r"\\approx(?![a-zA-Z])", "≈", s).replace("≥", ">=").replace("≤", "<=").replace("≠", "!=")
+    sign_unit = "degree" if re.search(r"\\circ|°", s) else "dollar" if "\\$" in s else None  # 36° is not $36
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°", "", s)  # degrees
     s = re.sub(r"\\?[$%]", "", s)  # dollars and percent signs (10% == 10; see the docstring)
     # "\text{ cm}^2", "\textnormal{ miles}" at the end: a unit (one word, so that "\text{ or six}" stays)
@@ -135,8 +137,9 @@ def normalize_answer(answer):
         s, unwrapped = re.subn(TEXT_MACRO + r"\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"(?<=[\d}\s])\s*(?:percent(?:age)?|pct)\s*$", "", s)  # "28 percent" is 28%
     m = re.search(rf"(?<=[\d}}\s])\s*({UNIT}(?:\^\{{?[23]\}}?)?)\s*$", s)  # "5 cm", "864 inches^2"
-    if m and unit is None:
-        s, unit = s[:m.start()], m.group(1)
+    if m:
+        s, unit = s[:m.start()], unit or m.group(1)
+    unit = unit or sign_unit
     s = re.sub(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])", "", s.strip().rstrip(".").strip()).strip()  # "x \in [-2, 7]"
     s = join_word_lists(s)
     s = re.sub(r"^(-?\d+) (\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # 1 1/2, the plain-text mixed number

@@ -2,7 +2,7 @@
 Benchmark: our grader (grader.is_equiv) against math-verify, the grader TRL and open-r1 use, on labelled pairs.
 
     pip install math-verify          # optional: without it the bench says so and reports ours alone
-    python bench/bench_grader.py [--data-dir ../shared/data/benchmarks] [--limit N]
+    python bench/bench_grader.py [--data-dir ../shared/data/benchmarks] [--limit N] [--all-pairs]
 
 Two sets of labelled (prediction, gold) pairs:
   1. the truth table of tests/test_evaluate.py (EQUAL and NOT_EQUAL), both directions;
@@ -15,9 +15,12 @@ Two sets of labelled (prediction, gold) pairs:
      or a subscript (the value may stay the same).
 Each grader is scored against the labels (false positives: different answers called equal), and every pair on
 which the two graders disagree is printed, sorted into "ours right", "theirs right" and "unclear". math-verify
-is called as open-r1 calls it: verify(parse(gold), parse(prediction)), each wrapped in \\boxed{}.
+is called as open-r1 calls it: verify(parse(gold), parse(prediction)), each wrapped in \\boxed{}. With --all-pairs,
+every pair of distinct reference answers that our grader calls equal is printed (each should be one value written
+two ways).
 """
 import argparse
+import itertools
 import logging
 import re
 import sys
@@ -148,6 +151,20 @@ def benchmark_pairs(data_dir, limit):
     return [pair for gold in distinct for pair in variants(gold)], len(distinct)
 
 
+def all_pairs(data_dir):
+    """Every pair of distinct reference answers of MATH500, Minerva, AMC23, AIME24 and AIME25 that our grader calls
+    equal: each should be one value written two ways."""
+    golds = list(dict.fromkeys(p["answer"] for name in ("math500", "minerva", "amc23", "aime24", "aime25")
+                               for p in load_benchmark(name, data_dir)))
+    start = time.perf_counter()
+    equal = [(a, b) for a, b in itertools.combinations(golds, 2) if is_equiv(a, b)]
+    pairs = len(golds) * (len(golds) - 1) // 2
+    print(f"\n== all {pairs} pairs of the {len(golds)} distinct reference answers of MATH500, Minerva, AMC23, AIME24 "
+          f"and AIME25: {len(equal)} called equal ({time.perf_counter() - start:.0f} s)")
+    for a, b in equal:
+        print(f"    {a!r:30s} {b!r}")
+
+
 def math_verify_grader():
     """math-verify's comparison, as open-r1's accuracy reward makes it, or None when it is not installed."""
     try:
@@ -200,6 +217,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="benchmark JSONL files")
     parser.add_argument("--limit", type=int, default=None, help="first N reference answers of each benchmark")
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="also grade every pair of distinct reference answers with ours (minutes)")
     args = parser.parse_args()
 
     theirs = math_verify_grader()
@@ -211,6 +230,8 @@ def main():
     theirs_right, false_positives = map(sum, zip(*results))
     print(f"\nour false positives: {false_positives}; disagreements where math-verify is right: "
           + (str(theirs_right) if theirs else "(not measured)"))
+    if args.all_pairs:
+        all_pairs(args.data_dir)
 
 
 if __name__ == "__main__":

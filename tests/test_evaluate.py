@@ -100,6 +100,7 @@ EQUAL = [
     # an inequality on one name against its interval; \approx; TeX braces that only group; ,\! separators
     ("-1 \\le t < 4", "[-1, 4)"), ("y > 2", "(2, \\infty)"), ("x = \\frac{2}{3} \\approx 0.67", "\\frac23"),
     ("{-3, 3}", "\\pm 3"), ("1,\\!234,\\!567", "1234567"), ("3 1/4", "3.25"), ("\\theta = 30^\\circ", "30"),
+    ("\\$5", "5 \\text{ dollars}"), ("90^\\circ", "90 \\text{ degrees}"),
 ]
 
 NOT_EQUAL = [
@@ -138,7 +139,7 @@ NOT_EQUAL = [
     ("x = \\frac{2}{3} \\approx 0.67", "0.67"), ("{1, 2}", "(1, 2)"),
     # a function is not a label, and labels that name different things differ
     ("\\sin(x)=\\frac{1}{2}", "\\cos(x)=\\frac{1}{2}"), ("\\tan x = 1", "\\cot x = 1"), ("f(2) = 5", "f(3) = 5"),
-    ("AB=4", "CD=4"),
+    ("AB=4", "CD=4"), ("36^\\circ", "\\$36"),
 ]
 
 
