@@ -12,7 +12,7 @@ Two sets of labelled (prediction, gold) pairs:
      reversed, an interval's bracket changed, "2, 500" for 2500, an item dropped, a fraction inverted, a decimal
      nudged, another unit), labelled different. Pairs whose label depends on the question are labelled "unclear":
      a percent sign added (28% is 28 only when a percentage is asked for), and a number changed inside an exponent
-     or a subscript (the value may stay the same).
+     (the value may stay the same: 1^2 and 1^3).
 Each grader is scored against the labels (false positives: different answers called equal), and every pair on
 which the two graders disagree is printed, sorted into "ours right", "theirs right" and "unclear". math-verify
 is called as open-r1 calls it: verify(parse(gold), parse(prediction)), each wrapped in \\boxed{}. With --all-pairs,
@@ -63,7 +63,7 @@ def variants(gold):
     number = re.fullmatch(r"-?\d+(\.\d+)?", gold)
     integer = re.fullmatch(r"-?\d+", gold) and int(gold)
     shape = bracketed(gold)
-    separators = re.search(r"\d,(\\!)?\d{3}", gold) is not None  # 1,000 or 10,\!080: a number, not a list
+    separators = re.search(r"\d,(\\!\s*)?\d{3}", gold) is not None  # 1,000 or 10,\!080: a number, not a list
     try:
         bare_list = answer_structure(gold)[0] == "unordered" and not (separators or "\\cup" in gold or
                                                                      gold.startswith("\\{") or "\\pm" in gold)
@@ -118,7 +118,7 @@ def variants(gold):
     for last in re.finditer(r"\d+", gold):
         pass
     if last:
-        in_exponent = re.search(r"[\^_]\{?[^{}]*$", gold[:last.start()]) is not None
+        in_exponent = re.search(r"\^\{?[^{}]*$", gold[:last.start()]) is not None  # 1^2 is 1^3
         wrong("number + 1", gold[:last.start()] + str(int(last[0]) + 1) + gold[last.end():],
               None if in_exponent else False)
     if not letters(gold) and "," not in gold and "=" not in gold and "\\pm" not in gold and not re.fullmatch(
