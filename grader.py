@@ -22,7 +22,7 @@ What counts as equal (the departures from the Qwen2.5-Math grader the paper used
     or a function: 2x = 6 is an equation, and \sin x = a differs from \cos x = a. When both answers are labelled,
     the labels must agree (one constant named by a single letter excepted: x = 5 == y = 5).
   - Lists: "2 and 3", "2 or 3", "2; 3" are the list 2, 3; a bare list is unordered (3, 5, 7 == 7, 5, 3); (1,2) and
-    [1,2] differ (open vs closed); {1,2} == {2,1} (but plain TeX braces only group: {1,2} is the list 1, 2);
+    [1,2] differ (open vs closed); \{1,2\} == \{2,1\} (plain TeX braces only group: {1,2} is the list 1, 2);
     1 \pm \sqrt{2} is the list of two.
   - A mixed number 1\frac12 or 1 1/2 is one and a half (an improper 2\frac{3}{2} is refused as ambiguous); two
     numbers side by side (1 2) are refused, never multiplied.
