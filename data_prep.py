@@ -476,7 +476,7 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
     """(outputs, stats): outputs maps each file name to its records; the split is by problem. correct_only
     leaves problems whose expert attempt is graded wrong out of SRL and SFT (RLVR keeps them)."""
     stats = {"problems": len(problems), "agentic": 0, "no_steps": 0, "one_step": 0, "no_answer": 0,
-             "graded": sum(p.get("correct") is not None for p in problems), "graded_wrong": 0,
+             "graded": sum(p.get("correct") is not None for p in problems), "experts_dropped": 0,
              "correct_only": correct_only, "steps": []}
     wrong_experts = {p["id"] for p in problems if correct_only and p.get("correct") is False}
     examples = {}  # problem id -> its SRL examples
@@ -487,7 +487,7 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
             stats["no_steps"] += not examples[problem["id"]]  # a trajectory without any action
             continue
         if problem["id"] in wrong_experts:
-            stats["graded_wrong"] += 1
+            stats["experts_dropped"] += 1
             continue
         steps = split_steps(problem["solution"])
         if not steps and fallback == "paragraphs":
@@ -566,11 +566,11 @@ def summary(source, problems, outputs, stats, out_dir, seconds):
              f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a single "
              "step (no example without --include-first-step)",
              f"dropped from RLVR: {stats['no_answer']} without an answer"
-             + (" (none of its attempts graded correct with a \\boxed{} answer)" if stats["graded"] else "")]
+             + (" (no attempt graded correct with a \\boxed{} answer)" if stats["graded"] else "")]
     if stats["graded"]:
         wrong = sum(p.get("correct") is False for p in problems)
         lines.append(f"expert attempt graded wrong: {wrong} of {stats['graded']} graded problems; " + (
-            f"{stats['graded_wrong']} left out of SRL and SFT (--correct-only)" if stats["correct_only"]
+            f"{stats['experts_dropped']} left out of SRL and SFT (--correct-only)" if stats["correct_only"]
             else "kept as experts, as in the paper (--correct-only leaves them out)"))
     lines.append(f"problems held out for validation: {stats['val_problems']}")
     lines += [f"  {Path(out_dir) / name}: {len(records)} examples" for name, records in outputs.items()]

@@ -108,12 +108,11 @@ def truncation_report(examples, lost, dropped, max_length):
     cut = [n for n in lost if n > 0]
     whole = sorted(len(p) + len(t) + n for (p, t), n in zip(examples, lost))
     p95 = whole[math.ceil(0.95 * len(whole)) - 1]
-    text = (f"--max-length {max_length}: {len(cut)} of {len(examples)} targets cut ({len(cut) / len(examples):.1%})"
+    return (f"--max-length {max_length}: {len(cut)} of {len(examples)} targets cut ({len(cut) / len(examples):.1%})"
             + (f", each losing its end and its stop token (tokens lost: mean {sum(cut) / len(cut):.0f}, max "
                f"{max(cut)})" if cut else "")
             + f"; {dropped} dropped (the prompt alone fills it). Whole examples need up to {whole[-1]} tokens; "
             f"95% fit in {p95}.")
-    return text
 
 
 def length_grouped_batches(lengths, batch_size, seed, epoch, chunk_batches=32):
