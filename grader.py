@@ -20,7 +20,8 @@ What counts as equal (the departures from the Qwen2.5-Math grader the paper used
   - Labels are dropped: x = 5, f(x) = 1, (p,q) = (3,2), AB = 4, CD = 5, x = 2, 3 against the bare values; a chain
     x = 5 + 1 = 6 stands for its last side, x = 1/3 \approx 0.33 for 1/3. A label is a name, never an expression
     or a function: 2x = 6 is an equation, and \sin x = a differs from \cos x = a. When both answers are labelled,
-    the labels must agree (one constant named by a single letter excepted: x = 5 == y = 5).
+    the labels must agree (one constant named by a single letter excepted: x = 5 == y = 5), or the two must be
+    one equation written two ways (p = q + 1 == q = p - 1).
   - Lists: "2 and 3", "2 or 3", "2; 3" are the list 2, 3; a bare list is unordered (3, 5, 7 == 7, 5, 3); (1,2) and
     [1,2] differ (open vs closed); \{1,2\} == \{2,1\} (plain TeX braces only group: {1,2} is the list 1, 2);
     1 \pm \sqrt{2} is the list of two.
@@ -610,8 +611,10 @@ def answers_equal(a, b):
     a, b = (as_interval(a) if relation_a and not relation_b else a), (as_interval(b) if relation_b and not relation_a
                                                                       else b)
     label_a, label_b = labelled(a), labelled(b)
-    if label_a and label_b:
-        return labels_equal(label_a[0], label_b[0])
+    if label_a and label_b and labels_equal(label_a[0], label_b[0]):
+        return True
+    if label_a and label_b:  # else they may still be one equation written two ways: a = b and b = a
+        return len(label_a[0]) == len(label_b[0]) == 1 and scalars_equal(a, b)
     if label_a and not relation(b)[1] and all(label_removable(*pair) for pair in label_a[0]):
         a = label_a[1]
     if label_b and not relation(a)[1] and all(label_removable(*pair) for pair in label_b[0]):

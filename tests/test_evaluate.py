@@ -100,7 +100,7 @@ EQUAL = [
     # an inequality on one name against its interval; \approx; TeX braces that only group; ,\! separators
     ("-1 \\le t < 4", "[-1, 4)"), ("y > 2", "(2, \\infty)"), ("x = \\frac{2}{3} \\approx 0.67", "\\frac23"),
     ("{-3, 3}", "\\pm 3"), ("1,\\!234,\\!567", "1234567"), ("3 1/4", "3.25"), ("\\theta = 30^\\circ", "30"),
-    ("\\$5", "5 \\text{ dollars}"), ("90^\\circ", "90 \\text{ degrees}"),
+    ("\\$5", "5 \\text{ dollars}"), ("90^\\circ", "90 \\text{ degrees}"), ("p = q + 1", "q = p - 1"),
 ]
 
 NOT_EQUAL = [
