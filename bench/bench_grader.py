@@ -61,7 +61,7 @@ def variants(gold):
     None where the change may leave the value as it is)."""
     out = []
     number = re.fullmatch(r"-?\d+(\.\d+)?", gold)
-    integer = re.fullmatch(r"-?\d+", gold) and int(gold)
+    integer = int(gold) if re.fullmatch(r"-?\d+", gold) else None
     shape = bracketed(gold)
     separators = re.search(r"\d,(\\!\s*)?\d{3}", gold) is not None  # 1,000 or 10,\!080: a number, not a list
     try:
@@ -95,7 +95,7 @@ def variants(gold):
             same("label", f"({', '.join('pqrstuvw'[:len(shape[1])])}) = {gold}")
     elif letters(gold) == {"x"} and "=" not in gold and "\\in" not in gold:
         same("label", "f(x) = " + gold)
-    if integer is not None and integer is not False and abs(integer) <= 10 ** 9:
+    if integer is not None and abs(integer) <= 10 ** 9:
         same("chain", f"x = {integer - 1} + 1 = {integer}")
         same("decimal", f"{integer}.0")
         if abs(integer) >= 1000:
@@ -114,10 +114,9 @@ def variants(gold):
         same("list reordered", ", ".join(reversed(items)))
 
     # wrong values near it
-    last = None
-    for last in re.finditer(r"\d+", gold):
-        pass
-    if last:
+    numbers = list(re.finditer(r"\d+", gold))
+    if numbers:
+        last = numbers[-1]
         in_exponent = re.search(r"\^\{?[^{}]*$", gold[:last.start()]) is not None  # 1^2 is 1^3
         wrong("number + 1", gold[:last.start()] + str(int(last[0]) + 1) + gold[last.end():],
               None if in_exponent else False)
