@@ -10,6 +10,7 @@ Run:
     python data_prep.py                          # the built-in problems (builtin_problems.jsonl) -> data/
     python data_prep.py --synthetic 200          # 200 generated arithmetic chains (for tiny models)
     python data_prep.py --input s1K-1.1.parquet  # s1K-1.1 columns: question, deepseek_attempt, ...
+    python data_prep.py --input s1K-1.1.parquet --correct-only   # experts only from attempts graded correct
     python data_prep.py --input s1k.json --question-field problem --solution-field solution
     python data_prep.py --hf-dataset simplescaling/s1K-1.1    # online only (needs huggingface_hub)
     python data_prep.py --input trajs/ --out-dir data/swe     # agent trajectories (a file or a folder): agent steps
@@ -41,8 +42,13 @@ Choices the paper does not state, and departures from it:
   tail around a marker saying how much was cut; srl.py drops any prompt still over its --max-prompt-tokens.
 - A multi-part solution ("### Part (b)" then a list that restarts at 1) continues the step sequence, and
   the part heading opens the next step; a restart without such a heading is a list nested in the step.
-- The gold answer is the --answer-field column, else "answer" when present, else the last \\boxed{} of
-  the solution; problems without one are left out of the RLVR files only.
+- The gold answer is the --answer-field column if given. On graded data (s1K-1.1, whose --grade-field says
+  whether each attempt is right) it is the last \\boxed{} of an attempt graded correct: DeepSeek-R1's, else
+  Gemini's; a problem with no such attempt gets no RLVR record (a wrong gold answer would reward wrong
+  answers). Other data: "answer" when present, else the solution's last \\boxed{}. Problems without a gold
+  answer are left out of the RLVR files only (counted in the summary).
+- The SRL and SFT experts are every attempt, graded correct or not, as the paper (which does not filter by
+  grade); --correct-only keeps only problems whose expert attempt is graded correct.
 - sft_srl_train's monologue is a template ("Steps 1-2 are done. Next, step 3: <title>."), not real
   reasoning: it only teaches a small model the <think>...</think> + step format before SRL. An agent step
   uses the agent's own recorded thought when it has one.
@@ -61,13 +67,22 @@ from pathlib import Path
 
 import trajectories
 from trajectories import TrajectoryError, text_of
+from grader import last_boxed  # the gold answer of a solution: its last \boxed{}
 
 ROOT = Path(__file__).resolve().parent
 BUILTIN_PATH = ROOT / "builtin_problems.jsonl"
-# s1K-1.1's columns (the paper's data); other data sets map theirs with the --*-field flags.
+# s1K-1.1's columns (the paper's data), as its dataset card lists them (huggingface.co/datasets/simplescaling/
+# s1K-1.1, README, dataset_info features): question, solution (the source's reference solution), cot_type,
+# source_type, metadata, gemini_thinking_trajectory, gemini_attempt, deepseek_thinking_trajectory,
+# deepseek_attempt, gemini_grade, gemini_grade_reason, deepseek_grade, deepseek_grade_reason. A grade is the
+# string "Yes" (the attempt's answer agrees with the reference solution) or "No". Other data sets map their
+# columns with the --*-field flags.
 DEFAULT_FIELDS = dict(question="question", solution="deepseek_attempt", answer=None,
-                      reasoning="deepseek_thinking_trajectory")
-BUILTIN_FIELDS = dict(question="problem", solution="solution", answer="answer", reasoning=None)
+                      reasoning="deepseek_thinking_trajectory", grade="deepseek_grade")
+BUILTIN_FIELDS = dict(question="problem", solution="solution", answer="answer", reasoning=None, grade=None)
+# The graded attempts of an s1K-1.1 problem, (attempt column, grade column), tried in this order for the gold
+# answer after the expert's own attempt.
+GRADED_ATTEMPTS = [("deepseek_attempt", "deepseek_grade"), ("gemini_attempt", "gemini_grade")]
 
 
 class DataError(ValueError):
@@ -261,25 +276,6 @@ def step_title(step):
     return title if len(title) <= 80 else title[:77].rstrip() + "..."
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} or \\fbox{...} in text (nested braces; escaped \\{ \\} skipped), or the
-    token after "\\boxed " ("\\boxed 5"); None when there is none, it is empty, or it is left unclosed."""
-    heads = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text or ""))
-    if not heads:
-        return None
-    rest = text[heads[-1].end():]
-    body = rest.lstrip(" ")
-    if not body.startswith("{"):
-        token = re.match(r" +([^\s$]+)", rest)
-        return token[1] if token else None
-    depth = 0
-    for brace in re.finditer(r"\\.|[{}]", body, re.DOTALL):  # an escaped character (e.g. \{ in a set) is skipped
-        depth += {"{": 1, "}": -1}.get(brace[0], 0)
-        if depth == 0:
-            return body[1:brace.start()].strip() or None
-    return None  # unclosed braces
-
-
 # ----------------------------------------------------------------------------------------------------
 # The project's own data: built-in problems and a synthetic generator
 
@@ -341,9 +337,27 @@ def _answer_text(value):
     return None if value is None else str(value).strip() or None
 
 
-def normalize(records, fields, locations=None):
-    """Map raw records to {"id", "problem", "solution", "answer", "reasoning"}. fields: question, solution,
-    answer (None: "answer" if present, else the last \\boxed{} of the solution) and reasoning (optional)."""
+def graded_correct(grade):
+    """An s1K-1.1 grade: "Yes" means the attempt is right; "No", empty or missing means it is not."""
+    return isinstance(grade, str) and grade.strip().lower() == "yes"
+
+
+def graded_answer(record, fields):
+    """The last \\boxed{} answer of the first attempt graded correct (the expert's own attempt first, then the
+    others of GRADED_ATTEMPTS), or None when no attempt graded correct has one."""
+    attempts = [(fields["solution"], fields["grade"])] + [a for a in GRADED_ATTEMPTS if a[0] != fields["solution"]]
+    for attempt, grade in attempts:
+        if graded_correct(record.get(grade)):
+            answer = last_boxed(text_of(record.get(attempt)))
+            if answer:
+                return answer
+    return None
+
+
+def normalize(records, fields, locations=None, correct_only=False):
+    """Map raw records to {"id", "problem", "solution", "answer", "reasoning", "correct"}. fields: question, solution, answer (None: see the module docstring), reasoning
+    and grade (optional). "correct" is the expert attempt's grade (True / False), None on ungraded data;
+    correct_only makes a record without the grade column an error."""
     locations = locations or [f"record {i + 1}" for i in range(len(records))]
     problems, seen = [], set()
     for index, (record, where) in enumerate(zip(records, locations)):
@@ -360,11 +374,20 @@ def normalize(records, fields, locations=None):
         question, solution = text_of(record[fields["question"]]), text_of(record[fields["solution"]])
         if not question.strip():
             raise DataError(f"{where}: the field {fields['question']!r} is empty")
-        answer = (_answer_text(record[fields["answer"]]) if fields["answer"]
-                  else _answer_text(record.get("answer")) or last_boxed(solution))
+        graded = bool(fields.get("grade")) and fields["grade"] in record
+        if correct_only and not graded:
+            raise DataError(f"{where}: --correct-only needs graded attempts, and the record has no grade column "
+                            f"{fields.get('grade')!r}; it has: {', '.join(sorted(record))} (map it with --grade-field)")
+        if fields["answer"]:
+            answer = _answer_text(record[fields["answer"]])
+        elif graded:
+            answer = graded_answer(record, fields)
+        else:
+            answer = _answer_text(record.get("answer")) or last_boxed(solution)
         reasoning = text_of(record.get(fields["reasoning"])) if fields["reasoning"] else None
         problems.append({"id": pid, "problem": question, "solution": solution, "answer": answer,
-                         "reasoning": reasoning or None})
+                         "reasoning": reasoning or None,
+                         "correct": graded_correct(record[fields["grade"]]) if graded else None})
     return problems
 
 
@@ -394,14 +417,18 @@ def think_completion(example):
 
 
 def prepare(problems, include_first_step=False, next_step_title=False, context_pairs=2, fallback=None,
-            val_problems=None, seed=0, max_observation_chars=4000, test_problems=0, one_step=False):
+            val_problems=None, seed=0, max_observation_chars=4000, test_problems=0, one_step=False, correct_only=False):
     """(outputs, stats): outputs maps each file name to its records; the split is by problem (for agent
     trajectories, by instance). problems may be agent trajectories (trajectories.py: they have "steps").
     test_problems > 0 holds out that many more problems as test.jsonl ({id, problem, answer}), in no other file.
     one_step: the whole solution is one step (the paper's one-step reward ablation: the target is the whole
-    expert solution, the context the problem alone)."""
+    expert solution, the context the problem alone). correct_only leaves problems whose expert attempt is graded
+    wrong out of SRL and SFT (RLVR keeps them)."""
     stats = {"problems": len(problems), "agentic": 0, "no_steps": 0, "one_step": 0, "no_answer": 0,
-             "steps": [], "formats": Counter(), "no_action_turns": 0, "cut_observations": 0}
+             "steps": [], "formats": Counter(), "no_action_turns": 0, "cut_observations": 0,
+             "graded": sum(p.get("correct") is not None for p in problems), "experts_dropped": 0,
+             "correct_only": correct_only}
+    wrong_experts = {p["id"] for p in problems if correct_only and p.get("correct") is False}
     examples = {}  # problem id -> its SRL examples
     for problem in problems:
         if "steps" in problem:  # an agent trajectory: one example per action
@@ -412,6 +439,9 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
             stats["cut_observations"] += sum(len(s["observation"]) > max_observation_chars for s in problem["steps"])
             examples[problem["id"]] = trajectories.agent_examples(problem, context_pairs, max_observation_chars)
             stats["no_steps"] += not examples[problem["id"]]  # a trajectory without any action
+            continue
+        if problem["id"] in wrong_experts:
+            stats["experts_dropped"] += 1
             continue
         steps = [problem["solution"].strip()] if one_step else split_steps(problem["solution"])
         if not steps and fallback == "paragraphs":
@@ -459,7 +489,7 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
             sft = {k: problem[k] for k in ("id", "problem", "solution", "answer")}
             if problem["reasoning"]:
                 sft["reasoning"] = problem["reasoning"]
-        if split == "train":
+        if split == "train" and problem["id"] not in wrong_experts:
             outputs["sft_srl_train.jsonl"] += [{**ex, "completion": think_completion(ex)} for ex in srl]
             outputs["sft_train.jsonl"].append(sft)
     return outputs, stats
@@ -492,7 +522,7 @@ def write_jsonl(path, records):
     write_outputs(Path(path).parent, {Path(path).name: records})
 
 
-def summary(source, outputs, stats, out_dir, seconds, max_observation_chars=4000):
+def summary(source, problems, outputs, stats, out_dir, seconds, max_observation_chars=4000):
     steps = stats["steps"]
     spread = f"min {min(steps)} / median {statistics.median(steps):g} / max {max(steps)}" if steps else ""
     if stats["agentic"]:
@@ -509,9 +539,15 @@ def summary(source, outputs, stats, out_dir, seconds, max_observation_chars=4000
                  f"with numbered steps: {len(steps)}" + (f"; steps per solution {spread}" if steps else ""),
                  f"dropped from SRL: {stats['no_steps']} without numbered steps, {stats['one_step']} with a "
                  "single step (no example without --include-first-step)",
-                 f"dropped from RLVR: {stats['no_answer']} without an answer",
-                 f"problems held out for validation: {stats['val_problems']}"
-                 + (f", for the test file: {stats['test_problems']}" if stats["test_problems"] else "")]
+                 f"dropped from RLVR: {stats['no_answer']} without an answer"
+                 + (" (no attempt graded correct with a \\boxed{} answer)" if stats["graded"] else "")]
+        if stats["graded"]:
+            wrong = sum(p.get("correct") is False for p in problems)
+            lines.append(f"expert attempt graded wrong: {wrong} of {stats['graded']} graded problems; " + (
+                f"{stats['experts_dropped']} left out of SRL and SFT (--correct-only)" if stats["correct_only"]
+                else "kept as experts, as in the paper (--correct-only leaves them out)"))
+        lines.append(f"problems held out for validation: {stats['val_problems']}"
+                     + (f", for the test file: {stats['test_problems']}" if stats["test_problems"] else ""))
     lines += [f"  {Path(out_dir) / name}: {len(records)} examples" for name, records in outputs.items()]
     lines.append(f"done in {seconds:.2f} s")
     return "\n".join(lines)
@@ -529,7 +565,12 @@ def main(argv=None):
     parser.add_argument("--question-field", default=DEFAULT_FIELDS["question"])
     parser.add_argument("--solution-field", default=DEFAULT_FIELDS["solution"])
     parser.add_argument("--answer-field", default=None,
-                        help="gold answer column (default: 'answer' if present, else the solution's last \\boxed{})")
+                        help="gold answer column (default: the boxed answer of an attempt graded correct on graded "
+                             "data, else 'answer' if present, else the solution's last \\boxed{})")
+    parser.add_argument("--grade-field", default=DEFAULT_FIELDS["grade"],
+                        help="the grade (\"Yes\" / \"No\") of the --solution-field attempt, used when present")
+    parser.add_argument("--correct-only", action="store_true",
+                        help="SRL and SFT experts only from attempts graded correct (default: all, as the paper)")
     parser.add_argument("--reasoning-field", default=DEFAULT_FIELDS["reasoning"],
                         help="reasoning trace for sft_train.jsonl, used when present")
     parser.add_argument("--include-first-step", action="store_true", help="also k = 1 (empty context)")
@@ -569,7 +610,7 @@ def main(argv=None):
                                     else BUILTIN_PATH)
             fields = BUILTIN_FIELDS if source == BUILTIN_PATH else dict(
                 question=args.question_field, solution=args.solution_field, answer=args.answer_field,
-                reasoning=args.reasoning_field)
+                reasoning=args.reasoning_field, grade=args.grade_field)
             records, locations, names = _load(source)
         folder = args.synthetic is None and Path(source).is_dir()
         if args.synthetic is None and (args.format or folder or trajectories.detect_format(records[0])):
@@ -577,17 +618,17 @@ def main(argv=None):
             if not problems:
                 raise DataError(f"{source}: no agent trajectory among its files")
         else:
-            problems = normalize(records, fields, locations)
+            problems = normalize(records, fields, locations, args.correct_only)
         outputs, stats = prepare(problems, args.include_first_step, args.next_step_title, args.context_pairs,
                                  args.fallback, args.val_problems, args.seed, args.max_observation_chars,
-                                 args.test_problems, args.one_step)
+                                 args.test_problems, args.one_step, args.correct_only)
         write_outputs(args.out_dir, outputs)
     except (DataError, TrajectoryError) as e:
         sys.exit(f"data_prep.py: error: {e}")
     if skipped:
         print(f"skipped {len(skipped)} files that hold no agent trajectory: {', '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""))
-    print(summary(source, outputs, stats, args.out_dir, time.time() - start, args.max_observation_chars))
+    print(summary(source, problems, outputs, stats, args.out_dir, time.time() - start, args.max_observation_chars))
 
 
 if __name__ == "__main__":

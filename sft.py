@@ -94,10 +94,12 @@ def fitted_tiny(records, target="solution"):
 
 
 def tokenize(records, tokenizer, target="solution", max_length=4096, where="data"):
-    """[(prompt ids, target ids)], target ids ending with the end-of-turn token. An example longer than max_length
-    loses the end of its target (and its stop token); one whose prompt alone fills max_length is dropped."""
+    """(examples, lost, dropped): examples are [(prompt ids, target ids)], target ids ending with the end-of-turn
+    token. An example longer than max_length loses the end of its target (and its stop token): lost[i] is the
+    number of target tokens example i lost (0 when whole). dropped counts the records whose prompt alone fills
+    max_length."""
     stop_id = end_of_turn_id(tokenizer)
-    examples, truncated, dropped = [], 0, 0
+    examples, lost, dropped = [], [], 0
     for line_no, record in enumerate(records, 1):
         messages, text = messages_and_target(record, target, f"{where}:{line_no}")
         prompt = encode_chat(tokenizer, messages)
@@ -106,9 +108,22 @@ def tokenize(records, tokenizer, target="solution", max_length=4096, where="data
         if room < 1:
             dropped += 1
             continue
-        truncated += len(completion) > room
         examples.append((prompt, completion[:room]))
-    return examples, truncated, dropped
+        lost.append(max(0, len(completion) - room))
+    return examples, lost, dropped
+
+
+def truncation_report(examples, lost, dropped, max_length):
+    """What --max-length costs, in words: targets cut and the tokens they lose, and the length that would keep
+    95% (and all) of the examples whole."""
+    cut = [n for n in lost if n > 0]
+    whole = sorted(len(p) + len(t) + n for (p, t), n in zip(examples, lost))
+    p95 = whole[math.ceil(0.95 * len(whole)) - 1]
+    return (f"--max-length {max_length}: {len(cut)} of {len(examples)} targets cut ({len(cut) / len(examples):.1%})"
+            + (f", each losing its end and its stop token (tokens lost: mean {sum(cut) / len(cut):.0f}, max "
+               f"{max(cut)})" if cut else "")
+            + f"; {dropped} dropped (the prompt alone fills it). Whole examples need up to {whole[-1]} tokens; "
+            f"95% fit in {p95}.")
 
 
 def length_grouped_batches(lengths, batch_size, seed, epoch, chunk_batches=32):
@@ -268,12 +283,13 @@ def main(argv=None):
     else:
         model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
-    examples, truncated, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
+    examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
     if not examples:
         raise SystemExit(f"sft.py: every example of {args.data} is longer than --max-length {args.max_length}")
     lengths = [len(p) + len(t) for p, t in examples]
-    print(f"{len(examples)} examples from {args.data} ({truncated} truncated, {dropped} dropped at --max-length "
-          f"{args.max_length}); tokens per example: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    print(f"{len(examples)} examples from {args.data}; tokens per example as trained: mean "
+          f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    print(truncation_report(examples, lost, dropped, args.max_length))
     batches_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
     end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps

@@ -397,9 +397,26 @@ def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt,
                       response_length=total_tokens / n, truncation_rate=1 - finished / n, sampled_tokens=total_tokens)
 
 
+def validation_sample(examples, limit, seed):
+    """The validation examples scored: a seeded sample spread over as many held-out problems as possible (one
+    example of every problem, in a seeded order, before any problem gives a second). The first examples of the
+    file would be consecutive steps of a few problems. It depends only on the file and the seed, so every
+    evaluation of a run, resumed or not, scores the same examples."""
+    rng = random.Random(seed)
+    by_problem = {}
+    for index, example in enumerate(examples):
+        by_problem.setdefault(str(example.get("id", f"#{index}")), []).append(example)
+    groups = list(by_problem.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    rounds = [[group[k] for group in groups if k < len(group)] for k in range(max(map(len, groups), default=0))]
+    return [example for round_ in rounds for example in round_][:limit]
+
+
 def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
     """Greedy action of each validation example: mean reward (format failures count 0) and format rate."""
-    examples = examples[:args.val_limit]
+    examples = validation_sample(examples, args.val_limit, args.seed)
     prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in examples]
     outputs = generate(policy, prompts, args.max_new_tokens, temperature=0, progress=True)
     rewards = [reward_fn(decode(tokenizer, c), ex) for c, ex in zip(outputs, examples)]

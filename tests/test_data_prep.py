@@ -512,6 +512,80 @@ def test_parquet_with_pyarrow(tmp_path):
     assert read_records(tmp_path / "s.parquet") == rows
 
 
+def s1k_11_row(question, deepseek_attempt, deepseek_grade, gemini_attempt, gemini_grade, solution="See source."):
+    """One record with every column of s1K-1.1 (the names of its dataset card), in the card's order."""
+    return {"solution": solution, "question": question, "cot_type": "math", "source_type": "test/source",
+            "metadata": "{}", "gemini_thinking_trajectory": "Gemini thinks.", "gemini_attempt": gemini_attempt,
+            "deepseek_thinking_trajectory": f"R1 thinks about {question}", "deepseek_attempt": deepseek_attempt,
+            "gemini_grade": gemini_grade, "gemini_grade_reason": "reason", "deepseek_grade": deepseek_grade,
+            "deepseek_grade_reason": "reason"}
+
+
+def steps_with_answer(answer):
+    return f"1. **Set up.** Write it down.\n2. **Compute.** It gives {answer}.\n3. **Answer.** \\boxed{{{answer}}}"
+
+
+S1K_11_ROWS = [
+    # both attempts right: R1's boxed answer is the gold answer
+    s1k_11_row("Q0?", steps_with_answer(5), "Yes", "So \\boxed{5}.", "Yes", solution="The answer is 5."),
+    # R1 wrong, Gemini right: Gemini's answer, never R1's
+    s1k_11_row("Q1?", steps_with_answer(7), "No", "So \\boxed{6}.", "Yes", solution="Hence \\boxed{6}."),
+    # both wrong: no RLVR record, even though the reference solution holds a boxed answer
+    s1k_11_row("Q2?", steps_with_answer(9), "No", "So \\boxed{10}.", "No", solution="Hence \\boxed{8}."),
+    # R1 graded right but boxes nothing (a proof): the next attempt graded right gives the answer
+    s1k_11_row("Q3?", "1. **Idea.** A.\n2. **Proof.** B. QED", "Yes", "Thus \\boxed{n^2}.", "Yes"),
+]
+
+
+def test_s1k_11_parquet_gold_answers_from_graded_attempts(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is needed to write and read parquet files")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(S1K_11_ROWS), tmp_path / "s1K-1.1.parquet")
+    result = run_cli("--input", tmp_path / "s1K-1.1.parquet", "--out-dir", tmp_path / "all", "--val-problems", 0)
+    assert result.returncode == 0, result.stderr
+    assert read_jsonl(tmp_path / "all" / "rlvr_train.jsonl") == [
+        {"id": "0", "problem": "Q0?", "answer": "5"}, {"id": "1", "problem": "Q1?", "answer": "6"},
+        {"id": "3", "problem": "Q3?", "answer": "n^2"}]
+    assert "dropped from RLVR: 1 without an answer" in result.stdout
+    assert "expert attempt graded wrong: 2 of 4 graded problems; kept as experts" in result.stdout
+    # by default (as the paper) every R1 attempt is an expert, right or wrong
+    srl = read_jsonl(tmp_path / "all" / "srl_train.jsonl")
+    assert [(e["id"], e["step_index"]) for e in srl] == [("0", 2), ("0", 3), ("1", 2), ("1", 3), ("2", 2),
+                                                         ("2", 3), ("3", 2)]
+    assert srl[2]["target_step"] == "2. **Compute.** It gives 7."  # the wrong attempt's own step
+    sft = read_jsonl(tmp_path / "all" / "sft_train.jsonl")
+    assert [r["id"] for r in sft] == ["0", "1", "2", "3"]
+    assert sft[1]["solution"] == S1K_11_ROWS[1]["deepseek_attempt"] and sft[1]["reasoning"] == "R1 thinks about Q1?"
+    assert sft[2]["answer"] is None
+
+    result = run_cli("--input", tmp_path / "s1K-1.1.parquet", "--out-dir", tmp_path / "ok", "--val-problems", 0,
+                     "--correct-only")
+    assert result.returncode == 0, result.stderr
+    assert "2 left out of SRL and SFT (--correct-only)" in result.stdout
+    assert {e["id"] for e in read_jsonl(tmp_path / "ok" / "srl_train.jsonl")} == {"0", "3"}
+    assert {e["id"] for e in read_jsonl(tmp_path / "ok" / "sft_srl_train.jsonl")} == {"0", "3"}
+    assert [r["id"] for r in read_jsonl(tmp_path / "ok" / "sft_train.jsonl")] == ["0", "3"]
+    assert read_jsonl(tmp_path / "ok" / "rlvr_train.jsonl") == read_jsonl(tmp_path / "all" / "rlvr_train.jsonl")
+
+
+def test_s1k_11_validation_problems_and_grade_spellings(tmp_path):
+    rows = [s1k_11_row(f"Q{i}?", steps_with_answer(i), grade, "", None) for i, grade in
+            enumerate(["Yes", "yes ", "No", "", None, "Yes"] * 3)]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(rows))
+    assert run_cli("--input", path, "--out-dir", tmp_path, "--val-problems", 3).returncode == 0
+    rlvr = read_jsonl(tmp_path / "rlvr_train.jsonl") + read_jsonl(tmp_path / "rlvr_val.jsonl")
+    assert sorted(int(r["id"]) for r in rlvr) == [i for i in range(18) if i % 6 in (0, 1, 5)]
+    assert all(r["answer"] == r["id"] for r in rlvr)
+    assert len({e["id"] for e in read_jsonl(tmp_path / "srl_val.jsonl")}) == 3
+
+
+def test_correct_only_on_ungraded_data_names_the_record_and_column(tmp_path):
+    result = write_then_fail(tmp_path, json.dumps(make_problem("a", 3)) + "\n", *S1K_FLAGS, "--correct-only")
+    assert "in.jsonl, line 1: --correct-only needs graded attempts" in result.stderr
+    assert "'deepseek_grade'" in result.stderr and "--grade-field" in result.stderr
+
+
 def test_hf_dataset_download_uses_huggingface_hub(tmp_path, monkeypatch):
     local = tmp_path / "train.jsonl"
     local.write_text(json.dumps({"question": "Q?", "deepseek_attempt": "1. a\n2. b"}) + "\n")

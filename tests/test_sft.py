@@ -106,9 +106,25 @@ def test_max_length_truncates_the_target_and_drops_long_prompts(tiny):
     _, tokenizer = tiny
     full, _, _ = sft.tokenize(MATH_RECORDS[:1], tokenizer)
     prompt_len, target_len = len(full[0][0]), len(full[0][1])
-    examples, truncated, dropped = sft.tokenize(MATH_RECORDS[:1], tokenizer, max_length=prompt_len + 5)
-    assert (truncated, dropped) == (1, 0) and examples[0][1] == full[0][1][:5] and target_len > 5
-    assert sft.tokenize(MATH_RECORDS[:1], tokenizer, max_length=prompt_len)[1:] == (0, 1)
+    examples, lost, dropped = sft.tokenize(MATH_RECORDS[:1], tokenizer, max_length=prompt_len + 5)
+    assert (lost, dropped) == ([target_len - 5], 0) and examples[0][1] == full[0][1][:5] and target_len > 5
+    assert sft.tokenize(MATH_RECORDS[:1], tokenizer, max_length=prompt_len)[1:] == ([], 1)
+
+
+def test_truncation_report_counts_cut_targets_and_tokens_lost(tiny):
+    _, tokenizer = tiny
+    records = [{"problem": "p", "solution": "s" * n} for n in range(10, 210, 10)]  # 20 targets, 10 bytes apart
+    full, lost, _ = sft.tokenize(records, tokenizer, max_length=10_000)
+    assert lost == [0] * 20
+    whole = [len(p) + len(t) for p, t in full]
+    assert whole == sorted(whole) and len(set(whole)) == 20
+    examples, lost, dropped = sft.tokenize(records, tokenizer, max_length=whole[14])  # the 15 shortest fit
+    assert lost == [0] * 15 + [whole[i] - whole[14] for i in range(15, 20)] and dropped == 0
+    report = sft.truncation_report(examples, lost, dropped, whole[14])
+    assert "5 of 20 targets cut (25.0%)" in report
+    assert f"tokens lost: mean {sum(lost) / 5:.0f}, max {whole[19] - whole[14]})" in report
+    assert f"need up to {whole[19]} tokens; 95% fit in {whole[18]}." in report
+    assert "0 of 20 targets cut (0.0%); 0 dropped" in sft.truncation_report(full, [0] * 20, 0, 10_000)
 
 
 def test_length_grouped_batches():

@@ -1,12 +1,14 @@
 """Tests of srl.py's reward and GRPO pieces against independent oracles: difflib for the similarity, plain Python
 formulas (math, statistics) for advantages and loss values, torch.autograd of a differently written formula for
 the gradients."""
+import collections
 import difflib
 import json
 import math
 import random
 import re
 import statistics
+import types
 
 import pytest
 import torch
@@ -299,3 +301,60 @@ def test_grpo_loss_micro_batches_add_up():
     own = [srl.grpo_loss(logp[s], old_logp[s], adv[s], mask[s])[0].item() for s in (slice(0, 2), slice(2, 4))]
     nokl, _ = srl.grpo_loss(logp, old_logp, adv, mask)
     assert sum(own) != pytest.approx(nokl.item(), rel=1e-3)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The validation sample: spread over problems
+
+
+def check_spread(picked, examples):
+    """Every problem gives one example before any gives a second: two problems' counts differ by at most one,
+    unless the smaller one has no example left."""
+    total = collections.Counter(e["id"] for e in examples)
+    count = collections.Counter(e["id"] for e in picked)
+    for a in total:
+        for b in total:
+            assert count[a] - count[b] <= 1 or count[b] == total[b], (a, b, count[a], count[b])
+
+
+def test_validation_sample_rounds_robin_over_problems():
+    sizes = {"a": 5, "b": 1, "c": 3, "d": 2, "e": 4}
+    examples = [{"id": pid, "step_index": k} for pid, n in sizes.items() for k in range(2, n + 2)]
+    for limit in range(1, 17):
+        picked = srl.validation_sample(examples, limit, seed=3)
+        assert len(picked) == min(limit, 15)
+        assert len({(e["id"], e["step_index"]) for e in picked}) == len(picked)  # no example twice
+        assert len({e["id"] for e in picked}) == min(limit, 5)
+        check_spread(picked, examples)
+    assert srl.validation_sample(examples, 4, seed=3) == srl.validation_sample(examples, 4, seed=3)
+    assert srl.validation_sample(examples, None, seed=0) != examples  # the whole set, in a seeded order
+    assert sorted(map(str, srl.validation_sample(examples, None, seed=0))) == sorted(map(str, examples))
+    assert len({str(srl.validation_sample(examples, 4, seed=s)) for s in range(6)}) > 1
+
+
+def test_validation_sample_covers_the_held_out_s1k_problems(shared_data):
+    import data_prep
+    path = shared_data / "trajectories" / "s1k_problems_solutions.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    fields = dict(question="problem", solution="solution", answer=None, reasoning=None, grade=None)
+    outputs, stats = data_prep.prepare(data_prep.normalize(data_prep.read_records(path), fields))
+    val = outputs["srl_val.jsonl"]
+    problems = {e["id"] for e in val}
+    assert stats["val_problems"] == len(problems) == 27
+    picked = srl.validation_sample(val, 64, seed=0)
+    assert len(picked) == 64 and {e["id"] for e in picked} == problems  # all 27 (the file's first 64: fewer)
+    assert len({e["id"] for e in val[:64]}) < len(problems)
+    check_spread(picked, val)
+    assert picked == srl.validation_sample(val, 64, seed=0)  # the same at every evaluation and on resume
+
+
+def test_validate_scores_the_validation_sample(monkeypatch):
+    examples = [{"id": pid, "target_step": f"{pid}{k}"} for pid in "abcdef" for k in range(3)]
+    monkeypatch.setattr(srl, "encode_chat", lambda tokenizer, messages: [1])
+    monkeypatch.setattr(srl, "generate", lambda policy, prompts, *a, **kw: [[] for _ in prompts])
+    monkeypatch.setattr(srl, "decode", lambda tokenizer, ids: "")
+    scored = []
+    args = types.SimpleNamespace(val_limit=8, seed=5, max_new_tokens=4)
+    srl.validate(args, None, None, examples, lambda ex: [], lambda text, ex: scored.append(ex) or 0.5)
+    assert scored == srl.validation_sample(examples, 8, seed=5) and len({e["id"] for e in scored}) == 6
