@@ -79,20 +79,21 @@ def _read_one_file(path):
         raise TrajectoryError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         return [], []
-    try:  # one JSON value over the whole file: a .traj object, or a list
-        value = json.loads(text)
-        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-            return [{"messages": value}], [str(path)]  # a bare message list is one trajectory
-        if isinstance(value, list):
-            return value, [f"{path}, record {i + 1}" for i in range(len(value))]
-        return [value], [str(path)]
-    except json.JSONDecodeError as e:
-        lines = text.splitlines()
-        first = next((line for line in lines if line.strip()), "")
-        try:
-            json.loads(first)
-        except json.JSONDecodeError:  # not JSONL either: report the whole-file error where it is
-            raise TrajectoryError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    lines = text.splitlines()
+    if path.suffix != ".jsonl":
+        try:  # one JSON value over the whole file: a .traj object, or a list
+            value = json.loads(text)
+            if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+                return [{"messages": value}], [str(path)]  # a bare message list is one trajectory
+            if isinstance(value, list):
+                return value, [f"{path}, record {i + 1}" for i in range(len(value))]
+            return [value], [str(path)]
+        except json.JSONDecodeError as e:
+            first = next((line for line in lines if line.strip()), "")
+            try:
+                json.loads(first)
+            except json.JSONDecodeError:  # not JSONL either: report the whole-file error where it is
+                raise TrajectoryError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
     records, locations = [], []  # JSONL: one record per line
     for lineno, line in enumerate(lines, 1):
         if line.strip():
