@@ -487,14 +487,15 @@ def default_stop_token_ids(tokenizer):
 
 
 def build_tiny(seed=0, texts=None):
-    """The embedded default: a small random Qwen2-style decoder (1.1M parameters) and a byte-level tokenizer with
+    """The embedded default: a small random Llama-style decoder (1.0M parameters) and a byte-level tokenizer with
     ChatML special tokens, made on the spot with no file or network. After save_model it is a normal checkpoint.
 
     texts=None gives one token per byte (256 tokens). With texts (e.g. the warm start's training data, rendered
     through the chat template), byte-level BPE merges are learned from them, as a real model's tokenizer is
     learned from its corpus: frequent words and whole numbers become single tokens, so sequences are about 3x
     shorter and a number is one token, which a model this small learns to add far sooner than digit by digit.
-    The merges are deterministic for the same texts."""
+    The merges are deterministic for the same texts. (Llama rather than Qwen2, because transformers replaces a
+    Qwen2 checkpoint's pre-tokenizer with Qwen's, which splits numbers into digits; for "llama" it keeps ours.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -520,7 +521,7 @@ def build_tiny(seed=0, texts=None):
         chat_template=CHATML_TEMPLATE)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[2:]})
     model = Decoder(ModelConfig.from_hf(dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128,
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=len(tokenizer), hidden_size=128,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
         rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=4096,
         eos_token_id=tokenizer.convert_tokens_to_ids(specials[0]))))

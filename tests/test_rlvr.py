@@ -33,7 +33,7 @@ def test_rlvr_steps_keep_mixed_groups_and_raise_accuracy(tmp_path):
     prompt = M.encode_chat(tokenizer, math_messages(problem["problem"]))
     targets = [tokenizer.encode(t, add_special_tokens=False) + model.stop_token_ids[:1]
                for t in ("\\boxed{9}", "\\boxed{8}")]
-    supervised_warm_start(model, prompt, targets, steps=40)
+    supervised_warm_start(model, prompt, targets, steps=40, lr=3e-3)
     M.save_model(model, tokenizer, tmp_path / "warm")
     (tmp_path / "rlvr_train.jsonl").write_text(json.dumps(problem) + "\n")
     (tmp_path / "rlvr_val.jsonl").write_text(json.dumps(problem) + "\n")
@@ -47,7 +47,7 @@ def test_rlvr_steps_keep_mixed_groups_and_raise_accuracy(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "rlvr.py"), "--model", str(tmp_path / "warm"),
                     "--data", str(tmp_path / "rlvr_train.jsonl"), "--out", str(tmp_path / "run"),
                     "--max-steps", "12", "--batch-prompts", "1", "--group-size", "32", "--max-new-tokens", "12",
-                    "--lr", "3e-5", "--eval-every", "6", "--device", "cpu"], check=True, env=env, cwd=tmp_path)
+                    "--lr", "3e-4", "--eval-every", "6", "--device", "cpu"], check=True, env=env, cwd=tmp_path)
     log = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [entry["step"] for entry in log] == list(range(1, 13))
     for entry in log:

@@ -199,3 +199,22 @@ def test_missing_data_tells_to_run_data_prep(tmp_path):
         sft.main(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match="--resume"):
         sft.main(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "run"), "--resume"])
+
+
+def test_fitted_tiny_tokenizer_survives_save_and_load(tmp_path):
+    """The warm start's tokenizer is fitted to its data (numbers become single tokens); a checkpoint must give the
+    same ids after save_model, through load_model and through transformers' AutoTokenizer."""
+    from transformers import AutoTokenizer
+    import data_prep
+    from model import encode_chat, load_model, save_model
+    problems = data_prep.normalize(data_prep.synthetic_problems(30, 3, seed=1), data_prep.BUILTIN_FIELDS)
+    records = data_prep.prepare(problems, val_problems=0)[0]["sft_srl_train.jsonl"]
+    model, tokenizer = sft.fitted_tiny(records)
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" 42", add_special_tokens=False)) == ["Ġ42"]
+    save_model(model, tokenizer, tmp_path / "ckpt")
+    loaded, hf = load_model(tmp_path / "ckpt")[1], AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
+    for record in records:
+        messages, target = sft.messages_and_target(record)
+        ids = encode_chat(tokenizer, messages) + tokenizer.encode(target, add_special_tokens=False)
+        assert encode_chat(loaded, messages) + loaded.encode(target, add_special_tokens=False) == ids
+        assert encode_chat(hf, messages) + hf.encode(target, add_special_tokens=False) == ids

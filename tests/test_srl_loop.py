@@ -75,11 +75,11 @@ def test_srl_steps_raise_the_reward_on_a_fixed_example(tmp_path):
     prompt = M.encode_chat(tokenizer, short_prompt(EXAMPLE))
     targets = [tokenizer.encode(t, add_special_tokens=False) + model.stop_token_ids[:1]
                for t in ("<think>+</think>2. 5+4=9", "<think>+</think>2. 1-1=0")]
-    supervised_warm_start(model, prompt, targets, steps=50)
+    supervised_warm_start(model, prompt, targets, steps=50, lr=3e-3)
     M.save_model(model, tokenizer, tmp_path / "warm")
     before = mean_reward(model, tokenizer, EXAMPLE)
     args = loop_args(tmp_path, [EXAMPLE], model=tmp_path / "warm", batch_prompts=1, group_size=32,
-                     max_new_tokens=28, max_steps=20, lr=3e-5, save_every=20)
+                     max_new_tokens=28, max_steps=20, lr=3e-4, save_every=20)
     trained = srl.train(args, short_prompt, srl_step_reward)
     after = mean_reward(trained, tokenizer, EXAMPLE)
     log = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
