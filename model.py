@@ -368,6 +368,26 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 # Log-probabilities for training
 
 
+def completion_logprobs_reference(model, prompts, completions, temperature=1.0):
+    """What completion_logprobs computes, written the simple way: one row per prompt + completion, right-padded,
+    a full forward, then the log-probability of each completion token at the position before it. Returns logp
+    [B, Tc] and mask [B, Tc]. It holds [B, T, vocab] logits and runs a shared prompt once per row: read it first,
+    and use it to check the packed version (the tests do)."""
+    device = model.lm_head.weight.device
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    ids = ids.to(device)
+    logp_all = (model(ids).float() / temperature).log_softmax(-1)  # [B, T, vocab]
+    token_logp = logp_all[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, T-1]: of token t+1 at position t
+    # completion token j of row b sits at len(prompt_b) + j; the position before it predicts it
+    predictor = torch.tensor([len(p) - 1 for p in prompts])[:, None] + torch.arange(max(map(len, completions)))
+    mask = (torch.arange(predictor.shape[1]) < torch.tensor([len(c) for c in completions])[:, None]).float()
+    logp = token_logp.gather(1, predictor.clamp(max=ids.shape[1] - 2).to(device))
+    return logp * mask.to(device), mask.to(device)
+
+
 def completion_logprobs(model, prompts, completions, temperature=1.0, with_entropy=False, chunk_size=256):
     """Per-token log-probabilities of `completions` (lists of token ids) after `prompts`, at the sampling
     temperature (logits / temperature, so they match what the sampler drew from).
@@ -599,6 +619,52 @@ def save_model(model, tokenizer, path, training_state=None):
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+
+
+def save_checkpoint(model, tokenizer, optimizer, folder, plan, **progress):
+    """A Hugging Face folder plus training_state.pt holding all that --resume needs to continue exactly: the
+    optimizer, every RNG state, the run's plan (the resolved flags) and the loop's progress (step, position, ...)."""
+    state = dict(progress, optimizer=optimizer.state_dict(), rng=rng_states(), args=plan)
+    save_model(model, tokenizer, folder, training_state=state)
+
+
+def restore_plan(args, plan):
+    """--resume: the checkpoint's plan replaces the command line's flags; each flag it overrides is printed."""
+    for name, value in plan.items():
+        if getattr(args, name, None) not in (None, value):
+            print(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
+        setattr(args, name, value)
+
+
+def read_jsonl(path):
+    """The records of a JSONL file (data_prep.py's outputs). A missing file or a malformed line ends the program
+    with a message that names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `python data_prep.py` first (it writes data/), or pass --data")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})") from None
+    return records
+
+
+def open_metrics(path, resume_step):
+    """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped
+    (the resumed run redoes those steps)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resume_step is not None and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return open(path, "a", encoding="utf-8")
 
 
 def load_training_state(path):

@@ -48,9 +48,9 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
-                   save_model, set_rng_states)
-from srl import parse_action, read_jsonl, srl_messages, srl_reward
+from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
+                   read_jsonl, restore_plan, save_checkpoint, set_rng_states)
+from srl import parse_action, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
 PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
@@ -190,26 +190,6 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
 PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed")
 
 
-def save_checkpoint(model, tokenizer, optimizer, args, step, batches_per_epoch, skipped):
-    """<out>/last: the weights (a Hugging Face folder) and everything --resume needs to continue exactly."""
-    state = {"step": step, "epoch": step // batches_per_epoch, "batch_in_epoch": step % batches_per_epoch,
-             "skipped_steps": skipped, "optimizer": optimizer.state_dict(), "rng": rng_states(),
-             "args": {k: getattr(args, k) for k in PLAN}}
-    save_model(model, tokenizer, Path(args.out) / "last", training_state=state)
-
-
-def open_metrics(path, resume_step):
-    """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if resume_step is not None and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-    return open(path, "a", encoding="utf-8")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,7 +220,7 @@ def main(argv=None):
     if args.resume and state is None:
         raise SystemExit(f"sft.py: --resume: {out / 'last'} holds no training state (no earlier run in {out})")
     if state is not None:
-        vars(args).update(state["args"])  # the same plan as the interrupted run, whatever the flags say
+        restore_plan(args, state["args"])  # the same plan as the interrupted run, whatever the flags say
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -293,7 +273,9 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if step % args.save_every == 0 or step == end_step:
-            save_checkpoint(model, tokenizer, optimizer, args, step, batches_per_epoch, skipped)
+            save_checkpoint(model, tokenizer, optimizer, out / "last", {k: getattr(args, k) for k in PLAN}, step=step,
+                            epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
+                            skipped_steps=skipped)
     bar.close()
     metrics.close()
     print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")

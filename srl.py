@@ -44,12 +44,13 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
-                   save_model, set_rng_states)
+from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
+                   read_jsonl, restore_plan, save_checkpoint, save_model, set_rng_states)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -250,62 +251,55 @@ def srl_messages(example):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints), shared with rlvr.py.
 
-
 SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr=3e-5, max_steps=20)
 LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
+# flags that --resume takes from the command line; every other one comes from the checkpoint's plan
+RUNTIME_FLAGS = ("resume", "device", "out", "max_steps", "eval_every", "save_every", "val_limit")
 
 
 def training_arguments(description, data_default, out_default, std_threshold_default):
-    """The command line of the GRPO loop; rlvr.py builds its own from the same function."""
+    """The command line of the GRPO loop; rlvr.py builds its own from the same function. Flags left at None take
+    the defaults of the model's size class (SMALL_MODEL_DEFAULTS / LARGE_MODEL_DEFAULTS)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/sft" if Path("runs/sft").is_dir() else "tiny",
-                   help="alias, hub id, checkpoint or run folder (default: runs/sft from sft.py, else tiny)")
-    p.add_argument("--data", default=data_default, help="training JSONL from data_prep.py")
-    p.add_argument("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
-    p.add_argument("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (large models: --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-prompts", type=int, default=None, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
-    p.add_argument("--group-size", type=int, default=None, help="rollouts per prompt, G (paper: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=None, help="(paper: 5e-7)")
-    p.add_argument("--std-threshold", type=float, default=std_threshold_default,
-                   help="dynamic sampling: keep a group only if the std of its rewards is above this")
-    p.add_argument("--max-draws", type=int, default=4, help="sampling rounds per step before training on less")
-    p.add_argument("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by std")
-    p.add_argument("--clip-low", type=float, default=0.2)
-    p.add_argument("--clip-high", type=float, default=0.28)
-    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
-    p.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch")
-    p.add_argument("--micro-batch", type=int, default=8,
-                   help="completions per forward/backward pass (the completions of one prompt share its forward)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
-    p.add_argument("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
-    p.add_argument("--val-limit", type=int, default=64, help="validation examples used")
-    p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    arg = p.add_argument
+    # Data and run folder
+    arg("--model", default="runs/sft" if Path("runs/sft").is_dir() else "tiny",
+        help="alias, hub id, checkpoint or run folder (default: runs/sft from sft.py, else tiny)")
+    arg("--data", default=data_default, help="training JSONL from data_prep.py")
+    arg("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
+    arg("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
+    # Rollouts
+    arg("--batch-prompts", type=int, default=None, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
+    arg("--group-size", type=int, default=None, help="rollouts per prompt, G (paper: 8)")
+    arg("--max-new-tokens", type=int, default=None, help="longest completion; longer ones are cut (truncated)")
+    arg("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (paper: 1.0)")
+    arg("--std-threshold", type=float, default=std_threshold_default,
+        help="dynamic sampling: keep a group only if the std of its rewards is above this")
+    arg("--max-draws", type=int, default=4, help="sampling rounds per step before training on fewer groups")
+    # GRPO loss
+    arg("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by the group's std")
+    arg("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low (not in the paper; DAPO)")
+    arg("--clip-high", type=float, default=0.28, help="ratio clipped above at 1 + clip-high (DAPO's 0.28)")
+    arg("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
+    # Optimisation
+    arg("--lr", type=float, default=None, help="AdamW learning rate, constant (paper: 5e-7)")
+    arg("--max-steps", type=int, default=None, help="optimiser steps (default for large models: --epochs)")
+    arg("--epochs", type=float, default=1.0, help="passes over the training prompts when --max-steps is not set")
+    arg("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch (paper: 1)")
+    arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper: 1.0)")
+    arg("--micro-batch", type=int, default=8,
+        help="completions per forward/backward pass (the completions of one prompt share its forward)")
+    arg("--activation-checkpointing", action="store_true", help="recompute layers in backward: less memory, "
+                                                                "~30%% more time")
+    # Validation and checkpoints
+    arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
+    arg("--val-limit", type=int, default=64, help="validation examples used")
+    arg("--save-every", type=int, default=10, help="write <out>/last every N steps and at the end")
+    arg("--resume", action="store_true", help="continue from <out>/last, with the plan stored there")
+    # Runtime
+    arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     return p
-
-
-def read_jsonl(path):
-    """The records of a JSONL file (data_prep.py's outputs). A missing file or a malformed line ends the program
-    with a message that names the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: run `python data_prep.py` first (it writes data/), or pass --data")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})") from None
-    return records
 
 
 class PromptStream:
@@ -321,6 +315,20 @@ class PromptStream:
         return order[i]
 
 
+class Group(NamedTuple):
+    """The G rollouts of one prompt (a kept group of dynamic sampling)."""
+    prompt: list  # token ids of the chat prompt
+    completions: list  # G lists of sampled token ids, the stop token kept
+    rewards: torch.Tensor  # [G]
+
+
+class Rollout(NamedTuple):
+    """One completion as the update sees it."""
+    prompt: list
+    completion: list
+    advantage: float  # group-relative, shared by every token of the completion
+
+
 def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -328,31 +336,35 @@ def decode(tokenizer, ids):
 def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn, stop_ids):
     """Rollouts with dynamic sampling (paper, SRL section): draw prompts, sample G completions each, score them,
     keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are kept or
-    max_draws rounds are spent. Returns the kept groups and counters for the log."""
-    kept, drawn, finished, total_tokens, failures, rewards_all = [], 0, 0, 0, 0, []
+    max_draws rounds are spent. Returns the kept Groups and counters for the log."""
+    kept = []
+    count = dict(drawn=0, finished=0, tokens=0, failures=0)
+    all_rewards = []
     for draw in range(args.max_draws):
         need = args.batch_prompts - len(kept)
         if need <= 0:
             break
         batch = [examples[stream.next()] for _ in range(need)]
         prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in batch]
+        # a seed per (run seed, step, draw): a resumed run samples what the uninterrupted one did
         outputs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
                            num_samples=args.group_size, seed=args.seed * 1_000_003 + step * 101 + draw)
-        drawn += need
+        count["drawn"] += need
         for i, ex in enumerate(batch):
             group = outputs[i * args.group_size:(i + 1) * args.group_size]
             rewards = torch.tensor([reward_fn(decode(tokenizer, c), ex) for c in group])
-            rewards_all.append(rewards)
-            failures += int((rewards == FORMAT_FAILURE).sum())
-            finished += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
-            total_tokens += sum(len(c) for c in group)
+            all_rewards.append(rewards)
+            count["failures"] += int((rewards == FORMAT_FAILURE).sum())
+            count["finished"] += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
+            count["tokens"] += sum(len(c) for c in group)
             if bool(keep_group(rewards, args.std_threshold)) and len(kept) < args.batch_prompts:
-                kept.append((prompts[i], group, rewards))
-    rewards_all = torch.cat(rewards_all)
-    n = len(rewards_all)
-    return kept, dict(reward_mean=rewards_all.mean().item(), reward_std=rewards_all.std(unbiased=False).item(),
-                      format_failure_rate=failures / n, kept_group_rate=len(kept) / drawn, groups_drawn=drawn,
-                      response_length=total_tokens / n, truncation_rate=1 - finished / n, sampled_tokens=total_tokens)
+                kept.append(Group(prompts[i], group, rewards))
+    all_rewards = torch.cat(all_rewards)
+    n = len(all_rewards)
+    return kept, dict(reward_mean=all_rewards.mean().item(), reward_std=all_rewards.std(unbiased=False).item(),
+                      format_failure_rate=count["failures"] / n, kept_group_rate=len(kept) / count["drawn"],
+                      groups_drawn=count["drawn"], response_length=count["tokens"] / n,
+                      truncation_rate=1 - count["finished"] / n, sampled_tokens=count["tokens"])
 
 
 def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
@@ -365,97 +377,117 @@ def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
                 val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1))
 
 
+def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
+    """The GRPO update on one rollout batch: --updates-per-batch AdamW steps, each a forward and backward over
+    every Rollout in micro-batches whose losses add up to the token mean over the num_tokens completion tokens of
+    the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted."""
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
+    chunks = [rows[s:s + args.micro_batch] for s in range(0, len(rows), args.micro_batch)]
+
+    def logprobs(net, chunk, **kw):
+        return completion_logprobs(net, [r.prompt for r in chunk], [r.completion for r in chunk],
+                                   args.temperature, **kw)
+
+    old_logps = None
+    if args.updates_per_batch > 1:  # the rollout policy's log-probs: the ratio's denominator in later updates
+        with torch.no_grad(), autocast:
+            old_logps = [logprobs(model, chunk)[0] for chunk in chunks]
+    stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
+    for update in range(args.updates_per_batch):
+        loss_sum, clipped_tokens, entropy_sum = 0.0, 0.0, 0.0
+        for i, chunk in enumerate(chunks):
+            with autocast:
+                logp, mask, entropy = logprobs(model, chunk, with_entropy=True)
+                ref_logp = None
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_logp = logprobs(reference, chunk)[0]
+            # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
+            old_logp = old_logps[i] if old_logps else logp.detach()
+            advantages = torch.tensor([r.advantage for r in chunk], device=logp.device)
+            loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
+                                         ref_logp, args.beta, num_tokens=num_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+            clipped_tokens += loss_stats["clip_fraction"] * mask.sum().item()
+            entropy_sum += entropy.sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
+            optimizer.step()
+            stats.update(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clipped_tokens / num_tokens,
+                         entropy=entropy_sum / num_tokens)
+        else:  # a non-finite loss would poison the weights and AdamW's moments: skip the step
+            stats["skipped"] += 1
+        optimizer.zero_grad(set_to_none=True)  # no gradient memory held while the next rollouts are sampled
+    return stats
+
+
+def resolve_plan(args, model, state, num_examples):
+    """Fill the flags left at None from the model's size class; on --resume the checkpoint's plan replaces every
+    flag but RUNTIME_FLAGS. Prints the plan and returns the number of steps."""
+    if state is not None:
+        restore_plan(args, state["args"])
+    parameters = sum(p.numel() for p in model.parameters())
+    small = parameters < 50e6
+    for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    total_steps = args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
+    print(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
+          f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
+          f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
+          f"micro-batches of {args.micro_batch}, lr {args.lr:g}, seed {args.seed}")
+    return total_steps
+
+
 def train(args, make_prompt, reward_fn):
     """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness)."""
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     examples = read_jsonl(args.data)
     if not examples:
         raise SystemExit(f"{args.data} holds no examples")
     val_path = args.val_data or str(args.data).replace("_train", "_val")
     val_examples = read_jsonl(val_path) if Path(val_path).exists() and val_path != str(args.data) else []
-    resume_from = out / "last" if args.resume else None
-    if args.resume and not (out / "last" / "training_state.pt").exists():
+    state = load_training_state(out / "last") if args.resume else None
+    if args.resume and state is None:
         raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
-    model, tokenizer = load_model(str(resume_from or args.model), device=args.device, dtype=torch.float32)
+    model, tokenizer = load_model(str(out / "last" if state else args.model), device=args.device,
+                                  dtype=torch.float32)
+    total_steps = resolve_plan(args, model, state, len(examples))
     model.activation_checkpointing = args.activation_checkpointing
-    small = sum(p.numel() for p in model.parameters()) < 50e6
-    for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    on_gpu = args.device.startswith("cuda")
-    # fp32 master weights (lr 5e-7 updates vanish in bf16); on GPU a bf16 copy samples, refreshed every step
-    policy = copy.deepcopy(model).to(torch.bfloat16) if on_gpu else model
+    # fp32 master weights (lr 5e-7 updates vanish in bf16); on GPU a bf16 copy does the sampling
+    policy = copy.deepcopy(model).to(torch.bfloat16) if args.device.startswith("cuda") else model
     reference = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    stream, step, best, skipped = PromptStream(len(examples), args.seed), 0, -float("inf"), 0
-    if resume_from:
-        state = load_training_state(resume_from)
+    stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
+    step = 0  # optimiser steps done
+    best = -float("inf")  # best validation score so far
+    skipped = 0  # updates skipped for a non-finite loss or gradient
+    any_kept = False  # has any step kept a group? (if not, say why at the end)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         set_rng_states(state["rng"])
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
-    metrics_path = out / "metrics.jsonl"
-    log_lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
-    # a fresh run starts a fresh log; a resumed one drops the steps after its checkpoint, which it redoes
-    metrics_path.write_text("".join(line for line in log_lines if resume_from and json.loads(line)["step"] <= step))
-    total_steps = args.max_steps or math.ceil(args.epochs * len(examples) / args.batch_prompts)
+        any_kept = True
+    metrics = open_metrics(out / "metrics.jsonl", step if state else None)
     stop_ids = set(policy.stop_token_ids)
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=Path(args.out).name)
-    any_kept = step == total_steps
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name)
     for step in bar:
         # 1. rollouts and rewards, with dynamic sampling
         t0 = time.time()
-        policy.eval()
         kept, log = collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn,
                                    stop_ids)
+        any_kept = any_kept or bool(kept)
         t_sample = time.time() - t0
-        # 2. advantages within each group; every completion of the step becomes one training row
-        rows = [(p, c, a) for p, group, rewards in kept
-                for c, a in zip(group, group_advantages(rewards, scale_by_std=not args.no_std_scale).tolist())]
-        rows = [r for r in rows if len(r[1]) > 0]
-        num_tokens = max(sum(len(c) for _, c, _ in rows), 1)  # the loss is a mean over all tokens of the step
-        model.train()
-        stats = {"clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
-        old_logps = {}
-        if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio of later updates
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
-                for s in range(0, len(rows), args.micro_batch):
-                    chunk = rows[s:s + args.micro_batch]
-                    old_logps[s] = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk],
-                                                       args.temperature)[0]
-        for update in range(args.updates_per_batch if rows else 0):
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, clip_sum, entropy_sum = 0.0, 0.0, 0.0
-            for s in range(0, len(rows), args.micro_batch):
-                chunk = rows[s:s + args.micro_batch]
-                with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
-                    logp, mask, entropy = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk],
-                                                              args.temperature, with_entropy=True)
-                    ref_logp = None
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref_logp = completion_logprobs(reference, [r[0] for r in chunk],
-                                                           [r[1] for r in chunk], args.temperature)[0]
-                # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
-                old_logp = old_logps.get(s, logp.detach())
-                advantages = torch.tensor([r[2] for r in chunk], device=logp.device)
-                loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
-                                             ref_logp, args.beta, num_tokens=num_tokens)
-                loss.backward()
-                tokens = mask.sum().item()
-                loss_sum += loss.item()
-                clip_sum += loss_stats["clip_fraction"] * tokens
-                entropy_sum += entropy.sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)  # a non-finite loss skips the step
-                skipped += 1
-                continue
-            optimizer.step()
-            stats = dict(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clip_sum / num_tokens,
-                         entropy=entropy_sum / num_tokens)
-        if on_gpu and rows:
+        # 2. advantages within each group; every completion becomes one Rollout of the update
+        rows = [Rollout(g.prompt, c, a) for g in kept
+                for c, a in zip(g.completions, group_advantages(g.rewards, not args.no_std_scale).tolist())]
+        rows = [r for r in rows if r.completion]
+        num_tokens = max(sum(len(r.completion) for r in rows), 1)  # the loss is a mean over the step's tokens
+        stats = update_policy(model, optimizer, rows, num_tokens, args, reference) if rows else {}
+        skipped += stats.pop("skipped", 0)
+        if policy is not model and rows:  # the bf16 sampler takes the new fp32 weights
             with torch.no_grad():
                 for p_policy, p_model in zip(policy.parameters(), model.parameters()):
                     p_policy.copy_(p_model)
@@ -471,14 +503,14 @@ def train(args, make_prompt, reward_fn):
                 save_model(model, tokenizer, out / "best")
         elif last_step and not val_examples:
             save_model(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(log) + "\n")
+        metrics.write(json.dumps(log) + "\n")
+        metrics.flush()
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:
-            state = dict(optimizer=optimizer.state_dict(), rng=rng_states(), position=stream.position,
-                         step=step + 1, best=best, skipped=skipped)
-            save_model(model, tokenizer, out / "last", training_state=state)
-        any_kept = any_kept or bool(kept)
+            plan = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+            save_checkpoint(model, tokenizer, optimizer, out / "last", plan, step=step + 1, position=stream.position,
+                            best=best, skipped=skipped)
+    metrics.close()
     if not any_kept:
         print(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
               f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "

@@ -199,6 +199,28 @@ def test_completion_logprobs_of_shared_prompts_match_transformers_and_unshared_g
         assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=1e-4), n
 
 
+def test_packed_logprobs_equal_the_unpacked_reference_with_gradients():
+    """completion_logprobs (groups packed, output layer chunked) against completion_logprobs_reference (one row
+    per sample, a plain full forward): the same log-probs, mask and parameter gradients."""
+    _, ours = hf_pair("llama_gqa_untied")
+    p1, p2 = random_prompts(2, 97, lo=3, hi=10, seed=9)
+    completions = random_prompts(6, 97, lo=1, hi=8, seed=10)
+    prompts = [p1, p1, p1, p2, p2, p1]
+    completions[4] = []
+    weights = torch.randn(6, 8, generator=torch.Generator().manual_seed(11))
+    grads = []
+    for fn in (M.completion_logprobs, M.completion_logprobs_reference):
+        ours.zero_grad()
+        logp, mask = fn(ours, prompts, completions, 0.9)
+        (logp * weights[:, :logp.shape[1]]).sum().backward()
+        grads.append((logp.detach(), mask, [p.grad.clone() for p in ours.parameters()]))
+    (packed, packed_mask, packed_grads), (ref, ref_mask, ref_grads) = grads
+    assert torch.equal(packed_mask, ref_mask) and ref_mask.sum(1).tolist() == [len(c) for c in completions]
+    torch.testing.assert_close(packed, ref, atol=1e-5, rtol=0)
+    for a, b in zip(packed_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_tiny_save_then_transformers_loads_same_logits(tmp_path):
     ours, tokenizer = M.load_model("tiny")
     M.save_model(ours, tokenizer, tmp_path / "ckpt")

@@ -90,9 +90,10 @@ def test_srl_steps_raise_the_reward_on_a_fixed_example(tmp_path):
     assert after > before + 0.08, (before, after)
 
 
-def test_resume_after_an_interruption_is_bit_identical(tmp_path):
+def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys):
     """Stopped in the middle of step 4 (checkpoints every 2 steps) and resumed, a run ends with exactly the
-    parameters of an uninterrupted one, and its log holds each step once."""
+    parameters of an uninterrupted one, and its log holds each step once. The resumed run follows the plan stored
+    in the checkpoint, not different flags on its command line, and says so."""
     def reward(completion, example):  # varies within every group, so every step updates the model
         return (sum(map(ord, completion)) % 97) / 97
 
@@ -111,8 +112,11 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         srl.train(args, short_prompt, interrupted_reward)
     assert M.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
+    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, lr=0.5, group_size=3)
     args.resume = True
     resumed = srl.train(args, short_prompt, reward)
+    printed = capsys.readouterr().out
+    assert "--lr 0.001 from the checkpoint (not 0.5)" in printed and "--group-size 4 from the checkpoint" in printed
     initial, _ = M.load_model("tiny")
     for (name, a), b, c in zip(straight.state_dict().items(), resumed.state_dict().values(),
                                initial.state_dict().values()):
