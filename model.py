@@ -103,8 +103,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def compute_dtype(x):
+    """The dtype the matmuls run in: autocast's when autocast is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def autocast(device, precision):
+    """The context of a training forward. "bf16": bf16 matmuls over fp32 master weights (autocast), on CUDA and on
+    CPU alike, so that CPU tests run the code a GPU runs; "fp32": nothing changes."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def rotary_cos_sin(positions, head_dim, theta, dtype):
-    """cos and sin tables [B, T, head_dim] for integer positions [B, T] (RoFormer's rotary embedding)."""
+    """cos and sin tables [B, T, head_dim] for integer positions [B, T] (RoFormer's rotary embedding). dtype is the
+    compute dtype (compute_dtype): under autocast, fp32 tables would promote q and k to fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # computed in fp32 whatever the model's dtype
     angles = torch.cat([angles, angles], dim=-1)
@@ -226,7 +239,7 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, compute_dtype(x))
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
@@ -438,9 +451,9 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
         owner = owner.to(device)
         sees = (owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == -1)
         sees &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        # additive, in the model's dtype, made once: SDPA would turn a boolean mask into one in every layer and
-        # keep each copy for backward
-        attn_mask = torch.zeros(sees.shape, dtype=model.lm_head.weight.dtype, device=device)
+        # additive, made once, in the dtype attention runs in (bf16 under autocast): SDPA would otherwise convert
+        # the mask in every layer and keep each copy for backward
+        attn_mask = torch.zeros(sees.shape, dtype=compute_dtype(model.lm_head.weight), device=device)
         attn_mask = attn_mask.masked_fill(~sees, float("-inf"))[:, None]
     hidden = model.hidden_states(ids.to(device), positions.to(device), attn_mask)
     hidden, targets = hidden.flatten(0, 1)[source.to(device)], targets.to(device)  # [B, Tc, hidden]

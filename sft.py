@@ -32,8 +32,8 @@ Departures from the paper and choices it leaves open:
     gradient clipping at norm 1.0.
   - The learning rate follows a plan of --epochs epochs; --max-steps only ends the run early and does not stretch
     or shrink the schedule (so a run cut in parts with --resume equals the run in one piece).
-  - Weights are kept in float32 with bfloat16 autocast on GPU (the paper trains in bf16); with
-    float32 AdamW a 1.5B model needs about 25 GB before activations, a 7B model more than one 80 GB GPU.
+  - --precision bf16 (the default on GPU) keeps float32 master weights under bfloat16 autocast (the paper trains in
+    bf16); with float32 AdamW a 1.5B model needs about 28 GB before activations, a 7B model more than one 80 GB GPU.
   - Batches group examples of similar length (sorted within shuffled chunks, then the batches shuffled), which
     changes the order the examples are seen in, not the loss.
 """
@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
+from model import (autocast, completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
                    read_jsonl, restore_plan, save_checkpoint, set_rng_states)
 from srl import parse_action, srl_messages, srl_reward
 
@@ -141,14 +141,14 @@ def sft_loss(model, batch, num_tokens):
     return -(logp * mask).sum() / num_tokens
 
 
-def train_step(model, optimizer, batch, micro_batch, lr, device, clip=1.0):
+def train_step(model, optimizer, batch, micro_batch, lr, device, clip=1.0, precision="fp32"):
     """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches, then one AdamW step.
     Each micro-batch's token sum is divided by the target tokens of the whole batch, so the gradients add up to
     those of the token mean over the batch however it is split. Returns (loss, grad norm, skipped)."""
     step_tokens = sum(len(target) for _, target in batch)
     total = 0.0
     for start in range(0, len(batch), micro_batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             loss = sft_loss(model, batch[start:start + micro_batch], step_tokens)
         loss.backward()
         total += loss.item()
@@ -187,7 +187,7 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The run: plan, resume, loop, checkpoints
 
-PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed")
+PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed", "precision")
 
 
 def main(argv=None):
@@ -212,6 +212,8 @@ def main(argv=None):
     parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                        help="bf16: fp32 master weights with bf16 autocast (default on cuda); fp32 (default on cpu)")
     parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
     args = parser.parse_args(argv)
 
@@ -225,6 +227,7 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     micro_batch = args.micro_batch or args.batch_size
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
@@ -261,7 +264,8 @@ def main(argv=None):
         batch = [examples[i] for i in batches[index]]
         lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
         started = time.time()
-        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, micro_batch, lr, device)
+        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, micro_batch, lr, device,
+                                                     precision=args.precision)
         seconds = time.time() - started
         step, skipped = step + 1, skipped + was_skipped
         metrics.write(json.dumps({

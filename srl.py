@@ -32,8 +32,9 @@ Departures from the paper and choices it leaves open:
   - Dynamic sampling keeps a group when its reward std exceeds --std-threshold (default 0.01; not reported in
     the paper), and gives up after --max-draws rounds, training on the groups it has (logged as kept_groups).
   - KL coefficient 0 as in the paper; the k3 estimator against a frozen reference is available with beta > 0.
-  - AdamW without weight decay, constant lr, no warm-up (paper: no warm-up); fp32 master weights with bf16
-    autocast on GPU, where a bf16 copy of the policy does the sampling.
+  - AdamW without weight decay, constant lr, no warm-up (paper: no warm-up). --precision bf16 (the default on
+    GPU): fp32 master weights, bf16 autocast, and a bf16 copy of the policy that samples, refreshed after each
+    update; its token probabilities differ slightly from the trainer's, as a bf16 vLLM's do in verl.
   - Validation (the paper selects its checkpoint on it) scores the greedy action of each held-out example: mean
     similarity with format failures counted as 0 ("val_score"), and the format rate.
 """
@@ -49,7 +50,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
+from model import (autocast, completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
                    read_jsonl, restore_plan, save_checkpoint, save_model, set_rng_states)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +300,8 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     # Runtime
     arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    arg("--precision", choices=["bf16", "fp32"], default=None,
+        help="bf16: fp32 master weights, bf16 autocast and a bf16 sampling copy (default on cuda); fp32 (on cpu)")
     return p
 
 
@@ -381,7 +384,7 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
     """The GRPO update on one rollout batch: --updates-per-batch AdamW steps, each a forward and backward over
     every Rollout in micro-batches whose losses add up to the token mean over the num_tokens completion tokens of
     the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted."""
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
+    mixed = autocast(args.device, args.precision)
     chunks = [rows[s:s + args.micro_batch] for s in range(0, len(rows), args.micro_batch)]
 
     def logprobs(net, chunk, **kw):
@@ -390,13 +393,13 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
 
     old_logps = None
     if args.updates_per_batch > 1:  # the rollout policy's log-probs: the ratio's denominator in later updates
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), mixed:
             old_logps = [logprobs(model, chunk)[0] for chunk in chunks]
     stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
     for update in range(args.updates_per_batch):
         loss_sum, clipped_tokens, entropy_sum = 0.0, 0.0, 0.0
         for i, chunk in enumerate(chunks):
-            with autocast:
+            with mixed:
                 logp, mask, entropy = logprobs(model, chunk, with_entropy=True)
                 ref_logp = None
                 if reference is not None:
@@ -432,11 +435,12 @@ def resolve_plan(args, model, state, num_examples):
     for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     total_steps = args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
     print(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
           f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
           f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
-          f"micro-batches of {args.micro_batch}, lr {args.lr:g}, seed {args.seed}")
+          f"micro-batches of {args.micro_batch}, lr {args.lr:g}, {args.precision}, seed {args.seed}")
     return total_steps
 
 
@@ -456,8 +460,8 @@ def train(args, make_prompt, reward_fn):
                                   dtype=torch.float32)
     total_steps = resolve_plan(args, model, state, len(examples))
     model.activation_checkpointing = args.activation_checkpointing
-    # fp32 master weights (lr 5e-7 updates vanish in bf16); on GPU a bf16 copy does the sampling
-    policy = copy.deepcopy(model).to(torch.bfloat16) if args.device.startswith("cuda") else model
+    # fp32 master weights (lr 5e-7 updates vanish in bf16); in bf16 a bf16 copy of them does the sampling
+    policy = copy.deepcopy(model).to(torch.bfloat16) if args.precision == "bf16" else model
     reference = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch

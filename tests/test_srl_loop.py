@@ -90,7 +90,8 @@ def test_srl_steps_raise_the_reward_on_a_fixed_example(tmp_path):
     assert after > before + 0.08, (before, after)
 
 
-def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys, precision):
     """Stopped in the middle of step 4 (checkpoints every 2 steps) and resumed, a run ends with exactly the
     parameters of an uninterrupted one, and its log holds each step once. The resumed run follows the plan stored
     in the checkpoint, not different flags on its command line, and says so."""
@@ -98,7 +99,8 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys):
         return (sum(map(ord, completion)) % 97) / 97
 
     examples = [dict(EXAMPLE, id=f"e{i}", problem=f"Compute {i}+3+4.") for i in range(5)]
-    straight = srl.train(loop_args(tmp_path / "a", examples, max_steps=5, save_every=2), short_prompt, reward)
+    straight = srl.train(loop_args(tmp_path / "a", examples, max_steps=5, save_every=2, precision=precision),
+                         short_prompt, reward)
 
     calls = {"n": 0}
 
@@ -108,11 +110,11 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys):
             raise KeyboardInterrupt
         return reward(completion, example)
 
-    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2)
+    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, precision=precision)
     with pytest.raises(KeyboardInterrupt):
         srl.train(args, short_prompt, interrupted_reward)
     assert M.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
-    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, lr=0.5, group_size=3)
+    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, lr=0.5, group_size=3)  # fp32 by default
     args.resume = True
     resumed = srl.train(args, short_prompt, reward)
     printed = capsys.readouterr().out
