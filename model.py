@@ -401,7 +401,39 @@ def completion_logprobs_reference(model, prompts, completions, temperature=1.0):
     return logp * mask.to(device), mask.to(device)
 
 
-def completion_logprobs(model, prompts, completions, temperature=1.0, with_entropy=False, chunk_size=256):
+def pack_rows(prompts, completions):
+    """The packing of completion_logprobs: runs of consecutive rows that share a prompt become one sequence.
+    Returns [prompt, row indices, length of the sequence (the prompt once plus every completion)] per sequence."""
+    packs = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if packs and packs[-1][0] == p:
+            packs[-1][1].append(i)
+            packs[-1][2] += len(c)
+        else:
+            packs.append([p, [i], len(p) + len(c)])
+    return packs
+
+
+def token_budget_batches(prompts, completions, max_tokens):
+    """Consecutive micro-batches (slices of the rows) whose packed forward in completion_logprobs holds at most
+    max_tokens positions: number of sequences x the longest, a group's prompt counted once. A micro-batch grows
+    row by row, so a group too large for the budget is split; a single row longer than the budget is a
+    micro-batch of its own. Memory then depends on the budget, not on how long the rows happen to be."""
+    batches, start = [], 0
+    lengths = []  # of the packed sequences of the micro-batch being filled
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if i > start and p == prompts[i - 1]:  # the same group: its sequence grows by the completion
+            grown = lengths[:-1] + [lengths[-1] + len(c)]
+        else:
+            grown = lengths + [len(p) + len(c)]
+        if i > start and len(grown) * max(grown) > max_tokens:
+            batches.append(slice(start, i))
+            start, grown = i, [len(p) + len(c)]
+        lengths = grown
+    return batches + [slice(start, len(prompts))] if prompts else []
+
+
+def completion_logprobs(model, prompts, completions, temperature=1.0, with_entropy=False, chunk_size=512):
     """Per-token log-probabilities of `completions` (lists of token ids) after `prompts`, at the sampling
     temperature (logits / temperature, so they match what the sampler drew from).
 
@@ -410,21 +442,17 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
 
     Consecutive rows with the same prompt (the samples of one GRPO group) are packed into one sequence: the prompt
     once, then each completion at the positions right after the prompt, seeing only the prompt and its own earlier
-    tokens. That is the same function as one row per sample, but the prompt, usually most of the tokens, goes
-    through the network once per group instead of once per sample. The output layer runs on completion tokens
-    only, chunk by chunk with recomputation in backward, so [B, T, vocab] logits are never held at once."""
+    tokens. That is the same function as one row per sample (completion_logprobs_reference), but the prompt,
+    usually most of the tokens, goes through the network once per group instead of once per sample. The output
+    layer runs on the completion tokens only, chunk_size tokens at a time with recomputation in backward, so the
+    logits of the whole batch are never held at once."""
     device = model.lm_head.weight.device
     prompts, completions = [list(p) for p in prompts], [list(c) for c in completions]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    packs = []  # [prompt, indices of the consecutive rows that share it]
-    for i, p in enumerate(prompts):
-        if packs and packs[-1][0] == p:
-            packs[-1][1].append(i)
-        else:
-            packs.append([p, [i]])
-    shared = any(len(rows) > 1 for _, rows in packs)  # else plain causal attention, no mask
-    width = max(len(p) + sum(len(completions[i]) for i in rows) for p, rows in packs)
+    packs = pack_rows(prompts, completions)
+    shared = any(len(rows) > 1 for _, rows, _ in packs)  # else plain causal attention, no mask
+    width = max(n for _, _, n in packs)
     if shared:  # CUDA's memory-efficient attention would copy a mask whose width is not a multiple of 16
         width = -(-width // 16) * 16
     tc = max(len(c) for c in completions)
@@ -433,7 +461,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
     owner = torch.full((len(packs), width), -2)  # -1: the prompt, i: row i's completion, -2: padding
     targets = torch.zeros(len(prompts), tc, dtype=torch.long)
     source = torch.zeros(len(prompts), tc, dtype=torch.long)  # of each target: its predictor's flat index in packs
-    for k, (prompt, rows) in enumerate(packs):
+    for k, (prompt, rows, _) in enumerate(packs):
         n = len(prompt)
         ids[k, :n], positions[k, :n], owner[k, :n] = torch.tensor(prompt), torch.arange(n), -1
         start = n
@@ -445,7 +473,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
             predictor[:1] = n - 1
             source[i, :end - start] = k * width + predictor
             start = end
-    mask = (torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]).float().to(device)
+    mask = torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]  # [B, Tc], from lengths
     attn_mask = None
     if shared:
         owner = owner.to(device)
@@ -456,27 +484,31 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
         attn_mask = torch.zeros(sees.shape, dtype=compute_dtype(model.lm_head.weight), device=device)
         attn_mask = attn_mask.masked_fill(~sees, float("-inf"))[:, None]
     hidden = model.hidden_states(ids.to(device), positions.to(device), attn_mask)
-    hidden, targets = hidden.flatten(0, 1)[source.to(device)], targets.to(device)  # [B, Tc, hidden]
+    # the hidden state before each real completion token, flattened: [N, hidden] with N = mask.sum()
+    hidden, targets = hidden.flatten(0, 1)[source[mask].to(device)], targets[mask].to(device)
 
     def chunk_logprobs(h, y):
-        logits = model.lm_head(h).float() / temperature
-        logp_all = logits.log_softmax(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp_all.gather(-1, y[..., None]).squeeze(-1), entropy.detach()
+        logp_all = (model.lm_head(h).float() / temperature).log_softmax(-1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, y[:, None]).squeeze(-1), entropy
 
     logps, entropies = [], []
-    for s in range(0, tc, chunk_size):
-        h, y = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+    for s in range(0, len(targets), chunk_size):
+        h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]
         if torch.is_grad_enabled():
             lp, ent = torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False)
         else:
             lp, ent = chunk_logprobs(h, y)
         logps.append(lp)
         entropies.append(ent)
-    logp = torch.cat(logps, 1) * mask
+    mask = mask.to(device)
+    # back to [B, Tc], zeros where a row has no token
+    logp = torch.zeros(mask.shape, device=device).masked_scatter(mask, torch.cat(logps))
     if with_entropy:
-        return logp, mask, torch.cat(entropies, 1) * mask
-    return logp, mask
+        entropy = torch.zeros(mask.shape, device=device).masked_scatter(mask, torch.cat(entropies))
+        return logp, mask.float(), entropy
+    return logp, mask.float()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -567,6 +599,19 @@ def resolve_folder(name_or_path):
                          f"aliases: {', '.join(ALIASES)}")
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+
+
+def read_config(name_or_path):
+    """The ModelConfig of a model without its weights (for the hub, config.json alone is fetched)."""
+    if name_or_path == "tiny":
+        return build_tiny()[0].config
+    repo_id = ALIASES.get(name_or_path, name_or_path)
+    if os.path.isdir(name_or_path) or "/" not in repo_id:
+        folder = resolve_folder(name_or_path)  # a local folder, or the error that lists the aliases
+    else:
+        from huggingface_hub import hf_hub_download
+        folder = Path(hf_hub_download(repo_id, "config.json")).parent
+    return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
 
 
 def load_model(name_or_path, device="cpu", dtype=None):
@@ -700,3 +745,102 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# GPU memory of a training step, estimated from the configuration and the settings (before any weight is loaded)
+
+GiB = 2 ** 30
+
+
+def parameter_count(cfg: ModelConfig):
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
+    layer += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
+    return cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * layer + h
+
+
+def activation_bytes_per_token(cfg: ModelConfig, precision="bf16", masked=True, checkpointing=False):
+    """Bytes that autograd keeps per token of a training forward (hidden_states), as the tests measure with
+    saved-tensor hooks. masked: packed groups, where attention repeats the KV heads."""
+    h, i, q = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+    kv = q if masked else cfg.num_kv_heads * cfg.head_dim
+    if precision == "bf16":
+        # per layer: two RMSNorms keep their fp32 input and output; autocast keeps its own bf16 copy of the input
+        # of each of the q, k, v, gate and up projections; attention keeps q, k, v and its output (o_proj's input);
+        # the MLP keeps gate, up, silu(gate) and their product
+        layer = 2 * 2 * 4 * h + 5 * 2 * h + 2 * (2 * q + 2 * kv) + 4 * 2 * i
+    else:  # the same in fp32, where q/k/v and gate/up share one input and o_proj's input is a copy
+        layer = 2 * 2 * 4 * h + 3 * 4 * h + 4 * (2 * q + 2 * kv) + 4 * 4 * i
+    final_norm = 2 * 4 * h
+    if checkpointing:  # each layer keeps its input; backward rebuilds one layer at a time
+        return cfg.num_layers * 4 * h + final_norm + layer
+    return cfg.num_layers * layer + final_norm
+
+
+def estimate_memory(cfg: ModelConfig, precision="bf16", micro_batch_tokens=8192, checkpointing=False,
+                    sample_rows=0, sample_length=0, logits_chunk=512, reference=False, shards=1):
+    """Peak GPU memory of one training step in bytes, by part. Always held: fp32 master weights, their gradients
+    and AdamW's two moments (each divided by `shards` under FSDP), in bf16 autocast's copy of the weights, and for
+    RL (sample_rows > 0) the bf16 sampling copy. Then the larger of the two phases, which never overlap: sampling
+    (a KV cache of sample_rows x sample_length positions, and the last position's logits) and the update (the
+    activations of a micro-batch of micro_batch_tokens positions, its packing mask, the output layer's chunk of
+    logits_chunk tokens). reference: a frozen fp32 copy for the KL term (--beta > 0)."""
+    n = parameter_count(cfg)
+    bf16 = precision == "bf16"
+    kv_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (2 if bf16 else 4)  # per position
+    parts = {
+        "weights": 4 * n / shards, "gradients": 4 * n / shards, "adamw": 8 * n / shards,
+        "autocast_copy": 2 * n if bf16 and shards == 1 else 0,  # FSDP gathers bf16 weights a layer at a time
+        "sampling_copy": (2 if bf16 else 4) * n if sample_rows and (bf16 or shards > 1) else 0,
+        "reference": 4 * n if reference else 0,
+        # sampling: the cache, and per row the fp32 logits, their softmax and the float64 CDF of the next token
+        "kv_cache": sample_rows * (sample_length * kv_bytes + 16 * cfg.vocab_size),
+        "activations": micro_batch_tokens * activation_bytes_per_token(cfg, precision, True, checkpointing)
+        + 2 * micro_batch_tokens ** 2,  # + the bf16 packing mask, one [T, T] for the whole micro-batch
+        # logits (bf16 and fp32), divided by the temperature, log-softmax, and in backward their gradients
+        "logits": logits_chunk * cfg.vocab_size * 24,
+    }
+    fixed = sum(v for k, v in parts.items() if k not in ("kv_cache", "activations", "logits"))
+    parts["peak"] = fixed + max(parts["kv_cache"], parts["activations"] + parts["logits"])
+    return parts
+
+
+def gpu_memory(device):
+    """Total memory of a CUDA device in bytes; None for any other device."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def plan_memory(cfg, args, capacity, sample_rows=0, sample_length=0, shards=1):
+    """Before any weight loads: estimate the step's peak memory. With --activation-checkpointing left unset it is
+    switched on only when the step needs it (above 85% of the card). Prints the estimate; a step that cannot fit
+    (above 90%) stops the run with the flags to change. capacity: the card's bytes, None on CPU (nothing done)."""
+    if capacity is None:
+        args.activation_checkpointing = bool(args.activation_checkpointing)
+        return None
+
+    def estimate(checkpointing):
+        return estimate_memory(cfg, args.precision, args.micro_batch_tokens, checkpointing, sample_rows,
+                               sample_length, reference=getattr(args, "beta", 0) > 0, shards=shards)
+
+    parts = estimate(bool(args.activation_checkpointing))
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = parts["peak"] > 0.85 * capacity
+        if args.activation_checkpointing:
+            print(f"activation checkpointing on: without it the step needs {parts['peak'] / GiB:.1f} GiB")
+            parts = estimate(True)
+    print(f"GPU memory estimate: {parts['peak'] / GiB:.1f} of {capacity / GiB:.1f} GiB ("
+          + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items() if v and k != "peak") + ")")
+    if parts["peak"] > 0.9 * capacity:
+        fixed = parts["peak"] - max(parts["kv_cache"], parts["activations"] + parts["logits"])
+        if fixed > 0.75 * capacity:
+            change = f"the weights, gradients and AdamW states alone take {fixed / GiB:.1f} GiB"
+        elif parts["kv_cache"] > parts["activations"] + parts["logits"]:
+            change = "fewer rollouts sampled at once (--batch-prompts, --group-size, --max-new-tokens)"
+        else:
+            change = "a smaller --micro-batch-tokens, or --activation-checkpointing"
+        raise SystemExit(f"this step needs about {parts['peak'] / GiB:.1f} GiB, more than 90% of the "
+                         f"{capacity / GiB:.1f} GiB card: {change}; or shard the model over several GPUs with "
+                         f"torchrun and --fsdp")
+    return parts

@@ -48,8 +48,9 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (autocast, completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
-                   read_jsonl, restore_plan, save_checkpoint, set_rng_states)
+from model import (autocast, completion_logprobs, encode_chat, generate, gpu_memory, load_model, load_training_state,
+                   open_metrics, plan_memory, read_config, read_jsonl, restore_plan, save_checkpoint, set_rng_states,
+                   token_budget_batches)
 from srl import parse_action, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
@@ -141,15 +142,17 @@ def sft_loss(model, batch, num_tokens):
     return -(logp * mask).sum() / num_tokens
 
 
-def train_step(model, optimizer, batch, micro_batch, lr, device, clip=1.0, precision="fp32"):
-    """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches, then one AdamW step.
-    Each micro-batch's token sum is divided by the target tokens of the whole batch, so the gradients add up to
-    those of the token mean over the batch however it is split. Returns (loss, grad norm, skipped)."""
+def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0, precision="fp32"):
+    """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches of at most
+    micro_batch_tokens padded positions, then one AdamW step. Each micro-batch's token sum is divided by the target
+    tokens of the whole batch, so the gradients add up to those of the token mean over the batch however it is
+    split. Returns (loss, grad norm, skipped)."""
     step_tokens = sum(len(target) for _, target in batch)
     total = 0.0
-    for start in range(0, len(batch), micro_batch):
+    prompts, targets = zip(*batch)
+    for part in token_budget_batches(prompts, targets, micro_batch_tokens):
         with autocast(device, precision):
-            loss = sft_loss(model, batch[start:start + micro_batch], step_tokens)
+            loss = sft_loss(model, batch[part], step_tokens)
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
@@ -203,9 +206,12 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, help="peak learning rate (tiny: 3e-3, otherwise the paper's 5e-6)")
     parser.add_argument("--warmup-ratio", type=float, help="warm-up fraction of the plan (tiny: 0.05, otherwise 0.3)")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step (tiny: 4, otherwise 16)")
-    parser.add_argument("--micro-batch", type=int, help="examples per forward/backward (default: the batch size)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192,
+                        help="padded positions per forward/backward; an example longer than this is one on its own")
     parser.add_argument("--max-length", type=int, default=4096, help="longer examples lose the end of their target")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when "
+                             "needed)")
     parser.add_argument("--save-every", type=int, default=100, help="write <out>/last every N steps and at the end")
     parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
                                            "beside --data)")
@@ -226,7 +232,6 @@ def main(argv=None):
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    micro_batch = args.micro_batch or args.batch_size
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -234,7 +239,9 @@ def main(argv=None):
     records = read_jsonl(args.data)
     if not records:
         raise SystemExit(f"sft.py: {args.data} holds no records")
-    model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
+    source = str(out / "last") if state else args.model
+    plan_memory(read_config(source), args, gpu_memory(device))  # before any weight loads
+    model, tokenizer = load_model(source, device=device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
     examples, truncated, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
     if not examples:
@@ -264,7 +271,7 @@ def main(argv=None):
         batch = [examples[i] for i in batches[index]]
         lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
         started = time.time()
-        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, micro_batch, lr, device,
+        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, args.micro_batch_tokens, lr, device,
                                                      precision=args.precision)
         seconds = time.time() - started
         step, skipped = step + 1, skipped + was_skipped

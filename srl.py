@@ -20,6 +20,10 @@ also used by rlvr.py), 4. the prompt, 5. the training loop, shared with rlvr.py.
 Defaults by model size (flags override them): models under 50M parameters (tiny) take 4 prompts x G 8, 64 new
 tokens, lr 3e-5, 20 steps; larger ones 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch. The paper: 512
 prompts x G 8, lr 5e-7 for Qwen2.5-7B on several GPUs; 16 prompts is what one 80 GB GPU turns around quickly.
+The update runs in micro-batches of --micro-batch-tokens positions (8,192), so memory does not depend on how long
+the completions happen to be. On a GPU the run first prints model.estimate_memory's estimate for the plan (Qwen2.5-
+1.5B at the defaults: 61 GB of 80), switches activation checkpointing on if the step needs it, and stops before
+loading any weight if it cannot fit.
 
 Departures from the paper and choices it leaves open:
   - The similarity is our own code, not a difflib call; the tests check it equals
@@ -50,8 +54,9 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from model import (autocast, completion_logprobs, encode_chat, generate, load_model, load_training_state, open_metrics,
-                   read_jsonl, restore_plan, save_checkpoint, save_model, set_rng_states)
+from model import (autocast, completion_logprobs, encode_chat, generate, gpu_memory, load_model, load_training_state,
+                   open_metrics, parameter_count, plan_memory, read_config, read_jsonl, restore_plan, save_checkpoint,
+                   save_model, set_rng_states, token_budget_batches)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -288,10 +293,10 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--epochs", type=float, default=1.0, help="passes over the training prompts when --max-steps is not set")
     arg("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch (paper: 1)")
     arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper: 1.0)")
-    arg("--micro-batch", type=int, default=8,
-        help="completions per forward/backward pass (the completions of one prompt share its forward)")
-    arg("--activation-checkpointing", action="store_true", help="recompute layers in backward: less memory, "
-                                                                "~30%% more time")
+    arg("--micro-batch-tokens", type=int, default=8192,
+        help="positions per forward/backward pass; a group's prompt counts once (its completions share it)")
+    arg("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when needed)")
     # Validation and checkpoints
     arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
     arg("--val-limit", type=int, default=64, help="validation examples used")
@@ -385,7 +390,8 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
     every Rollout in micro-batches whose losses add up to the token mean over the num_tokens completion tokens of
     the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted."""
     mixed = autocast(args.device, args.precision)
-    chunks = [rows[s:s + args.micro_batch] for s in range(0, len(rows), args.micro_batch)]
+    chunks = [rows[s] for s in token_budget_batches([r.prompt for r in rows], [r.completion for r in rows],
+                                                    args.micro_batch_tokens)]
 
     def logprobs(net, chunk, **kw):
         return completion_logprobs(net, [r.prompt for r in chunk], [r.completion for r in chunk],
@@ -425,22 +431,24 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
     return stats
 
 
-def resolve_plan(args, model, state, num_examples):
+def resolve_plan(args, cfg, state, num_examples):
     """Fill the flags left at None from the model's size class; on --resume the checkpoint's plan replaces every
-    flag but RUNTIME_FLAGS. Prints the plan and returns the number of steps."""
+    flag but RUNTIME_FLAGS. Checks the GPU memory the plan needs, prints the plan, returns the number of steps."""
     if state is not None:
         restore_plan(args, state["args"])
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = parameter_count(cfg)
     small = parameters < 50e6
     for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
+    plan_memory(cfg, args, gpu_memory(args.device), args.batch_prompts * args.group_size, 1024 + args.max_new_tokens)
     total_steps = args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
     print(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
           f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
           f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
-          f"micro-batches of {args.micro_batch}, lr {args.lr:g}, {args.precision}, seed {args.seed}")
+          f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed {args.seed}")
     return total_steps
 
 
@@ -456,9 +464,9 @@ def train(args, make_prompt, reward_fn):
     state = load_training_state(out / "last") if args.resume else None
     if args.resume and state is None:
         raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
-    model, tokenizer = load_model(str(out / "last" if state else args.model), device=args.device,
-                                  dtype=torch.float32)
-    total_steps = resolve_plan(args, model, state, len(examples))
+    source = str(out / "last" if state else args.model)
+    total_steps = resolve_plan(args, read_config(source), state, len(examples))  # before any weight loads
+    model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
     # fp32 master weights (lr 5e-7 updates vanish in bf16); in bf16 a bf16 copy of them does the sampling
     policy = copy.deepcopy(model).to(torch.bfloat16) if args.precision == "bf16" else model

@@ -293,3 +293,31 @@ def test_smollm2_real_weights_logits_and_greedy_text(smollm2):
                           pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
         assert tokenizer.decode(out) == tokenizer.decode(ref)
         assert len(tokenizer.decode(out, skip_special_tokens=True).strip()) > 0
+
+
+def test_token_budget_batches_bound_the_packed_positions():
+    """Every micro-batch holds at most the budget of packed positions (sequences x the longest, as
+    completion_logprobs builds them), unless a single row exceeds it; the slices cover the rows in order, and
+    each is as long as the budget allows (brute force: one more row would exceed it)."""
+    g = torch.Generator().manual_seed(12)
+    prompts, completions = [], []
+    for group in range(12):
+        prompt = list(range(int(torch.randint(1, 40, (1,), generator=g))))
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            prompts.append(prompt)
+            completions.append([1] * int(torch.randint(0, 30, (1,), generator=g)))
+
+    def positions(rows):
+        packs = M.pack_rows([prompts[i] for i in rows], [completions[i] for i in rows])
+        return len(packs) * max(n for _, _, n in packs)
+
+    for budget in (20, 64, 150, 10_000):
+        batches = M.token_budget_batches(prompts, completions, budget)
+        assert [i for b in batches for i in range(len(prompts))[b]] == list(range(len(prompts)))
+        for b in batches:
+            rows = range(len(prompts))[b]
+            assert positions(rows) <= budget or len(rows) == 1
+            if b.stop < len(prompts):
+                assert positions(range(b.start, b.stop + 1)) > budget
+    assert len(M.token_budget_batches(prompts, completions, 10_000)) == 1
+    assert M.token_budget_batches([], [], 100) == []
