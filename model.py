@@ -679,6 +679,14 @@ def save_model(model, tokenizer, path, training_state=None):
         os.replace(tmp, path)
 
 
+@torch.no_grad()
+def copy_weights(target, source):
+    """Copy source's parameters into target's (same architecture), casting to target's dtype: how the bf16
+    sampling copy takes the fp32 trainer's weights after each update."""
+    for p_target, p_source in zip(target.parameters(), source.parameters()):
+        p_target.copy_(p_source)
+
+
 def save_checkpoint(model, tokenizer, optimizer, folder, plan, **progress):
     """A Hugging Face folder plus training_state.pt holding all that --resume needs to continue exactly: the
     optimizer, every RNG state, the run's plan (the resolved flags) and the loop's progress (step, position, ...)."""

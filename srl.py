@@ -54,9 +54,9 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from model import (autocast, completion_logprobs, encode_chat, generate, gpu_memory, load_model, load_training_state,
-                   open_metrics, parameter_count, plan_memory, read_config, read_jsonl, restore_plan, save_checkpoint,
-                   save_model, set_rng_states, token_budget_batches)
+from model import (autocast, completion_logprobs, copy_weights, encode_chat, generate, gpu_memory, load_model,
+                   load_training_state, open_metrics, parameter_count, plan_memory, read_config, read_jsonl,
+                   restore_plan, save_checkpoint, save_model, set_rng_states, token_budget_batches)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -500,9 +500,7 @@ def train(args, make_prompt, reward_fn):
         stats = update_policy(model, optimizer, rows, num_tokens, args, reference) if rows else {}
         skipped += stats.pop("skipped", 0)
         if policy is not model and rows:  # the bf16 sampler takes the new fp32 weights
-            with torch.no_grad():
-                for p_policy, p_model in zip(policy.parameters(), model.parameters()):
-                    p_policy.copy_(p_model)
+            copy_weights(policy, model)
         t_train = time.time() - t0 - t_sample
         log.update(stats, step=step + 1, kept_groups=len(kept), skipped_steps=skipped, sample_s=round(t_sample, 2),
                    train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1))
