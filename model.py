@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -286,8 +287,9 @@ class KVCache:
 # Sampling
 
 
-def sample_next_token(logits, temperature, top_k, top_p, generator):
-    """logits [B, vocab] -> token ids [B]. Temperature 0 is greedy."""
+def sample_next_token(logits, temperature, top_k, top_p, uniform):
+    """logits [B, vocab] -> token ids [B]. Temperature 0 is greedy; otherwise uniform [B, 1] (float64, in [0, 1),
+    one number per row) picks each row's token by inverse CDF."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -305,8 +307,21 @@ def sample_next_token(logits, temperature, top_k, top_p, generator):
     # large vocabulary on CPU. In float64 so that u * total stays below total and a zero-probability token
     # (a plateau of the CDF) is never the first entry above it.
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+
+
+def sampling_uniforms(num_prompts, num_samples, steps, seed):
+    """The random numbers of one generate call, [rows, steps] float64, prompt-major rows. Row (i, j), prompt i's
+    sample j, draws from its own generator seeded by (seed of prompt i, j): `seed` is one int per prompt, or an int
+    (prompt i's seed is then seed * 1_000_003 + i), or None (the global generator draws them all). A row's tokens
+    then depend on its prompt and its seed alone, not on which other prompts share the batch, or which process of
+    several samples it."""
+    if seed is None:
+        return torch.rand(num_prompts * num_samples, steps, dtype=torch.float64)
+    seeds = [seed * 1_000_003 + i for i in range(num_prompts)] if isinstance(seed, int) else list(seed)
+    return torch.stack([torch.rand(steps, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed((s * 1_000_003 + j) % 2 ** 63))
+                        for s in seeds for j in range(num_samples)])
 
 
 @torch.no_grad()
@@ -314,7 +329,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
              stop_token_ids=None, seed=None, progress=False):
     """Sample continuations of token-id prompts. Returns len(prompts) * num_samples lists of new token ids,
     prompt-major (prompt 0's samples first). A row stops after its first stop token, which is kept.
-    stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops."""
+    stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops. seed: an int, one int per prompt,
+    or None; see sampling_uniforms."""
     if not prompts or num_samples < 1:
         return []
     if max_new_tokens <= 0:
@@ -329,9 +345,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {cfg.max_position_embeddings} tokens")
     stop_ids = model.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    uniforms = sampling_uniforms(len(prompts), num_samples, max_new_tokens, seed).to(device) if temperature else None
     was_training = model.training
     model.eval()
 
@@ -362,7 +376,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     out = torch.zeros(len(logits), max_new_tokens, dtype=torch.long, device=device)
     steps = range(max_new_tokens)
     for t in tqdm(steps, desc="generate", leave=False) if progress else steps:
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        token = sample_next_token(logits, temperature, top_k, top_p, uniforms[:, t:t + 1] if temperature else None)
         out[:, t] = token
         finished |= torch.isin(token, stop)
         if t == max_new_tokens - 1 or bool(finished.all()):
@@ -648,11 +662,12 @@ def load_model(name_or_path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype), tokenizer
 
 
-def save_model(model, tokenizer, path, training_state=None):
+def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load: config.json,
     model.safetensors and the tokenizer files with the chat template; plus training_state.pt when given (optimizer,
     RNG states, step, data position: what --resume needs). Written beside and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint."""
+    interrupted save never leaves a half-written checkpoint. state_dict: the weights to write, if not the
+    model's own (save_checkpoint passes FSDP's gathered ones)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -662,9 +677,9 @@ def save_model(model, tokenizer, path, training_state=None):
     dtype = model.lm_head.weight.dtype
     hf_config = dict(model.config.hf, torch_dtype=str(dtype).removeprefix("torch."))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as the embedding: stored once
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(tmp))
     if training_state is not None:
@@ -682,23 +697,40 @@ def save_model(model, tokenizer, path, training_state=None):
 @torch.no_grad()
 def copy_weights(target, source):
     """Copy source's parameters into target's (same architecture), casting to target's dtype: how the bf16
-    sampling copy takes the fp32 trainer's weights after each update."""
+    sampling copy takes the fp32 trainer's weights after each update. Under FSDP every process calls it: each
+    sharded parameter is gathered whole (full_tensor)."""
     for p_target, p_source in zip(target.parameters(), source.parameters()):
-        p_target.copy_(p_source)
+        p_target.copy_(p_source.full_tensor() if hasattr(p_source, "full_tensor") else p_source)
 
 
-def save_checkpoint(model, tokenizer, optimizer, folder, plan, **progress):
-    """A Hugging Face folder plus training_state.pt holding all that --resume needs to continue exactly: the
-    optimizer, every RNG state, the run's plan (the resolved flags) and the loop's progress (step, position, ...)."""
-    state = dict(progress, optimizer=optimizer.state_dict(), rng=rng_states(), args=plan)
-    save_model(model, tokenizer, folder, training_state=state)
+def save_checkpoint(model, tokenizer, folder, optimizer=None, plan=None, **progress):
+    """A Hugging Face folder; with an optimizer, plus training_state.pt holding all that --resume needs to continue
+    exactly: the optimizer, every RNG state, the run's plan (the resolved flags) and the loop's progress (step,
+    position, ...). Under torchrun every process calls it (FSDP gathers the shards of the weights and of AdamW's
+    states, keyed by parameter name, so a run can resume on another number of processes); rank 0 alone writes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=whole)
+    state = None
+    if optimizer is not None:
+        state = dict(progress, optimizer=get_optimizer_state_dict(model, optimizer, options=whole),
+                     rng=rng_states(), args=plan)
+    if get_rank() == 0:
+        save_model(model, tokenizer, folder, training_state=state, state_dict=weights)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The optimizer's part of training_state.pt back into `optimizer` (sharded again under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def restore_plan(args, plan):
     """--resume: the checkpoint's plan replaces the command line's flags; each flag it overrides is printed."""
     for name, value in plan.items():
         if getattr(args, name, None) not in (None, value):
-            print(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
+            print0(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
         setattr(args, name, value)
 
 
@@ -753,6 +785,97 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): each rank takes every world-th piece of the work, gradients are summed, rank 0
+# writes. Without torchrun's variables every helper is the single-process identity.
+
+
+def init_distributed(device):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set), join the process group (NCCL on CUDA, gloo on CPU) and
+    return (True, rank, world size, this process's device: cuda:LOCAL_RANK); else (False, 0, 1, device)."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    if str(device).startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed():
+    """Leave the process group at the end of a run (a process that exits without it may abort in teardown)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def gather(obj):
+    """Every process's `obj` (any picklable value), in rank order, on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_across(values):
+    """Element-wise sums over the processes of a list of numbers (logged statistics)."""
+    if not dist.is_initialized():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def sum_gradients(model):
+    """Sum every gradient over the processes: the all-reduce that DistributedDataParallel does, written out
+    because the losses call hidden_states, not forward. Each process's loss is its share of a mean over the
+    whole batch, so the sum is the batch's gradient."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.grad is None:  # a process with nothing to train on this step still takes part
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def shard(model, precision):
+    """FSDP2: each process keeps 1/world of every parameter, gradient and AdamW state. Each layer is gathered whole
+    for its forward and backward (in bf16 under --precision bf16) and its gradients are reduce-scattered in fp32;
+    the embedding, final norm and output layer form the root unit. hidden_states is registered as a forward, so
+    the root's gathering hooks run for it too. FSDP averages the gradients of the processes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                 reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -836,9 +959,9 @@ def plan_memory(cfg, args, capacity, sample_rows=0, sample_length=0, shards=1):
     if args.activation_checkpointing is None:
         args.activation_checkpointing = parts["peak"] > 0.85 * capacity
         if args.activation_checkpointing:
-            print(f"activation checkpointing on: without it the step needs {parts['peak'] / GiB:.1f} GiB")
+            print0(f"activation checkpointing on: without it the step needs {parts['peak'] / GiB:.1f} GiB")
             parts = estimate(True)
-    print(f"GPU memory estimate: {parts['peak'] / GiB:.1f} of {capacity / GiB:.1f} GiB ("
+    print0(f"GPU memory estimate: {parts['peak'] / GiB:.1f} of {capacity / GiB:.1f} GiB ("
           + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items() if v and k != "peak") + ")")
     if parts["peak"] > 0.9 * capacity:
         fixed = parts["peak"] - max(parts["kv_cache"], parts["activations"] + parts["logits"])

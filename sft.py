@@ -48,9 +48,10 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (autocast, completion_logprobs, encode_chat, generate, gpu_memory, load_model, load_training_state,
-                   open_metrics, plan_memory, read_config, read_jsonl, restore_plan, save_checkpoint, set_rng_states,
-                   token_budget_batches)
+from model import (autocast, completion_logprobs, encode_chat, end_distributed, generate, gpu_memory,
+                   init_distributed, load_model, load_optimizer_state, load_training_state, open_metrics, plan_memory,
+                   print0, read_config, read_jsonl, restore_plan, save_checkpoint, set_rng_states, sum_across,
+                   sum_gradients, token_budget_batches)
 from srl import parse_action, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
@@ -142,19 +143,23 @@ def sft_loss(model, batch, num_tokens):
     return -(logp * mask).sum() / num_tokens
 
 
-def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0, precision="fp32"):
+def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0, precision="fp32",
+               step_tokens=None):
     """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches of at most
     micro_batch_tokens padded positions, then one AdamW step. Each micro-batch's token sum is divided by the target
     tokens of the whole batch, so the gradients add up to those of the token mean over the batch however it is
-    split. Returns (loss, grad norm, skipped)."""
-    step_tokens = sum(len(target) for _, target in batch)
+    split. Under torchrun `batch` is this process's share and step_tokens counts the whole batch's targets.
+    Returns (loss, grad norm, skipped)."""
+    step_tokens = step_tokens or sum(len(target) for _, target in batch)
     total = 0.0
-    prompts, targets = zip(*batch)
+    prompts, targets = zip(*batch) if batch else ((), ())
     for part in token_budget_batches(prompts, targets, micro_batch_tokens):
         with autocast(device, precision):
             loss = sft_loss(model, batch[part], step_tokens)
         loss.backward()
         total += loss.item()
+    sum_gradients(model)  # under torchrun: the whole batch's gradient on every process
+    total = sum_across([total])[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
     if not skipped:  # a non-finite loss or gradient would poison the weights and AdamW's moments: skip the step
@@ -223,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
     args = parser.parse_args(argv)
 
+    _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
     out, device = Path(args.out), torch.device(args.device)
     state = load_training_state(out / "last") if args.resume else None
     if args.resume and state is None:
@@ -247,7 +253,7 @@ def main(argv=None):
     if not examples:
         raise SystemExit(f"sft.py: every example of {args.data} is longer than --max-length {args.max_length}")
     lengths = [len(p) + len(t) for p, t in examples]
-    print(f"{len(examples)} examples from {args.data} ({truncated} truncated, {dropped} dropped at --max-length "
+    print0(f"{len(examples)} examples from {args.data} ({truncated} truncated, {dropped} dropped at --max-length "
           f"{args.max_length}); tokens per example: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
     batches_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
@@ -255,14 +261,14 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, skipped = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         set_rng_states(state["rng"])
         step, skipped = state["step"], state["skipped_steps"]
-        print(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+        print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
 
-    metrics = open_metrics(out / "metrics.jsonl", step if state else None)
+    metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
     model.train()
-    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step")
+    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None
     while step < end_step:
         epoch, index = divmod(step, batches_per_epoch)  # the data position follows from the step alone
@@ -271,23 +277,29 @@ def main(argv=None):
         batch = [examples[i] for i in batches[index]]
         lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
         started = time.time()
-        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, args.micro_batch_tokens, lr, device,
-                                                     precision=args.precision)
+        # under torchrun each process trains on every world-th example; the loss divides by the whole batch's tokens
+        loss, grad_norm, was_skipped = train_step(model, optimizer, batch[rank::world], args.micro_batch_tokens, lr,
+                                                  device, precision=args.precision,
+                                                  step_tokens=sum(len(t) for _, t in batch))
         seconds = time.time() - started
         step, skipped = step + 1, skipped + was_skipped
-        metrics.write(json.dumps({
-            "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": sum(len(t) for _, t in batch),  # trained (target) tokens of this step
-            "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens processed
-            "skipped": was_skipped, "skipped_total": skipped}) + "\n")
-        metrics.flush()
+        if rank == 0:
+            metrics.write(json.dumps({
+                "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": sum(len(t) for _, t in batch),  # trained (target) tokens of this step
+                "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
+                "skipped": was_skipped, "skipped_total": skipped, "world_size": world}) + "\n")
+            metrics.flush()
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if step % args.save_every == 0 or step == end_step:
-            save_checkpoint(model, tokenizer, optimizer, out / "last", {k: getattr(args, k) for k in PLAN}, step=step,
-                            epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
+            save_checkpoint(model, tokenizer, out / "last", optimizer, {k: getattr(args, k) for k in PLAN},
+                            step=step, epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
                             skipped_steps=skipped)
     bar.close()
+    end_distributed()  # what follows (the format check) is rank 0's alone
+    if rank != 0:
+        return
     metrics.close()
     print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")
 

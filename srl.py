@@ -54,9 +54,11 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from model import (autocast, completion_logprobs, copy_weights, encode_chat, generate, gpu_memory, load_model,
-                   load_training_state, open_metrics, parameter_count, plan_memory, read_config, read_jsonl,
-                   restore_plan, save_checkpoint, save_model, set_rng_states, token_budget_batches)
+from model import (autocast, broadcast, completion_logprobs, copy_weights, encode_chat, end_distributed, gather,
+                   generate, get_rank, get_world_size, gpu_memory, init_distributed, load_model, load_optimizer_state,
+                   load_training_state, open_metrics, parameter_count, plan_memory, print0, read_config, read_jsonl,
+                   restore_plan, save_checkpoint, set_rng_states, shard, sum_across, sum_gradients,
+                   token_budget_batches)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -305,6 +307,9 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     # Runtime
     arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    arg("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW states (FSDP2)")
+    arg("--sample-batch", type=int, default=None,
+        help="prompts each process samples at once, G completions each (default: its whole share of a draw)")
     arg("--precision", choices=["bf16", "fp32"], default=None,
         help="bf16: fp32 master weights, bf16 autocast and a bf16 sampling copy (default on cuda); fp32 (on cpu)")
     return p
@@ -344,7 +349,9 @@ def decode(tokenizer, ids):
 def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn, stop_ids):
     """Rollouts with dynamic sampling (paper, SRL section): draw prompts, sample G completions each, score them,
     keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are kept or
-    max_draws rounds are spent. Returns the kept Groups and counters for the log."""
+    max_draws rounds are spent. Returns the kept Groups and counters for the log. Under torchrun each process
+    samples and scores every world-th prompt of a draw, then all groups are gathered: every process keeps the
+    groups that one process would."""
     kept = []
     count = dict(drawn=0, finished=0, tokens=0, failures=0)
     all_rewards = []
@@ -352,15 +359,25 @@ def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt,
         need = args.batch_prompts - len(kept)
         if need <= 0:
             break
+        # each prompt's rollouts draw from its own seed, (run seed, position in the prompt stream): a resumed run,
+        # or another number of processes, samples the same tokens
+        seeds = [args.seed * 1_000_003 + stream.position + i for i in range(need)]
         batch = [examples[stream.next()] for _ in range(need)]
         prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in batch]
-        # a seed per (run seed, step, draw): a resumed run samples what the uninterrupted one did
-        outputs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
-                           num_samples=args.group_size, seed=args.seed * 1_000_003 + step * 101 + draw)
+        mine = list(range(get_rank(), need, get_world_size()))  # this process's share of the draw
+        scored = {}  # prompt index in the draw -> (completions, rewards)
+        at_once = args.sample_batch or max(len(mine), 1)
+        for s in range(0, len(mine), at_once):
+            part = mine[s:s + at_once]
+            outputs = generate(policy, [prompts[i] for i in part], args.max_new_tokens, temperature=args.temperature,
+                               num_samples=args.group_size, seed=[seeds[i] for i in part])
+            for k, i in enumerate(part):
+                group = outputs[k * args.group_size:(k + 1) * args.group_size]
+                scored[i] = (group, [reward_fn(decode(tokenizer, c), batch[i]) for c in group])
+        scored = {i: v for share in gather(scored) for i, v in share.items()}  # every process's groups
         count["drawn"] += need
-        for i, ex in enumerate(batch):
-            group = outputs[i * args.group_size:(i + 1) * args.group_size]
-            rewards = torch.tensor([reward_fn(decode(tokenizer, c), ex) for c in group])
+        for i in range(need):
+            group, rewards = scored[i][0], torch.tensor(scored[i][1])
             all_rewards.append(rewards)
             count["failures"] += int((rewards == FORMAT_FAILURE).sum())
             count["finished"] += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
@@ -385,13 +402,20 @@ def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
                 val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1))
 
 
+# an empty micro-batch: a one-token row with advantage 0 (no loss, no gradient) that keeps FSDP's collectives in step
+PADDING = [Rollout([0], [0], 0.0)]
+
+
 def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
     """The GRPO update on one rollout batch: --updates-per-batch AdamW steps, each a forward and backward over
     every Rollout in micro-batches whose losses add up to the token mean over the num_tokens completion tokens of
-    the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted."""
+    the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted.
+    Under torchrun, `rows` are this process's share and num_tokens counts the whole batch."""
     mixed = autocast(args.device, args.precision)
     chunks = [rows[s] for s in token_budget_batches([r.prompt for r in rows], [r.completion for r in rows],
                                                     args.micro_batch_tokens)]
+    if args.fsdp:  # each FSDP forward gathers every layer: all processes must run as many micro-batches
+        chunks += [PADDING] * (max(gather(len(chunks))) - len(chunks))
 
     def logprobs(net, chunk, **kw):
         return completion_logprobs(net, [r.prompt for r in chunk], [r.completion for r in chunk],
@@ -403,7 +427,7 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
             old_logps = [logprobs(model, chunk)[0] for chunk in chunks]
     stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
     for update in range(args.updates_per_batch):
-        loss_sum, clipped_tokens, entropy_sum = 0.0, 0.0, 0.0
+        sums = [0.0, 0.0, 0.0]  # loss, clipped tokens, entropy: summed over micro-batches (and processes)
         for i, chunk in enumerate(chunks):
             with mixed:
                 logp, mask, entropy = logprobs(model, chunk, with_entropy=True)
@@ -416,11 +440,16 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
             advantages = torch.tensor([r.advantage for r in chunk], device=logp.device)
             loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
                                          ref_logp, args.beta, num_tokens=num_tokens)
-            loss.backward()
-            loss_sum += loss.item()
-            clipped_tokens += loss_stats["clip_fraction"] * mask.sum().item()
-            entropy_sum += entropy.sum().item()
+            # FSDP averages the processes' gradients; the sum is wanted, each loss being a share of the mean
+            (loss * get_world_size() if args.fsdp else loss).backward()
+            if chunk is not PADDING:
+                sums = [sums[0] + loss.item(), sums[1] + loss_stats["clip_fraction"] * mask.sum().item(),
+                        sums[2] + entropy.sum().item()]
+        if not args.fsdp:
+            sum_gradients(model)  # under torchrun: the gradient of the whole batch on every process
+        loss_sum, clipped_tokens, entropy_sum = sum_across(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
             optimizer.step()
             stats.update(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clipped_tokens / num_tokens,
@@ -442,18 +471,23 @@ def resolve_plan(args, cfg, state, num_examples):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    world = get_world_size()
+    prompts_at_once = min(args.sample_batch or args.batch_prompts, math.ceil(args.batch_prompts / world))
     # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
-    plan_memory(cfg, args, gpu_memory(args.device), args.batch_prompts * args.group_size, 1024 + args.max_new_tokens)
+    plan_memory(cfg, args, gpu_memory(args.device), prompts_at_once * args.group_size, 1024 + args.max_new_tokens,
+                shards=world if args.fsdp else 1)
     total_steps = args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
-    print(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
-          f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
-          f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
-          f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed {args.seed}")
+    print0(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
+           f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
+           f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
+           f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed "
+           f"{args.seed}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
     return total_steps
 
 
 def train(args, make_prompt, reward_fn):
     """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness)."""
+    _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
     torch.manual_seed(args.seed)
     out = Path(args.out)
     examples = read_jsonl(args.data)
@@ -468,9 +502,14 @@ def train(args, make_prompt, reward_fn):
     total_steps = resolve_plan(args, read_config(source), state, len(examples))  # before any weight loads
     model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
-    # fp32 master weights (lr 5e-7 updates vanish in bf16); in bf16 a bf16 copy of them does the sampling
-    policy = copy.deepcopy(model).to(torch.bfloat16) if args.precision == "bf16" else model
+    # fp32 master weights (lr 5e-7 updates vanish in bf16); in bf16 a bf16 copy of them does the sampling, and
+    # under FSDP a whole copy (the trainer's weights are sharded)
+    policy = model
+    if args.precision == "bf16" or args.fsdp:
+        policy = copy.deepcopy(model).to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     reference = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    if args.fsdp:
+        shard(model, args.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
     step = 0  # optimiser steps done
@@ -478,13 +517,13 @@ def train(args, make_prompt, reward_fn):
     skipped = 0  # updates skipped for a non-finite loss or gradient
     any_kept = False  # has any step kept a group? (if not, say why at the end)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         set_rng_states(state["rng"])
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
         any_kept = True
-    metrics = open_metrics(out / "metrics.jsonl", step if state else None)
+    metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
     stop_ids = set(policy.stop_token_ids)
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name)
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:
         # 1. rollouts and rewards, with dynamic sampling
         t0 = time.time()
@@ -493,39 +532,45 @@ def train(args, make_prompt, reward_fn):
         any_kept = any_kept or bool(kept)
         t_sample = time.time() - t0
         # 2. advantages within each group; every completion becomes one Rollout of the update
-        rows = [Rollout(g.prompt, c, a) for g in kept
-                for c, a in zip(g.completions, group_advantages(g.rewards, not args.no_std_scale).tolist())]
-        rows = [r for r in rows if r.completion]
-        num_tokens = max(sum(len(r.completion) for r in rows), 1)  # the loss is a mean over the step's tokens
-        stats = update_policy(model, optimizer, rows, num_tokens, args, reference) if rows else {}
+        groups = [[Rollout(g.prompt, c, a) for c, a in zip(g.completions, group_advantages(
+            g.rewards, not args.no_std_scale).tolist()) if c] for g in kept]
+        num_tokens = max(sum(len(r.completion) for rows in groups for r in rows), 1)  # the loss: a mean over them
+        mine = [r for rows in groups[rank::world] for r in rows]  # under torchrun: every world-th group
+        stats = update_policy(model, optimizer, mine, num_tokens, args, reference) if kept else {}
         skipped += stats.pop("skipped", 0)
-        if policy is not model and rows:  # the bf16 sampler takes the new fp32 weights
+        if policy is not model and kept:  # the bf16 sampler takes the new fp32 weights
             copy_weights(policy, model)
         t_train = time.time() - t0 - t_sample
         log.update(stats, step=step + 1, kept_groups=len(kept), skipped_steps=skipped, sample_s=round(t_sample, 2),
-                   train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1))
-        # 3. validation (the paper keeps the best checkpoint on validation) and checkpoints
+                   train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1),
+                   world_size=world)
+        # 3. validation (the paper keeps the best checkpoint on validation) and checkpoints; rank 0 validates
+        # and every process learns its result, since saving gathers FSDP's shards from all of them
         last_step = step + 1 == total_steps
         if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
-            log.update(validate(args, policy, tokenizer, val_examples, make_prompt, reward_fn))
+            log.update(broadcast(validate(args, policy, tokenizer, val_examples, make_prompt, reward_fn)
+                                 if rank == 0 else None))
             if log["val_score"] > best:
                 best = log["val_score"]
-                save_model(model, tokenizer, out / "best")
+                save_checkpoint(model, tokenizer, out / "best")
         elif last_step and not val_examples:
-            save_model(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
-        metrics.write(json.dumps(log) + "\n")
-        metrics.flush()
+            save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
+        if rank == 0:
+            metrics.write(json.dumps(log) + "\n")
+            metrics.flush()
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:
             plan = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
-            save_checkpoint(model, tokenizer, optimizer, out / "last", plan, step=step + 1, position=stream.position,
+            save_checkpoint(model, tokenizer, out / "last", optimizer, plan, step=step + 1, position=stream.position,
                             best=best, skipped=skipped)
-    metrics.close()
+    if rank == 0:
+        metrics.close()
     if not any_kept:
-        print(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
-              f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
-              f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
-              f"runs/sft), or lower --std-threshold.")
+        print0(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
+               f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
+               f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
+               f"runs/sft), or lower --std-threshold.")
+    end_distributed()
     return model
 
 

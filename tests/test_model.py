@@ -111,6 +111,23 @@ def test_num_samples_are_prompt_major_and_seeded():
         assert greedy[2 * i] == greedy[2 * i + 1] == alone
 
 
+def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch():
+    """Each row draws from its own generator, seeded by (its prompt's seed, its sample index): a prompt sampled
+    alone, or in another batch with other prompts around it (other padding), gives the same tokens. This is what
+    lets several processes share the prompts of one batch and sample what one process would."""
+    _, ours = hf_pair("qwen2_gqa_tied")
+    prompts = random_prompts(4, 97, lo=2, hi=14, seed=13)
+    seeds = [101, 202, 303, 404]
+    together = M.generate(ours, prompts, 10, temperature=1.0, num_samples=3, seed=seeds)
+    for i in range(4):
+        alone = M.generate(ours, [prompts[i]], 10, temperature=1.0, num_samples=3, seed=[seeds[i]])
+        assert alone == together[3 * i:3 * i + 3]
+    halves = M.generate(ours, prompts[1::2], 10, temperature=1.0, num_samples=3, seed=seeds[1::2])
+    assert halves == together[3:6] + together[9:12]
+    assert together[0] != together[1]  # the samples of one prompt differ
+    assert M.generate(ours, prompts, 10, num_samples=3, seed=[1, 2, 3, 4]) != together
+
+
 def test_first_token_frequencies_match_softmax():
     """Chi-square test of many independent first tokens (one prompt, many samples) against the model's softmax."""
     hf, ours = hf_pair("qwen2_gqa_tied", vocab=12)
@@ -128,7 +145,7 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
     for _ in range(200):
-        tokens = M.sample_next_token(logits, 1.0, 5, 1.0, g)
+        tokens = M.sample_next_token(logits, 1.0, 5, 1.0, torch.rand(4, 1, generator=g, dtype=torch.float64))
         allowed = torch.topk(logits, 5, -1).indices
         assert all(t in allowed[i] for i, t in enumerate(tokens.tolist()))
     sampled_several = False
@@ -144,7 +161,8 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
             nucleus.append(keep)
         seen = [set() for _ in range(4)]
         for _ in range(300):
-            for i, t in enumerate(M.sample_next_token(logits, 1.0, 0, top_p, g).tolist()):
+            uniform = torch.rand(4, 1, generator=g, dtype=torch.float64)
+            for i, t in enumerate(M.sample_next_token(logits, 1.0, 0, top_p, uniform).tolist()):
                 assert t in nucleus[i]
                 seen[i].add(t)
         sampled_several |= any(len(s) > 1 for s in seen)
