@@ -884,11 +884,15 @@ def shard(model, precision):
 GiB = 2 ** 30
 
 
-def parameter_count(cfg: ModelConfig):
+def layer_parameters(cfg: ModelConfig):
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
-    layer += (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
-    return cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * layer + h
+    weights = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
+    return weights + (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
+
+
+def parameter_count(cfg: ModelConfig):
+    return cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * \
+        layer_parameters(cfg) + cfg.hidden_size
 
 
 def activation_bytes_per_token(cfg: ModelConfig, precision="bf16", masked=True, checkpointing=False):
@@ -912,8 +916,8 @@ def activation_bytes_per_token(cfg: ModelConfig, precision="bf16", masked=True, 
 def estimate_memory(cfg: ModelConfig, precision="bf16", micro_batch_tokens=8192, checkpointing=False,
                     sample_rows=0, sample_length=0, logits_chunk=512, reference=False, shards=1):
     """Peak GPU memory of one training step in bytes, by part. Always held: fp32 master weights, their gradients
-    and AdamW's two moments (each divided by `shards` under FSDP), in bf16 autocast's copy of the weights, and for
-    RL (sample_rows > 0) the bf16 sampling copy. Then the larger of the two phases, which never overlap: sampling
+    and AdamW's two moments (each divided by `shards` under FSDP, which also holds the units it has gathered), in
+    bf16 autocast's copy of the weights, and for RL (sample_rows > 0) the bf16 sampling copy. Then the larger of the two phases, which never overlap: sampling
     (a KV cache of sample_rows x sample_length positions, and the last position's logits) and the update (the
     activations of a micro-batch of micro_batch_tokens positions, its packing mask, the output layer's chunk of
     logits_chunk tokens). reference: a frozen fp32 copy for the KL term (--beta > 0)."""
@@ -922,7 +926,10 @@ def estimate_memory(cfg: ModelConfig, precision="bf16", micro_batch_tokens=8192,
     kv_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (2 if bf16 else 4)  # per position
     parts = {
         "weights": 4 * n / shards, "gradients": 4 * n / shards, "adamw": 8 * n / shards,
-        "autocast_copy": 2 * n if bf16 and shards == 1 else 0,  # FSDP gathers bf16 weights a layer at a time
+        "autocast_copy": 2 * n if bf16 and shards == 1 else 0,
+        # FSDP instead gathers whole weights a unit at a time: the root (embedding, output layer) and two layers
+        "fsdp_gathered": (2 if bf16 else 4) * (n - cfg.num_layers * layer_parameters(cfg) + 2 * layer_parameters(cfg))
+        if shards > 1 else 0,
         "sampling_copy": (2 if bf16 else 4) * n if sample_rows and (bf16 or shards > 1) else 0,
         "reference": 4 * n if reference else 0,
         # sampling: the cache, and per row the fp32 logits, their softmax and the float64 CDF of the next token

@@ -12,6 +12,7 @@ Two kinds of data, told apart per record by a "completion" field:
     python data_prep.py && python sft.py                     # tiny warm start on the built-in data (CPU, ~3 min)
     python sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning --out runs/sft_r1
     python sft.py --resume                                   # continue runs/sft/last exactly where it stopped
+    torchrun --nproc_per_node 8 sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning   # DDP
 
 Every prompt goes through the model's chat template (model.encode_chat); the target is the completion's tokens
 plus the end-of-turn token (<|im_end|>), and the loss is the mean negative log-likelihood over those tokens
@@ -26,6 +27,8 @@ Defaults per model (the flags override them):
               (432 samples each; the 36-sample check at the end of training said 94%, 72%, 64%). With 8 epochs
               the check said 33% (seed 0).
   any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
+A batch runs in micro-batches of at most --micro-batch-tokens padded positions (8,192): Qwen2.5-1.5B with
+--target reasoning --max-length 4096 is estimated at 58 GB on a GPU (model.estimate_memory, printed at the start).
 
 Departures from the paper and choices it leaves open:
   - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and

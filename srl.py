@@ -10,20 +10,27 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
     python data_prep.py && python sft.py && python srl.py    # tiny model on the built-in data, a few CPU minutes
     python srl.py --model qwen-1.5b --data data/srl_train.jsonl --out runs/srl     # one 80 GB GPU
     python srl.py --resume --out runs/srl                                           # continue a stopped run
+    torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
 
 Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
 <out>/best/ (best on validation); each is a Hugging Face folder that `--model` of any stage accepts.
 
 In reading order: 1. step_similarity, 2. srl_reward, 3. group_advantages, keep_group, grpo_loss (the GRPO pieces,
-also used by rlvr.py), 4. the prompt, 5. the training loop, shared with rlvr.py.
+also used by rlvr.py), 4. the prompt, 5. the training loop (collect_groups, update_policy, train), shared with
+rlvr.py.
 
 Defaults by model size (flags override them): models under 50M parameters (tiny) take 4 prompts x G 8, 64 new
 tokens, lr 3e-5, 20 steps; larger ones 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch. The paper: 512
 prompts x G 8, lr 5e-7 for Qwen2.5-7B on several GPUs; 16 prompts is what one 80 GB GPU turns around quickly.
-The update runs in micro-batches of --micro-batch-tokens positions (8,192), so memory does not depend on how long
-the completions happen to be. On a GPU the run first prints model.estimate_memory's estimate for the plan (Qwen2.5-
-1.5B at the defaults: 61 GB of 80), switches activation checkpointing on if the step needs it, and stops before
-loading any weight if it cannot fit.
+The update runs in micro-batches of --micro-batch-tokens positions, so memory does not depend on how long the
+completions happen to be. On a GPU the run first prints model.estimate_memory's estimate (Qwen2.5-1.5B at the
+defaults: 61 GB of 80), and stops before loading any weight if the step cannot fit.
+
+Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
+and scores its share of every draw of prompts, the groups are gathered so that dynamic sampling keeps what one
+process would, each process trains on its share of the kept groups and the gradients are summed. A prompt's
+rollouts draw their randomness from (seed, position in the prompt stream, sample), so one process and several
+sample the same tokens (tests/test_distributed.py). --fsdp also shards weights, gradients and AdamW states.
 
 Departures from the paper and choices it leaves open:
   - The similarity is our own code, not a difflib call; the tests check it equals
@@ -261,8 +268,10 @@ def srl_messages(example):
 
 SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr=3e-5, max_steps=20)
 LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
-# flags that --resume takes from the command line; every other one comes from the checkpoint's plan
-RUNTIME_FLAGS = ("resume", "device", "out", "max_steps", "eval_every", "save_every", "val_limit")
+# flags that --resume takes from the command line (where and how the work runs, how long, how often to save);
+# every other one comes from the checkpoint's plan
+RUNTIME_FLAGS = ("resume", "device", "out", "max_steps", "eval_every", "save_every", "val_limit", "sample_batch",
+                 "micro_batch_tokens", "activation_checkpointing", "fsdp")
 
 
 def training_arguments(description, data_default, out_default, std_threshold_default):
@@ -284,6 +293,8 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--std-threshold", type=float, default=std_threshold_default,
         help="dynamic sampling: keep a group only if the std of its rewards is above this")
     arg("--max-draws", type=int, default=4, help="sampling rounds per step before training on fewer groups")
+    arg("--sample-batch", type=int, default=None,
+        help="prompts each process samples at once, G completions each (default: its whole share of a draw)")
     # GRPO loss
     arg("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by the group's std")
     arg("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low (not in the paper; DAPO)")
@@ -308,8 +319,6 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     arg("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW states (FSDP2)")
-    arg("--sample-batch", type=int, default=None,
-        help="prompts each process samples at once, G completions each (default: its whole share of a draw)")
     arg("--precision", choices=["bf16", "fp32"], default=None,
         help="bf16: fp32 master weights, bf16 autocast and a bf16 sampling copy (default on cuda); fp32 (on cpu)")
     return p
