@@ -867,7 +867,9 @@ def shard(model, precision):
     """FSDP2: each process keeps 1/world of every parameter, gradient and AdamW state. Each layer is gathered whole
     for its forward and backward (in bf16 under --precision bf16) and its gradients are reduce-scattered in fp32;
     the embedding, final norm and output layer form the root unit. hidden_states is registered as a forward, so
-    the root's gathering hooks run for it too. FSDP averages the gradients of the processes."""
+    the root's gathering hooks run for it too. FSDP averages the gradients of the processes. In bf16 the layers
+    then compute on bf16 weights (a bf16 residual stream) rather than under autocast: close to one process's
+    numbers, not equal; in fp32 they agree to rounding."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                  reduce_dtype=torch.float32)

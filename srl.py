@@ -355,7 +355,7 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn, stop_ids):
+def collect_groups(args, policy, tokenizer, examples, stream, make_prompt, reward_fn, stop_ids):
     """Rollouts with dynamic sampling (paper, SRL section): draw prompts, sample G completions each, score them,
     keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are kept or
     max_draws rounds are spent. Returns the kept Groups and counters for the log. Under torchrun each process
@@ -364,7 +364,7 @@ def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt,
     kept = []
     count = dict(drawn=0, finished=0, tokens=0, failures=0)
     all_rewards = []
-    for draw in range(args.max_draws):
+    for _ in range(args.max_draws):
         need = args.batch_prompts - len(kept)
         if need <= 0:
             break
@@ -473,7 +473,7 @@ def resolve_plan(args, cfg, state, num_examples):
     """Fill the flags left at None from the model's size class; on --resume the checkpoint's plan replaces every
     flag but RUNTIME_FLAGS. Checks the GPU memory the plan needs, prints the plan, returns the number of steps."""
     if state is not None:
-        restore_plan(args, state["args"])
+        restore_plan(args, state.get("args", {}))
     parameters = parameter_count(cfg)
     small = parameters < 50e6
     for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
@@ -536,8 +536,7 @@ def train(args, make_prompt, reward_fn):
     for step in bar:
         # 1. rollouts and rewards, with dynamic sampling
         t0 = time.time()
-        kept, log = collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn,
-                                   stop_ids)
+        kept, log = collect_groups(args, policy, tokenizer, examples, stream, make_prompt, reward_fn, stop_ids)
         any_kept = any_kept or bool(kept)
         t_sample = time.time() - t0
         # 2. advantages within each group; every completion becomes one Rollout of the update

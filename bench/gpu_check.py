@@ -18,7 +18,7 @@ published shape (written below), which costs the same time and memory as the tra
   5. one SFT step at the README's SFT settings (16 examples of 4,096 tokens, --target reasoning): peak memory
      against the estimate;
   6. Qwen2.5-7B: the estimate's verdict for one card, and per GPU with torchrun on 8 GPUs and --fsdp;
-  7. srl.py's own command line on the card for 2 steps, then --resume for a third.
+  7. srl.py's own command line on the card for 2 steps, then --resume for a third (Qwen2.5-0.5B's shape).
 A check that fails prints its error in the table and the others still run. The last line is the total time.
 """
 import argparse
@@ -51,16 +51,20 @@ QWEN_7B = dict(  # Qwen/Qwen2.5-7B-Instruct's config.json
     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
     max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
     eos_token_id=151645)
+QWEN_0_5B = dict(QWEN_1_5B, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,  # Qwen2.5-0.5B-Instruct
+                 num_attention_heads=14, num_key_value_heads=2)
 SMOKE_SHAPE = dict(QWEN_1_5B, vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 
 # sizes of each check: the real ones, and --smoke's
 FULL = dict(shape=QWEN_1_5B, logits_tokens=256, sampler_batch=64, sampler_new=512, sampler_prompt=128,
             srl_prompts=16, srl_group=8, srl_new=1024, srl_prompt=512, sft_examples=16, sft_length=4096,
-            cli=["--batch-prompts", "4", "--group-size", "4", "--max-new-tokens", "64", "--val-limit", "4"])
+            cli_shape=QWEN_0_5B, cli=["--batch-prompts", "4", "--group-size", "4", "--max-new-tokens", "64",
+                                      "--val-limit", "4"])
 SMOKE = dict(shape=SMOKE_SHAPE, logits_tokens=16, sampler_batch=4, sampler_new=8, sampler_prompt=8,
              srl_prompts=2, srl_group=2, srl_new=8, srl_prompt=16, sft_examples=2, sft_length=64,
-             cli=["--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "8", "--val-limit", "2"])
+             cli_shape=SMOKE_SHAPE, cli=["--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "8",
+                                         "--val-limit", "2"])
 ROWS = []  # (check, result, target, verdict)
 
 
@@ -275,7 +279,9 @@ def check_7b():
 
 
 def check_command_line(size, device, tmp):
-    model = random_decoder(size["shape"], "cpu")
+    # Qwen2.5-0.5B's shape: its checkpoints (2 GB of weights, 6 GB with AdamW's states) keep the disk and the time
+    # small; the 1.5B step itself is check 4
+    model = random_decoder(size["cli_shape"], "cpu")
     _, tokenizer = M.build_tiny()  # a byte-level tokenizer: ids past its vocabulary decode to nothing
     M.save_model(model, tokenizer, tmp / "model")
     del model
