@@ -224,8 +224,8 @@ def main(argv=None):
     parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
                                            "beside --data)")
     parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data order and the format check's samples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="bf16: fp32 master weights with bf16 autocast (default on cuda); fp32 (default on cpu)")
     parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")

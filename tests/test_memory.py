@@ -139,3 +139,24 @@ def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatc
     args.activation_checkpointing = False  # --no-activation-checkpointing: not overridden, so it cannot fit
     with pytest.raises(SystemExit, match="--micro-batch-tokens"):
         srl.train(args, None, None)
+
+
+def test_the_packing_mask_is_kept_once_not_once_per_layer():
+    """Under bf16 autocast, a mask in the autocast dtype (as completion_logprobs builds it) is saved for backward
+    once for all layers; an fp32 mask would be cast to bf16 in every layer and each copy kept."""
+    model = M.Decoder(SMALL).train()
+    ids = torch.randint(0, 300, (1, 40))
+    copies = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        squares = set()
+
+        def keep(t):
+            if t.dim() == 4 and t.shape[-2:] == (40, 40):
+                squares.add(t.untyped_storage().data_ptr())
+            return t
+
+        mask = torch.full((40, 40), float("-inf"), dtype=dtype).triu(1)[None, None]
+        with M.autocast("cpu", "bf16"), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model.hidden_states(ids, attn_mask=mask)
+        copies[dtype] = len(squares)
+    assert copies == {torch.bfloat16: 1, torch.float32: SMALL.num_layers}, copies
