@@ -109,7 +109,10 @@ def random_decoder(shape, device):
         model = M.Decoder(M.ModelConfig.from_hf(shape))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(0.0, 0.02) if p.dim() == 2 else p.zero_() if name.endswith("bias") else None
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                p.zero_()
     return model
 
 
@@ -134,7 +137,8 @@ def random_prompts(n, length, vocab, seed=0, ragged=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_logits(size, device):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 matmuls in fp32
+    torch.set_float32_matmul_precision("highest")
     hf, ours = transformers_pair(size["shape"], device)
     ids = torch.randint(0, size["shape"]["vocab_size"], (2, size["logits_tokens"]), device=device)
     with torch.no_grad():
