@@ -1,6 +1,8 @@
 """
 The decoder (Qwen2 and Llama families), loading and saving in Hugging Face format, a batched KV-cache sampler,
-and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them.
+and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them. It
+also holds what the training stages share: checkpoints and --resume, the helpers of a torchrun run (a few lines
+each), and the estimate of a training step's GPU memory.
 
     from model import load_model, generate
     model, tokenizer = load_model("tiny")                       # or "qwen-1.5b", a hub id, a checkpoint folder
