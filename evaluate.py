@@ -6,6 +6,7 @@ avg@k and pass@k, per-problem result files and a summary table shaped like the p
     python evaluate.py --model qwen-1.5b --benchmarks amc23,aime24,aime25 --samples 32 --max-new-tokens 4096
     python evaluate.py --model runs/srl --benchmarks minerva,math500 --out runs/eval_srl
     python evaluate.py --benchmarks my_problems.jsonl     # any JSONL with problem/question and answer fields
+    torchrun --nproc_per_node 8 evaluate.py --model runs/srl --benchmarks amc23 --samples 32   # problems shared out
 
 Benchmarks are JSONL files in --data-dir (default ../shared/data/benchmarks beside the checkout if present, else
 data/benchmarks). Nothing is downloaded: get each file from its public repository and save it as NAME.jsonl
@@ -122,22 +123,25 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
                        seed=0, desc="evaluate", progress=True):
     """Generate for every problem (one greedy completion, then `samples` at temperature 1.0) and grade them.
     Returns (records, metrics): one record per problem, in the order given; metrics as fractions in [0, 1]."""
-    from model import encode_chat, generate  # here, so that the grader above imports (and is copied) without torch
+    from model import encode_chat, gather, generate, get_rank, get_world_size  # here: the grader needs no torch
 
     runs = ([(0.0, 1)] if greedy else []) + ([(1.0, samples)] if samples > 0 else [])  # (temperature, count)
     if not problems or not runs:
         raise ValueError("nothing to evaluate: no problems, or neither greedy nor samples")
     prompts = [encode_chat(tokenizer, math_messages(p["problem"])) for p in problems]
     outputs = [[] for _ in problems]
-    # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once
-    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))
-    bar = tqdm(total=len(problems) * sum(n for _, n in runs), desc=desc, unit="completion", disable=not progress)
+    # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once.
+    # Under torchrun each process takes every world-th problem of that order; the records are gathered at the end.
+    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))[get_rank()::get_world_size()]
+    bar = tqdm(total=len(order) * sum(n for _, n in runs), desc=desc, unit="completion",
+               disable=not progress or get_rank() != 0)
     for temperature, n in runs:
         per_batch = max(1, batch_size // n)
-        for b, start in enumerate(range(0, len(order), per_batch)):
+        for start in range(0, len(order), per_batch):
             batch = order[start:start + per_batch]
+            # a seed per problem: its samples do not depend on the batch it is in, or on the process
             completions = generate(model, [prompts[j] for j in batch], max_new_tokens, temperature=temperature,
-                                   num_samples=n, seed=None if seed is None else seed + b)
+                                   num_samples=n, seed=None if seed is None else [seed * 1_000_003 + j for j in batch])
             for m, j in enumerate(batch):  # back to the problem's own place (completions are prompt-major)
                 outputs[j] += completions[m * n:(m + 1) * n]
             bar.update(len(completions))
@@ -145,15 +149,18 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
 
     stop_ids = set(model.stop_token_ids)
     temperatures = [t for t, n in runs for _ in range(n)]
-    records = []
-    for problem, prompt, outs in zip(problems, prompts, outputs):
+    graded = {}  # this process's problems, graded here
+    for j in order:
+        problem, outs = problems[j], outputs[j]
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         extracted = [extract_answer(t) for t in texts]
-        records.append({
+        graded[j] = {
             "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
-            "prompt": tokenizer.decode(prompt), "temperatures": temperatures, "completions": texts,
+            "prompt": tokenizer.decode(prompts[j]), "temperatures": temperatures, "completions": texts,
             "extracted": extracted, "correct": [is_equiv(e, problem["answer"]) for e in extracted],
-            "num_tokens": [len(o) for o in outs], "truncated": [not (o and o[-1] in stop_ids) for o in outs]})
+            "num_tokens": [len(o) for o in outs], "truncated": [not (o and o[-1] in stop_ids) for o in outs]}
+    graded = {j: record for share in gather(graded) for j, record in share.items()}  # every process's
+    records = [graded[j] for j in range(len(problems))]
 
     metrics = {"problems": len(records), "samples": samples, "max_new_tokens": max_new_tokens}
     if greedy:
@@ -190,7 +197,7 @@ def summary_table(model_name, results):
 
 def main():
     import torch
-    from model import load_model
+    from model import end_distributed, init_distributed, load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,6 +215,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    _, rank, _, args.device = init_distributed(args.device)  # under torchrun: the problems are shared out
     torch.manual_seed(args.seed)
     names = [b for b in re.split(r"[,\s]+", " ".join(args.benchmarks)) if b]
     benchmarks = {Path(b).stem if b.endswith(".jsonl") else b: load_benchmark(b, args.data_dir, args.limit)
@@ -217,9 +225,13 @@ def main():
     for name, problems in benchmarks.items():
         records, metrics = evaluate_benchmark(model, tokenizer, problems, args.samples, args.max_new_tokens,
                                               args.batch_size, seed=args.seed, desc=name)
-        write_jsonl(Path(args.out) / f"{name}.jsonl", records)
         results[name] = metrics
-        print(name, json.dumps(metrics))
+        if rank == 0:  # every process holds every record; one writes
+            write_jsonl(Path(args.out) / f"{name}.jsonl", records)
+            print(name, json.dumps(metrics))
+    end_distributed()
+    if rank != 0:
+        return
     summary = {"model": args.model, "seconds": round(time.time() - started, 1), "args": vars(args),
                "results": results}
     write_jsonl(Path(args.out) / "summary.json", [summary])

@@ -1,6 +1,8 @@
 """
 The decoder (Qwen2 and Llama families), loading and saving in Hugging Face format, a batched KV-cache sampler,
-and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them.
+and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them. It
+also holds what the training stages share: checkpoints and --resume, the helpers of a torchrun run (a few lines
+each), and the estimate of a training step's GPU memory.
 
     from model import load_model, generate
     model, tokenizer = load_model("tiny")                       # or "qwen-1.5b", a hub id, a checkpoint folder
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -103,8 +106,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def compute_dtype(x):
+    """The dtype the matmuls run in: autocast's when autocast is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def autocast(device, precision):
+    """The context of a training forward. "bf16": bf16 matmuls over fp32 master weights (autocast), on CUDA and on
+    CPU alike, so that CPU tests run the code a GPU runs; "fp32": nothing changes."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def rotary_cos_sin(positions, head_dim, theta, dtype):
-    """cos and sin tables [B, T, head_dim] for integer positions [B, T] (RoFormer's rotary embedding)."""
+    """cos and sin tables [B, T, head_dim] for integer positions [B, T] (RoFormer's rotary embedding). dtype is the
+    compute dtype (compute_dtype): under autocast, fp32 tables would promote q and k to fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # computed in fp32 whatever the model's dtype
     angles = torch.cat([angles, angles], dim=-1)
@@ -226,7 +242,7 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, compute_dtype(x))
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
@@ -273,8 +289,9 @@ class KVCache:
 # Sampling
 
 
-def sample_next_token(logits, temperature, top_k, top_p, generator):
-    """logits [B, vocab] -> token ids [B]. Temperature 0 is greedy."""
+def sample_next_token(logits, temperature, top_k, top_p, uniform):
+    """logits [B, vocab] -> token ids [B]. Temperature 0 is greedy; otherwise uniform [B, 1] (float64, in [0, 1),
+    one number per row) picks each row's token by inverse CDF."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -292,8 +309,21 @@ def sample_next_token(logits, temperature, top_k, top_p, generator):
     # large vocabulary on CPU. In float64 so that u * total stays below total and a zero-probability token
     # (a plateau of the CDF) is never the first entry above it.
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+
+
+def sampling_uniforms(num_prompts, num_samples, steps, seed):
+    """The random numbers of one generate call, [rows, steps] float64, prompt-major rows. Row (i, j), prompt i's
+    sample j, draws from its own generator seeded by (seed of prompt i, j): `seed` is one int per prompt, or an int
+    (prompt i's seed is then seed * 1_000_003 + i), or None (the global generator draws them all). A row's tokens
+    then depend on its prompt and its seed alone, not on which other prompts share the batch, or which process of
+    several samples it."""
+    if seed is None:
+        return torch.rand(num_prompts * num_samples, steps, dtype=torch.float64)
+    seeds = [seed * 1_000_003 + i for i in range(num_prompts)] if isinstance(seed, int) else list(seed)
+    return torch.stack([torch.rand(steps, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed((s * 1_000_003 + j) % 2 ** 63))
+                        for s in seeds for j in range(num_samples)])
 
 
 @torch.no_grad()
@@ -301,7 +331,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
              stop_token_ids=None, seed=None, progress=False):
     """Sample continuations of token-id prompts. Returns len(prompts) * num_samples lists of new token ids,
     prompt-major (prompt 0's samples first). A row stops after its first stop token, which is kept.
-    stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops."""
+    stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops. seed: an int, one int per prompt,
+    or None; see sampling_uniforms."""
     if not prompts or num_samples < 1:
         return []
     if max_new_tokens <= 0:
@@ -316,9 +347,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {cfg.max_position_embeddings} tokens")
     stop_ids = model.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    uniforms = sampling_uniforms(len(prompts), num_samples, max_new_tokens, seed).to(device) if temperature else None
     was_training = model.training
     model.eval()
 
@@ -349,7 +378,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     out = torch.zeros(len(logits), max_new_tokens, dtype=torch.long, device=device)
     steps = range(max_new_tokens)
     for t in tqdm(steps, desc="generate", leave=False) if progress else steps:
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        token = sample_next_token(logits, temperature, top_k, top_p, uniforms[:, t:t + 1] if temperature else None)
         out[:, t] = token
         finished |= torch.isin(token, stop)
         if t == max_new_tokens - 1 or bool(finished.all()):
@@ -368,7 +397,59 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 # Log-probabilities for training
 
 
-def completion_logprobs(model, prompts, completions, temperature=1.0, with_entropy=False, chunk_size=256):
+def completion_logprobs_reference(model, prompts, completions, temperature=1.0):
+    """What completion_logprobs computes, written the simple way: one row per prompt + completion, right-padded,
+    a full forward, then the log-probability of each completion token at the position before it. Returns logp
+    [B, Tc] and mask [B, Tc]. It holds [B, T, vocab] logits and runs a shared prompt once per row: read it first,
+    and use it to check the packed version (the tests do)."""
+    device = model.lm_head.weight.device
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    ids = ids.to(device)
+    logp_all = (model(ids).float() / temperature).log_softmax(-1)  # [B, T, vocab]
+    token_logp = logp_all[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, T-1]: of token t+1 at position t
+    # completion token j of row b sits at len(prompt_b) + j; the position before it predicts it
+    predictor = torch.tensor([len(p) - 1 for p in prompts])[:, None] + torch.arange(max(map(len, completions)))
+    mask = (torch.arange(predictor.shape[1]) < torch.tensor([len(c) for c in completions])[:, None]).float()
+    logp = token_logp.gather(1, predictor.clamp(max=ids.shape[1] - 2).to(device))
+    return logp * mask.to(device), mask.to(device)
+
+
+def pack_rows(prompts, completions):
+    """The packing of completion_logprobs: runs of consecutive rows that share a prompt become one sequence.
+    Returns [prompt, row indices, length of the sequence (the prompt once plus every completion)] per sequence."""
+    packs = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if packs and packs[-1][0] == p:
+            packs[-1][1].append(i)
+            packs[-1][2] += len(c)
+        else:
+            packs.append([p, [i], len(p) + len(c)])
+    return packs
+
+
+def token_budget_batches(prompts, completions, max_tokens):
+    """Consecutive micro-batches (slices of the rows) whose packed forward in completion_logprobs holds at most
+    max_tokens positions: number of sequences x the longest, a group's prompt counted once. A micro-batch grows
+    row by row, so a group too large for the budget is split; a single row longer than the budget is a
+    micro-batch of its own. Memory then depends on the budget, not on how long the rows happen to be."""
+    batches, start = [], 0
+    lengths = []  # of the packed sequences of the micro-batch being filled
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if i > start and p == prompts[i - 1]:  # the same group: its sequence grows by the completion
+            grown = lengths[:-1] + [lengths[-1] + len(c)]
+        else:
+            grown = lengths + [len(p) + len(c)]
+        if i > start and len(grown) * max(grown) > max_tokens:
+            batches.append(slice(start, i))
+            start, grown = i, [len(p) + len(c)]
+        lengths = grown
+    return batches + [slice(start, len(prompts))] if prompts else []
+
+
+def completion_logprobs(model, prompts, completions, temperature=1.0, with_entropy=False, chunk_size=512):
     """Per-token log-probabilities of `completions` (lists of token ids) after `prompts`, at the sampling
     temperature (logits / temperature, so they match what the sampler drew from).
 
@@ -377,21 +458,17 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
 
     Consecutive rows with the same prompt (the samples of one GRPO group) are packed into one sequence: the prompt
     once, then each completion at the positions right after the prompt, seeing only the prompt and its own earlier
-    tokens. That is the same function as one row per sample, but the prompt, usually most of the tokens, goes
-    through the network once per group instead of once per sample. The output layer runs on completion tokens
-    only, chunk by chunk with recomputation in backward, so [B, T, vocab] logits are never held at once."""
+    tokens. That is the same function as one row per sample (completion_logprobs_reference), but the prompt,
+    usually most of the tokens, goes through the network once per group instead of once per sample. The output
+    layer runs on the completion tokens only, chunk_size tokens at a time with recomputation in backward, so the
+    logits of the whole batch are never held at once."""
     device = model.lm_head.weight.device
     prompts, completions = [list(p) for p in prompts], [list(c) for c in completions]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    packs = []  # [prompt, indices of the consecutive rows that share it]
-    for i, p in enumerate(prompts):
-        if packs and packs[-1][0] == p:
-            packs[-1][1].append(i)
-        else:
-            packs.append([p, [i]])
-    shared = any(len(rows) > 1 for _, rows in packs)  # else plain causal attention, no mask
-    width = max(len(p) + sum(len(completions[i]) for i in rows) for p, rows in packs)
+    packs = pack_rows(prompts, completions)
+    shared = any(len(rows) > 1 for _, rows, _ in packs)  # else plain causal attention, no mask
+    width = max(n for _, _, n in packs)
     if shared:  # CUDA's memory-efficient attention would copy a mask whose width is not a multiple of 16
         width = -(-width // 16) * 16
     tc = max(len(c) for c in completions)
@@ -400,7 +477,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
     owner = torch.full((len(packs), width), -2)  # -1: the prompt, i: row i's completion, -2: padding
     targets = torch.zeros(len(prompts), tc, dtype=torch.long)
     source = torch.zeros(len(prompts), tc, dtype=torch.long)  # of each target: its predictor's flat index in packs
-    for k, (prompt, rows) in enumerate(packs):
+    for k, (prompt, rows, _) in enumerate(packs):
         n = len(prompt)
         ids[k, :n], positions[k, :n], owner[k, :n] = torch.tensor(prompt), torch.arange(n), -1
         start = n
@@ -412,38 +489,42 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
             predictor[:1] = n - 1
             source[i, :end - start] = k * width + predictor
             start = end
-    mask = (torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]).float().to(device)
+    mask = torch.arange(tc) < torch.tensor([len(c) for c in completions])[:, None]  # [B, Tc], from lengths
     attn_mask = None
     if shared:
         owner = owner.to(device)
         sees = (owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == -1)
         sees &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        # additive, in the model's dtype, made once: SDPA would turn a boolean mask into one in every layer and
-        # keep each copy for backward
-        attn_mask = torch.zeros(sees.shape, dtype=model.lm_head.weight.dtype, device=device)
+        # additive, made once, in the dtype attention runs in (bf16 under autocast): SDPA would otherwise convert
+        # the mask in every layer and keep each copy for backward
+        attn_mask = torch.zeros(sees.shape, dtype=compute_dtype(model.lm_head.weight), device=device)
         attn_mask = attn_mask.masked_fill(~sees, float("-inf"))[:, None]
     hidden = model.hidden_states(ids.to(device), positions.to(device), attn_mask)
-    hidden, targets = hidden.flatten(0, 1)[source.to(device)], targets.to(device)  # [B, Tc, hidden]
+    # the hidden state before each real completion token, flattened: [N, hidden] with N = mask.sum()
+    hidden, targets = hidden.flatten(0, 1)[source[mask].to(device)], targets[mask].to(device)
 
     def chunk_logprobs(h, y):
-        logits = model.lm_head(h).float() / temperature
-        logp_all = logits.log_softmax(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp_all.gather(-1, y[..., None]).squeeze(-1), entropy.detach()
+        logp_all = (model.lm_head(h).float() / temperature).log_softmax(-1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, y[:, None]).squeeze(-1), entropy
 
     logps, entropies = [], []
-    for s in range(0, tc, chunk_size):
-        h, y = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+    for s in range(0, len(targets), chunk_size):
+        h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]
         if torch.is_grad_enabled():
             lp, ent = torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False)
         else:
             lp, ent = chunk_logprobs(h, y)
         logps.append(lp)
         entropies.append(ent)
-    logp = torch.cat(logps, 1) * mask
+    mask = mask.to(device)
+    # back to [B, Tc], zeros where a row has no token
+    logp = torch.zeros(mask.shape, device=device).masked_scatter(mask, torch.cat(logps))
     if with_entropy:
-        return logp, mask, torch.cat(entropies, 1) * mask
-    return logp, mask
+        entropy = torch.zeros(mask.shape, device=device).masked_scatter(mask, torch.cat(entropies))
+        return logp, mask.float(), entropy
+    return logp, mask.float()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -550,6 +631,19 @@ def resolve_folder(name_or_path):
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
 
 
+def read_config(name_or_path):
+    """The ModelConfig of a model without its weights (for the hub, config.json alone is fetched)."""
+    if name_or_path == "tiny":
+        return build_tiny()[0].config
+    repo_id = ALIASES.get(name_or_path, name_or_path)
+    if os.path.isdir(name_or_path) or "/" not in repo_id:
+        folder = resolve_folder(name_or_path)  # a local folder, or the error that lists the aliases
+    else:
+        from huggingface_hub import hf_hub_download
+        folder = Path(hf_hub_download(repo_id, "config.json")).parent
+    return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
+
+
 def load_model(name_or_path, device="cpu", dtype=None):
     """(model, tokenizer) for an alias ("tiny", "qwen-1.5b", ...), a hub id or a local Hugging Face folder.
     dtype defaults to bfloat16 on CUDA and float32 elsewhere."""
@@ -584,11 +678,12 @@ def load_model(name_or_path, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype), tokenizer
 
 
-def save_model(model, tokenizer, path, training_state=None):
+def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load: config.json,
     model.safetensors and the tokenizer files with the chat template; plus training_state.pt when given (optimizer,
     RNG states, step, data position: what --resume needs). Written beside and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint."""
+    interrupted save never leaves a half-written checkpoint. state_dict: the weights to write, if not the
+    model's own (save_checkpoint passes FSDP's gathered ones)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -598,9 +693,9 @@ def save_model(model, tokenizer, path, training_state=None):
     dtype = model.lm_head.weight.dtype
     hf_config = dict(model.config.hf, torch_dtype=str(dtype).removeprefix("torch."))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as the embedding: stored once
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(tmp))
     if training_state is not None:
@@ -613,6 +708,77 @@ def save_model(model, tokenizer, path, training_state=None):
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+
+
+@torch.no_grad()
+def copy_weights(target, source):
+    """Copy source's parameters into target's (same architecture), casting to target's dtype: how the bf16
+    sampling copy takes the fp32 trainer's weights after each update. Under FSDP every process calls it: each
+    sharded parameter is gathered whole (full_tensor)."""
+    for p_target, p_source in zip(target.parameters(), source.parameters()):
+        p_target.copy_(p_source.full_tensor() if hasattr(p_source, "full_tensor") else p_source)
+
+
+def save_checkpoint(model, tokenizer, folder, optimizer=None, plan=None, **progress):
+    """A Hugging Face folder; with an optimizer, plus training_state.pt holding all that --resume needs to continue
+    exactly: the optimizer, every RNG state, the run's plan (the resolved flags) and the loop's progress (step,
+    position, ...). Under torchrun every process calls it (FSDP gathers the shards of the weights and of AdamW's
+    states, keyed by parameter name, so a run can resume on another number of processes); rank 0 alone writes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=whole)
+    state = None
+    if optimizer is not None:
+        state = dict(progress, optimizer=get_optimizer_state_dict(model, optimizer, options=whole),
+                     rng=rng_states(), args=plan)
+    if get_rank() == 0:
+        save_model(model, tokenizer, folder, training_state=state, state_dict=weights)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """The optimizer's part of training_state.pt back into `optimizer` (sharded again under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def restore_plan(args, plan):
+    """--resume: the checkpoint's plan replaces the command line's flags; each flag it overrides is printed."""
+    for name, value in plan.items():
+        if getattr(args, name, None) not in (None, value):
+            print0(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
+        setattr(args, name, value)
+
+
+def read_jsonl(path):
+    """The records of a JSONL file (data_prep.py's outputs). A missing file or a malformed line ends the program
+    with a message that names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `python data_prep.py` first (it writes data/), or pass --data")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})") from None
+    return records
+
+
+def open_metrics(path, resume_step):
+    """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped
+    (the resumed run redoes those steps)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resume_step is not None and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return open(path, "a", encoding="utf-8")
 
 
 def load_training_state(path):
@@ -635,3 +801,202 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): each rank takes every world-th piece of the work, gradients are summed, rank 0
+# writes. Without torchrun's variables every helper is the single-process identity.
+
+
+def init_distributed(device):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set), join the process group (NCCL on CUDA, gloo on CPU) and
+    return (True, rank, world size, this process's device: cuda:LOCAL_RANK); else (False, 0, 1, device)."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    if str(device).startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed():
+    """Leave the process group at the end of a run (a process that exits without it may abort in teardown)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def gather(obj):
+    """Every process's `obj` (any picklable value), in rank order, on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_across(values):
+    """Element-wise sums over the processes of a list of numbers (logged statistics)."""
+    if not dist.is_initialized():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def sum_gradients(model):
+    """Sum every gradient over the processes: the all-reduce that DistributedDataParallel does, written out
+    because the losses call hidden_states, not forward. Each process's loss is its share of a mean over the
+    whole batch, so the sum is the batch's gradient."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            if p.grad is None:  # a process with nothing to train on this step still takes part
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def shard(model, precision):
+    """FSDP2: each process keeps 1/world of every parameter, gradient and AdamW state. Each layer is gathered whole
+    for its forward and backward (in bf16 under --precision bf16) and its gradients are reduce-scattered in fp32;
+    the embedding, final norm and output layer form the root unit. hidden_states is registered as a forward, so
+    the root's gathering hooks run for it too. FSDP averages the gradients of the processes. In bf16 the layers
+    then compute on bf16 weights (a bf16 residual stream) rather than under autocast: close to one process's
+    numbers, not equal; in fp32 they agree to rounding."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                 reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# GPU memory of a training step, estimated from the configuration and the settings (before any weight is loaded)
+
+GiB = 2 ** 30
+
+
+def layer_parameters(cfg: ModelConfig):
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    weights = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
+    return weights + (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
+
+
+def parameter_count(cfg: ModelConfig):
+    return cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * \
+        layer_parameters(cfg) + cfg.hidden_size
+
+
+def activation_bytes_per_token(cfg: ModelConfig, precision="bf16", masked=True, checkpointing=False):
+    """Bytes that autograd keeps per token of a training forward (hidden_states), as the tests measure with
+    saved-tensor hooks. masked: packed groups, where attention repeats the KV heads."""
+    h, i, q = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+    kv = q if masked else cfg.num_kv_heads * cfg.head_dim
+    if precision == "bf16":
+        # per layer: two RMSNorms keep their fp32 input and output; autocast keeps its own bf16 copy of the input
+        # of each of the q, k, v, gate and up projections; attention keeps q, k, v and its output (o_proj's input);
+        # the MLP keeps gate, up, silu(gate) and their product
+        layer = 2 * 2 * 4 * h + 5 * 2 * h + 2 * (2 * q + 2 * kv) + 4 * 2 * i
+    else:  # the same in fp32, where q/k/v and gate/up share one input and o_proj's input is a copy
+        layer = 2 * 2 * 4 * h + 3 * 4 * h + 4 * (2 * q + 2 * kv) + 4 * 4 * i
+    final_norm = 2 * 4 * h
+    if checkpointing:  # each layer keeps its input; backward rebuilds one layer at a time
+        return cfg.num_layers * 4 * h + final_norm + layer
+    return cfg.num_layers * layer + final_norm
+
+
+def estimate_memory(cfg: ModelConfig, precision="bf16", micro_batch_tokens=8192, checkpointing=False,
+                    sample_rows=0, sample_length=0, logits_chunk=512, reference=False, shards=1):
+    """Peak GPU memory of one training step in bytes, by part. Always held: fp32 master weights, their gradients
+    and AdamW's two moments (each divided by `shards` under FSDP, which also holds the units it has gathered), in
+    bf16 autocast's copy of the weights, and for RL (sample_rows > 0) the bf16 sampling copy. Then the larger of the two phases, which never overlap: sampling
+    (a KV cache of sample_rows x sample_length positions, and the last position's logits) and the update (the
+    activations of a micro-batch of micro_batch_tokens positions, its packing mask, the output layer's chunk of
+    logits_chunk tokens). reference: a frozen fp32 copy for the KL term (--beta > 0)."""
+    n = parameter_count(cfg)
+    bf16 = precision == "bf16"
+    kv_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (2 if bf16 else 4)  # per position
+    parts = {
+        "weights": 4 * n / shards, "gradients": 4 * n / shards, "adamw": 8 * n / shards,
+        "autocast_copy": 2 * n if bf16 and shards == 1 else 0,
+        # FSDP instead gathers whole weights a unit at a time: the root (embedding, output layer) and two layers
+        "fsdp_gathered": (2 if bf16 else 4) * (n - cfg.num_layers * layer_parameters(cfg) + 2 * layer_parameters(cfg))
+        if shards > 1 else 0,
+        "sampling_copy": (2 if bf16 else 4) * n if sample_rows and (bf16 or shards > 1) else 0,
+        "reference": 4 * n if reference else 0,
+        # sampling: the cache, and per row the fp32 logits, their softmax and the float64 CDF of the next token
+        "kv_cache": sample_rows * (sample_length * kv_bytes + 16 * cfg.vocab_size),
+        "activations": micro_batch_tokens * activation_bytes_per_token(cfg, precision, True, checkpointing)
+        + 2 * micro_batch_tokens ** 2,  # + the bf16 packing mask, one [T, T] for the whole micro-batch
+        # logits (bf16 and fp32), divided by the temperature, log-softmax, and in backward their gradients
+        "logits": logits_chunk * cfg.vocab_size * 24,
+    }
+    fixed = sum(v for k, v in parts.items() if k not in ("kv_cache", "activations", "logits"))
+    parts["peak"] = fixed + max(parts["kv_cache"], parts["activations"] + parts["logits"])
+    return parts
+
+
+def gpu_memory(device):
+    """Total memory of a CUDA device in bytes; None for any other device."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def plan_memory(cfg, args, capacity, sample_rows=0, sample_length=0, shards=1):
+    """Before any weight loads: estimate the step's peak memory. With --activation-checkpointing left unset it is
+    switched on only when the step needs it (above 85% of the card). Prints the estimate; a step that cannot fit
+    (above 90%) stops the run with the flags to change. capacity: the card's bytes, None on CPU (nothing done)."""
+    if capacity is None:
+        args.activation_checkpointing = bool(args.activation_checkpointing)
+        return None
+
+    def estimate(checkpointing):
+        return estimate_memory(cfg, args.precision, args.micro_batch_tokens, checkpointing, sample_rows,
+                               sample_length, reference=getattr(args, "beta", 0) > 0, shards=shards)
+
+    parts = estimate(bool(args.activation_checkpointing))
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = parts["peak"] > 0.85 * capacity
+        if args.activation_checkpointing:
+            print0(f"activation checkpointing on: without it the step needs {parts['peak'] / GiB:.1f} GiB")
+            parts = estimate(True)
+    print0(f"GPU memory estimate: {parts['peak'] / GiB:.1f} of {capacity / GiB:.1f} GiB ("
+          + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items() if v and k != "peak") + ")")
+    if parts["peak"] > 0.9 * capacity:
+        fixed = parts["peak"] - max(parts["kv_cache"], parts["activations"] + parts["logits"])
+        if fixed > 0.75 * capacity:
+            change = f"the weights, gradients and AdamW states alone take {fixed / GiB:.1f} GiB"
+        elif parts["kv_cache"] > parts["activations"] + parts["logits"]:
+            change = "fewer rollouts sampled at once (--batch-prompts, --group-size, --max-new-tokens)"
+        else:
+            change = "a smaller --micro-batch-tokens, or --activation-checkpointing"
+        raise SystemExit(f"this step needs about {parts['peak'] / GiB:.1f} GiB, more than 90% of the "
+                         f"{capacity / GiB:.1f} GiB card: {change}; or shard the model over several GPUs with "
+                         f"torchrun and --fsdp")
+    return parts

@@ -9,6 +9,7 @@ groups whose rollouts are all right or all wrong carry no signal and are dropped
     python data_prep.py && python rlvr.py                                   # tiny model, built-in problems
     python rlvr.py --model qwen-1.5b --data data/rlvr_train.jsonl           # RLVR from the instruct model
     python rlvr.py --model runs/srl/best --out runs/srl_rlvr                # SRL then RLVR (the paper's best)
+    torchrun --nproc_per_node 8 rlvr.py --model qwen-7b --fsdp --batch-prompts 128 --sample-batch 16   # 8 GPUs
 
 Defaults and departures from the paper:
   - Defaults by model size as in srl.py (large models: 16 prompts x G 8, lr 1e-6; paper: 128 prompts x G 8,

@@ -12,6 +12,7 @@ Two kinds of data, told apart per record by a "completion" field:
     python data_prep.py && python sft.py                     # tiny warm start on the built-in data (CPU, ~3 min)
     python sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning --out runs/sft_r1
     python sft.py --resume                                   # continue runs/sft/last exactly where it stopped
+    torchrun --nproc_per_node 8 sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning   # DDP
 
 Every prompt goes through the model's chat template (model.encode_chat); the target is the completion's tokens
 plus the end-of-turn token (<|im_end|>), and the loss is the mean negative log-likelihood over those tokens
@@ -26,14 +27,16 @@ Defaults per model (the flags override them):
               (432 samples each; the 36-sample check at the end of training said 94%, 72%, 64%). With 8 epochs
               the check said 33% (seed 0).
   any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
+A batch runs in micro-batches of at most --micro-batch-tokens padded positions (8,192): Qwen2.5-1.5B with
+--target reasoning --max-length 4096 is estimated at 58 GB on a GPU (model.estimate_memory, printed at the start).
 
 Departures from the paper and choices it leaves open:
   - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and
     gradient clipping at norm 1.0.
   - The learning rate follows a plan of --epochs epochs; --max-steps only ends the run early and does not stretch
     or shrink the schedule (so a run cut in parts with --resume equals the run in one piece).
-  - Weights are kept in float32 with bfloat16 autocast on GPU (the paper trains in bf16); with
-    float32 AdamW a 1.5B model needs about 25 GB before activations, a 7B model more than one 80 GB GPU.
+  - --precision bf16 (the default on GPU) keeps float32 master weights under bfloat16 autocast (the paper trains in
+    bf16); with float32 AdamW a 1.5B model needs about 28 GB before activations, a 7B model more than one 80 GB GPU.
   - Batches group examples of similar length (sorted within shuffled chunks, then the batches shuffled), which
     changes the order the examples are seen in, not the loss.
 """
@@ -48,9 +51,11 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate, load_model,
-                   load_training_state, rng_states, save_model, set_rng_states)
-from srl import parse_action, read_jsonl, srl_messages, srl_reward
+from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, end_distributed,
+                   generate, gpu_memory, init_distributed, load_model, load_optimizer_state, load_training_state,
+                   open_metrics, plan_memory, print0, read_config, read_jsonl, restore_plan, save_checkpoint,
+                   set_rng_states, sum_across, sum_gradients, token_budget_batches)
+from srl import parse_action, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
 PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
@@ -167,17 +172,23 @@ def sft_loss(model, batch, num_tokens):
     return -(logp * mask).sum() / num_tokens
 
 
-def train_step(model, optimizer, batch, micro_batch, lr, device, clip=1.0):
-    """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches, then one AdamW step.
-    Each micro-batch's token sum is divided by the target tokens of the whole batch, so the gradients add up to
-    those of the token mean over the batch however it is split. Returns (loss, grad norm, skipped)."""
-    step_tokens = sum(len(target) for _, target in batch)
+def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0, precision="fp32",
+               step_tokens=None):
+    """Forward and backward over `batch` (a list of (prompt, target) pairs) in micro-batches of at most
+    micro_batch_tokens padded positions, then one AdamW step. Each micro-batch's token sum is divided by the target
+    tokens of the whole batch, so the gradients add up to those of the token mean over the batch however it is
+    split. Under torchrun `batch` is this process's share and step_tokens counts the whole batch's targets.
+    Returns (loss, grad norm, skipped)."""
+    step_tokens = step_tokens or sum(len(target) for _, target in batch)
     total = 0.0
-    for start in range(0, len(batch), micro_batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = sft_loss(model, batch[start:start + micro_batch], step_tokens)
+    prompts, targets = zip(*batch) if batch else ((), ())
+    for part in token_budget_batches(prompts, targets, micro_batch_tokens):
+        with autocast(device, precision):
+            loss = sft_loss(model, batch[part], step_tokens)
         loss.backward()
         total += loss.item()
+    sum_gradients(model)  # under torchrun: the whole batch's gradient on every process
+    total = sum_across([total])[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
     if not skipped:  # a non-finite loss or gradient would poison the weights and AdamW's moments: skip the step
@@ -213,27 +224,7 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The run: plan, resume, loop, checkpoints
 
-PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed")
-
-
-def save_checkpoint(model, tokenizer, optimizer, args, step, batches_per_epoch, skipped):
-    """<out>/last: the weights (a Hugging Face folder) and everything --resume needs to continue exactly."""
-    state = {"step": step, "epoch": step // batches_per_epoch, "batch_in_epoch": step % batches_per_epoch,
-             "skipped_steps": skipped, "optimizer": optimizer.state_dict(), "rng": rng_states(),
-             "args": {k: getattr(args, k) for k in PLAN}}
-    save_model(model, tokenizer, Path(args.out) / "last", training_state=state)
-
-
-def open_metrics(path, resume_step):
-    """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if resume_step is not None and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-    return open(path, "a", encoding="utf-8")
+PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed", "precision")
 
 
 def main(argv=None):
@@ -249,61 +240,69 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, help="peak learning rate (tiny: 3e-3, otherwise the paper's 5e-6)")
     parser.add_argument("--warmup-ratio", type=float, help="warm-up fraction of the plan (tiny: 0.05, otherwise 0.3)")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step (tiny: 4, otherwise 16)")
-    parser.add_argument("--micro-batch", type=int, help="examples per forward/backward (default: the batch size)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192,
+                        help="padded positions per forward/backward; an example longer than this is one on its own")
     parser.add_argument("--max-length", type=int, default=4096, help="longer examples lose the end of their target")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when "
+                             "needed)")
     parser.add_argument("--save-every", type=int, default=100, help="write <out>/last every N steps and at the end")
     parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
                                            "beside --data)")
     parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data order and the format check's samples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                        help="bf16: fp32 master weights with bf16 autocast (default on cuda); fp32 (default on cpu)")
     parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
     args = parser.parse_args(argv)
 
+    _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
     out, device = Path(args.out), torch.device(args.device)
     state = load_training_state(out / "last") if args.resume else None
     if args.resume and state is None:
         raise SystemExit(f"sft.py: --resume: {out / 'last'} holds no training state (no earlier run in {out})")
     if state is not None:
-        vars(args).update(state["args"])  # the same plan as the interrupted run, whatever the flags say
+        restore_plan(args, state["args"])  # the same plan as the interrupted run, whatever the flags say
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    micro_batch = args.micro_batch or args.batch_size
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
     records = read_jsonl(args.data)
     if not records:
         raise SystemExit(f"sft.py: {args.data} holds no records")
+    source = str(out / "last") if state else args.model
+    plan_memory(read_config(source), args, gpu_memory(device))  # before any weight loads
     if args.model == "tiny" and state is None:  # a fresh tiny model gets a tokenizer fitted to this data
         model, tokenizer = fitted_tiny(records, args.target)
         model.to(device)
     else:
-        model, tokenizer = load_model(str(out / "last") if state else args.model, device=device, dtype=torch.float32)
+        model, tokenizer = load_model(source, device=device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
     examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
     if not examples:
         raise SystemExit(f"sft.py: every example of {args.data} is longer than --max-length {args.max_length}")
     lengths = [len(p) + len(t) for p, t in examples]
-    print(f"{len(examples)} examples from {args.data}; tokens per example as trained: mean "
-          f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
-    print(truncation_report(examples, lost, dropped, args.max_length))
+    print0(f"{len(examples)} examples from {args.data}; tokens per example as trained: mean "
+           f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    print0(truncation_report(examples, lost, dropped, args.max_length))
     batches_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
     end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, skipped = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         set_rng_states(state["rng"])
         step, skipped = state["step"], state["skipped_steps"]
-        print(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+        print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
 
-    metrics = open_metrics(out / "metrics.jsonl", step if state else None)
+    metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
     model.train()
-    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step")
+    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None
     while step < end_step:
         epoch, index = divmod(step, batches_per_epoch)  # the data position follows from the step alone
@@ -312,20 +311,29 @@ def main(argv=None):
         batch = [examples[i] for i in batches[index]]
         lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
         started = time.time()
-        loss, grad_norm, was_skipped = train_step(model, optimizer, batch, micro_batch, lr, device)
+        # under torchrun each process trains on every world-th example; the loss divides by the whole batch's tokens
+        loss, grad_norm, was_skipped = train_step(model, optimizer, batch[rank::world], args.micro_batch_tokens, lr,
+                                                  device, precision=args.precision,
+                                                  step_tokens=sum(len(t) for _, t in batch))
         seconds = time.time() - started
         step, skipped = step + 1, skipped + was_skipped
-        metrics.write(json.dumps({
-            "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": sum(len(t) for _, t in batch),  # trained (target) tokens of this step
-            "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens processed
-            "skipped": was_skipped, "skipped_total": skipped}) + "\n")
-        metrics.flush()
+        if rank == 0:
+            metrics.write(json.dumps({
+                "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": sum(len(t) for _, t in batch),  # trained (target) tokens of this step
+                "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
+                "skipped": was_skipped, "skipped_total": skipped, "world_size": world}) + "\n")
+            metrics.flush()
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if step % args.save_every == 0 or step == end_step:
-            save_checkpoint(model, tokenizer, optimizer, args, step, batches_per_epoch, skipped)
+            save_checkpoint(model, tokenizer, out / "last", optimizer, {k: getattr(args, k) for k in PLAN},
+                            step=step, epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
+                            skipped_steps=skipped)
     bar.close()
+    end_distributed()  # what follows (the format check) is rank 0's alone
+    if rank != 0:
+        return
     metrics.close()
     print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")
 

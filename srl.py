@@ -10,16 +10,27 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
     python data_prep.py && python sft.py && python srl.py    # tiny model on the built-in data, a few CPU minutes
     python srl.py --model qwen-1.5b --data data/srl_train.jsonl --out runs/srl     # one 80 GB GPU
     python srl.py --resume --out runs/srl                                           # continue a stopped run
+    torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
 
 Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
 <out>/best/ (best on validation); each is a Hugging Face folder that `--model` of any stage accepts.
 
 In reading order: 1. step_similarity, 2. srl_reward, 3. group_advantages, keep_group, grpo_loss (the GRPO pieces,
-also used by rlvr.py), 4. the prompt, 5. the training loop, shared with rlvr.py.
+also used by rlvr.py), 4. the prompt, 5. the training loop (collect_groups, update_policy, train), shared with
+rlvr.py.
 
 Defaults by model size (flags override them): models under 50M parameters (tiny) take 4 prompts x G 8, 64 new
 tokens, lr 3e-5, 20 steps; larger ones 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch. The paper: 512
 prompts x G 8, lr 5e-7 for Qwen2.5-7B on several GPUs; 16 prompts is what one 80 GB GPU turns around quickly.
+The update runs in micro-batches of --micro-batch-tokens positions, so memory does not depend on how long the
+completions happen to be. On a GPU the run first prints model.estimate_memory's estimate (Qwen2.5-1.5B at the
+defaults: 61 GB of 80), and stops before loading any weight if the step cannot fit.
+
+Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
+and scores its share of every draw of prompts, the groups are gathered so that dynamic sampling keeps what one
+process would, each process trains on its share of the kept groups and the gradients are summed. A prompt's
+rollouts draw their randomness from (seed, position in the prompt stream, sample), so one process and several
+sample the same tokens (tests/test_distributed.py). --fsdp also shards weights, gradients and AdamW states.
 
 Departures from the paper and choices it leaves open:
   - The similarity is our own code, not a difflib call; the tests check it equals
@@ -32,8 +43,9 @@ Departures from the paper and choices it leaves open:
   - Dynamic sampling keeps a group when its reward std exceeds --std-threshold (default 0.01; not reported in
     the paper), and gives up after --max-draws rounds, training on the groups it has (logged as kept_groups).
   - KL coefficient 0 as in the paper; the k3 estimator against a frozen reference is available with beta > 0.
-  - AdamW without weight decay, constant lr, no warm-up (paper: no warm-up); fp32 master weights with bf16
-    autocast on GPU, where a bf16 copy of the policy does the sampling.
+  - AdamW without weight decay, constant lr, no warm-up (paper: no warm-up). --precision bf16 (the default on
+    GPU): fp32 master weights, bf16 autocast, and a bf16 copy of the policy that samples, refreshed after each
+    update; its token probabilities differ slightly from the trainer's, as a bf16 vLLM's do in verl.
   - Validation (the paper selects its checkpoint on it) scores the greedy action of each held-out example: mean
     similarity with format failures counted as 0 ("val_score"), and the format rate.
   - Prompts over --max-prompt-tokens (default 4096; not reported in the paper) are dropped once, when the
@@ -48,12 +60,16 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from model import (completion_logprobs, encode_chat, generate, load_model, load_training_state, rng_states,
-                   save_model, set_rng_states)
+from model import (autocast, broadcast, completion_logprobs, copy_weights, encode_chat, end_distributed, gather,
+                   generate, get_rank, get_world_size, gpu_memory, init_distributed, load_model, load_optimizer_state,
+                   load_training_state, open_metrics, parameter_count, plan_memory, print0, read_config, read_jsonl,
+                   restore_plan, save_checkpoint, set_rng_states, shard, sum_across, sum_gradients,
+                   token_budget_batches)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -273,46 +289,63 @@ def srl_messages(example):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints), shared with rlvr.py.
 
-
 SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr=3e-5, max_steps=20)
 LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
+# flags that --resume takes from the command line (where and how the work runs, how long, how often to save);
+# every other one comes from the checkpoint's plan
+RUNTIME_FLAGS = ("resume", "device", "out", "max_steps", "eval_every", "save_every", "val_limit", "sample_batch",
+                 "micro_batch_tokens", "activation_checkpointing", "fsdp")
 
 
 def training_arguments(description, data_default, out_default, std_threshold_default):
-    """The command line of the GRPO loop; rlvr.py builds its own from the same function."""
+    """The command line of the GRPO loop; rlvr.py builds its own from the same function. Flags left at None take
+    the defaults of the model's size class (SMALL_MODEL_DEFAULTS / LARGE_MODEL_DEFAULTS)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/sft" if Path("runs/sft").is_dir() else "tiny",
-                   help="alias, hub id, checkpoint or run folder (default: runs/sft from sft.py, else tiny)")
-    p.add_argument("--data", default=data_default, help="training JSONL from data_prep.py")
-    p.add_argument("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
-    p.add_argument("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (large models: --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-prompts", type=int, default=None, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
-    p.add_argument("--group-size", type=int, default=None, help="rollouts per prompt, G (paper: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=None, help="(paper: 5e-7)")
-    p.add_argument("--std-threshold", type=float, default=std_threshold_default,
-                   help="dynamic sampling: keep a group only if the std of its rewards is above this")
-    p.add_argument("--max-draws", type=int, default=4, help="sampling rounds per step before training on less")
-    p.add_argument("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by std")
-    p.add_argument("--clip-low", type=float, default=0.2)
-    p.add_argument("--clip-high", type=float, default=0.28)
-    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
-    p.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch")
-    p.add_argument("--micro-batch", type=int, default=8,
-                   help="completions per forward/backward pass (the completions of one prompt share its forward)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% more time")
-    p.add_argument("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
-    p.add_argument("--val-limit", type=int, default=64, help="validation examples used")
-    p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last")
-    p.add_argument("--max-prompt-tokens", type=int, default=4096,
-                   help="examples whose prompt is longer are dropped before training (counted and printed)")
+    arg = p.add_argument
+    # Data and run folder
+    arg("--model", default="runs/sft" if Path("runs/sft").is_dir() else "tiny",
+        help="alias, hub id, checkpoint or run folder (default: runs/sft from sft.py, else tiny)")
+    arg("--data", default=data_default, help="training JSONL from data_prep.py")
+    arg("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
+    arg("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
+    arg("--max-prompt-tokens", type=int, default=4096,
+        help="examples whose prompt is longer are dropped before training (counted and printed)")
+    # Rollouts
+    arg("--batch-prompts", type=int, default=None, help="kept groups per step (paper: 512 SRL, 128 RLVR)")
+    arg("--group-size", type=int, default=None, help="rollouts per prompt, G (paper: 8)")
+    arg("--max-new-tokens", type=int, default=None, help="longest completion; longer ones are cut (truncated)")
+    arg("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (paper: 1.0)")
+    arg("--std-threshold", type=float, default=std_threshold_default,
+        help="dynamic sampling: keep a group only if the std of its rewards is above this")
+    arg("--max-draws", type=int, default=4, help="sampling rounds per step before training on fewer groups")
+    arg("--sample-batch", type=int, default=None,
+        help="prompts each process samples at once, G completions each (default: its whole share of a draw)")
+    # GRPO loss
+    arg("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by the group's std")
+    arg("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low (not in the paper; DAPO)")
+    arg("--clip-high", type=float, default=0.28, help="ratio clipped above at 1 + clip-high (DAPO's 0.28)")
+    arg("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
+    # Optimisation
+    arg("--lr", type=float, default=None, help="AdamW learning rate, constant (paper: 5e-7)")
+    arg("--max-steps", type=int, default=None, help="optimiser steps (default for large models: --epochs)")
+    arg("--epochs", type=float, default=1.0, help="passes over the training prompts when --max-steps is not set")
+    arg("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch (paper: 1)")
+    arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper: 1.0)")
+    arg("--micro-batch-tokens", type=int, default=8192,
+        help="positions per forward/backward pass; a group's prompt counts once (its completions share it)")
+    arg("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when needed)")
+    # Validation and checkpoints
+    arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
+    arg("--val-limit", type=int, default=64, help="validation examples used")
+    arg("--save-every", type=int, default=10, help="write <out>/last every N steps and at the end")
+    arg("--resume", action="store_true", help="continue from <out>/last, with the plan stored there")
+    # Runtime
+    arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    arg("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW states (FSDP2)")
+    arg("--precision", choices=["bf16", "fp32"], default=None,
+        help="bf16: fp32 master weights, bf16 autocast and a bf16 sampling copy (default on cuda); fp32 (on cpu)")
     return p
 
 
@@ -325,29 +358,12 @@ def drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples):
         lengths = [len(encode_chat(tokenizer, make_prompt(ex))) for ex in source]
         short = [ex for ex, n in zip(source, lengths) if n <= args.max_prompt_tokens]
         if len(short) < len(source):
-            print(f"dropped {len(source) - len(short)} of {len(source)} {name} examples whose prompt is over "
-                  f"--max-prompt-tokens {args.max_prompt_tokens} (longest: {max(lengths)} tokens)")
+            print0(f"dropped {len(source) - len(short)} of {len(source)} {name} examples whose prompt is over "
+                   f"--max-prompt-tokens {args.max_prompt_tokens} (longest: {max(lengths)} tokens)")
         kept.append(short)
     if not kept[0]:
         raise SystemExit(f"every training prompt is over --max-prompt-tokens {args.max_prompt_tokens}")
     return kept[0], kept[1]
-
-
-def read_jsonl(path):
-    """The records of a JSONL file (data_prep.py's outputs). A missing file or a malformed line ends the program
-    with a message that names the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: run `python data_prep.py` first (it writes data/), or pass --data")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})") from None
-    return records
 
 
 class PromptStream:
@@ -363,38 +379,68 @@ class PromptStream:
         return order[i]
 
 
+class Group(NamedTuple):
+    """The G rollouts of one prompt (a kept group of dynamic sampling)."""
+    prompt: list  # token ids of the chat prompt
+    completions: list  # G lists of sampled token ids, the stop token kept
+    rewards: torch.Tensor  # [G]
+
+
+class Rollout(NamedTuple):
+    """One completion as the update sees it."""
+    prompt: list
+    completion: list
+    advantage: float  # group-relative, shared by every token of the completion
+
+
 def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn, stop_ids):
+def collect_groups(args, policy, tokenizer, examples, stream, make_prompt, reward_fn, stop_ids):
     """Rollouts with dynamic sampling (paper, SRL section): draw prompts, sample G completions each, score them,
     keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are kept or
-    max_draws rounds are spent. Returns the kept groups and counters for the log."""
-    kept, drawn, finished, total_tokens, failures, rewards_all = [], 0, 0, 0, 0, []
-    for draw in range(args.max_draws):
+    max_draws rounds are spent. Returns the kept Groups and counters for the log. Under torchrun each process
+    samples and scores every world-th prompt of a draw, then all groups are gathered: every process keeps the
+    groups that one process would."""
+    kept = []
+    count = dict(drawn=0, finished=0, tokens=0, failures=0)
+    all_rewards = []
+    for _ in range(args.max_draws):
         need = args.batch_prompts - len(kept)
         if need <= 0:
             break
+        # each prompt's rollouts draw from its own seed, (run seed, position in the prompt stream): a resumed run,
+        # or another number of processes, samples the same tokens
+        seeds = [args.seed * 1_000_003 + stream.position + i for i in range(need)]
         batch = [examples[stream.next()] for _ in range(need)]
         prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in batch]
-        outputs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
-                           num_samples=args.group_size, seed=args.seed * 1_000_003 + step * 101 + draw)
-        drawn += need
-        for i, ex in enumerate(batch):
-            group = outputs[i * args.group_size:(i + 1) * args.group_size]
-            rewards = torch.tensor([reward_fn(decode(tokenizer, c), ex) for c in group])
-            rewards_all.append(rewards)
-            failures += int((rewards == FORMAT_FAILURE).sum())
-            finished += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
-            total_tokens += sum(len(c) for c in group)
+        mine = list(range(get_rank(), need, get_world_size()))  # this process's share of the draw
+        scored = {}  # prompt index in the draw -> (completions, rewards)
+        at_once = args.sample_batch or max(len(mine), 1)
+        for s in range(0, len(mine), at_once):
+            part = mine[s:s + at_once]
+            outputs = generate(policy, [prompts[i] for i in part], args.max_new_tokens, temperature=args.temperature,
+                               num_samples=args.group_size, seed=[seeds[i] for i in part])
+            for k, i in enumerate(part):
+                group = outputs[k * args.group_size:(k + 1) * args.group_size]
+                scored[i] = (group, [reward_fn(decode(tokenizer, c), batch[i]) for c in group])
+        scored = {i: v for share in gather(scored) for i, v in share.items()}  # every process's groups
+        count["drawn"] += need
+        for i in range(need):
+            group, rewards = scored[i][0], torch.tensor(scored[i][1])
+            all_rewards.append(rewards)
+            count["failures"] += int((rewards == FORMAT_FAILURE).sum())
+            count["finished"] += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
+            count["tokens"] += sum(len(c) for c in group)
             if bool(keep_group(rewards, args.std_threshold)) and len(kept) < args.batch_prompts:
-                kept.append((prompts[i], group, rewards))
-    rewards_all = torch.cat(rewards_all)
-    n = len(rewards_all)
-    return kept, dict(reward_mean=rewards_all.mean().item(), reward_std=rewards_all.std(unbiased=False).item(),
-                      format_failure_rate=failures / n, kept_group_rate=len(kept) / drawn, groups_drawn=drawn,
-                      response_length=total_tokens / n, truncation_rate=1 - finished / n, sampled_tokens=total_tokens)
+                kept.append(Group(prompts[i], group, rewards))
+    all_rewards = torch.cat(all_rewards)
+    n = len(all_rewards)
+    return kept, dict(reward_mean=all_rewards.mean().item(), reward_std=all_rewards.std(unbiased=False).item(),
+                      format_failure_rate=count["failures"] / n, kept_group_rate=len(kept) / count["drawn"],
+                      groups_drawn=count["drawn"], response_length=count["tokens"] / n,
+                      truncation_rate=1 - count["finished"] / n, sampled_tokens=count["tokens"])
 
 
 def validation_sample(examples, limit, seed):
@@ -424,126 +470,181 @@ def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
                 val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1))
 
 
+# an empty micro-batch: a one-token row with advantage 0 (no loss, no gradient) that keeps FSDP's collectives in step
+PADDING = [Rollout([0], [0], 0.0)]
+
+
+def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
+    """The GRPO update on one rollout batch: --updates-per-batch AdamW steps, each a forward and backward over
+    every Rollout in micro-batches whose losses add up to the token mean over the num_tokens completion tokens of
+    the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted.
+    Under torchrun, `rows` are this process's share and num_tokens counts the whole batch."""
+    mixed = autocast(args.device, args.precision)
+    chunks = [rows[s] for s in token_budget_batches([r.prompt for r in rows], [r.completion for r in rows],
+                                                    args.micro_batch_tokens)]
+    if args.fsdp:  # each FSDP forward gathers every layer: all processes must run as many micro-batches
+        chunks += [PADDING] * (max(gather(len(chunks))) - len(chunks))
+
+    def logprobs(net, chunk, **kw):
+        return completion_logprobs(net, [r.prompt for r in chunk], [r.completion for r in chunk],
+                                   args.temperature, **kw)
+
+    old_logps = None
+    if args.updates_per_batch > 1:  # the rollout policy's log-probs: the ratio's denominator in later updates
+        with torch.no_grad(), mixed:
+            old_logps = [logprobs(model, chunk)[0] for chunk in chunks]
+    stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
+    for update in range(args.updates_per_batch):
+        sums = [0.0, 0.0, 0.0]  # loss, clipped tokens, entropy: summed over micro-batches (and processes)
+        for i, chunk in enumerate(chunks):
+            with mixed:
+                logp, mask, entropy = logprobs(model, chunk, with_entropy=True)
+                ref_logp = None
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_logp = logprobs(reference, chunk)[0]
+            # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
+            old_logp = old_logps[i] if old_logps else logp.detach()
+            advantages = torch.tensor([r.advantage for r in chunk], device=logp.device)
+            loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
+                                         ref_logp, args.beta, num_tokens=num_tokens)
+            # FSDP averages the processes' gradients; the sum is wanted, each loss being a share of the mean
+            (loss * get_world_size() if args.fsdp else loss).backward()
+            if chunk is not PADDING:
+                sums = [sums[0] + loss.item(), sums[1] + loss_stats["clip_fraction"] * mask.sum().item(),
+                        sums[2] + entropy.sum().item()]
+        if not args.fsdp:
+            sum_gradients(model)  # under torchrun: the gradient of the whole batch on every process
+        loss_sum, clipped_tokens, entropy_sum = sum_across(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
+            optimizer.step()
+            stats.update(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clipped_tokens / num_tokens,
+                         entropy=entropy_sum / num_tokens)
+        else:  # a non-finite loss would poison the weights and AdamW's moments: skip the step
+            stats["skipped"] += 1
+        optimizer.zero_grad(set_to_none=True)  # no gradient memory held while the next rollouts are sampled
+    return stats
+
+
+def planned_steps(args, num_examples):
+    """--max-steps, or else the steps that make --epochs passes over the training prompts."""
+    return args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
+
+
+def resolve_plan(args, cfg, state, num_examples):
+    """Fill the flags left at None from the model's size class; on --resume the checkpoint's plan replaces every
+    flag but RUNTIME_FLAGS. Checks the GPU memory the plan needs, prints the plan, returns the number of steps."""
+    if state is not None:
+        restore_plan(args, state.get("args", {}))
+    parameters = parameter_count(cfg)
+    small = parameters < 50e6
+    for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    world = get_world_size()
+    prompts_at_once = min(args.sample_batch or args.batch_prompts, math.ceil(args.batch_prompts / world))
+    # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
+    plan_memory(cfg, args, gpu_memory(args.device), prompts_at_once * args.group_size, 1024 + args.max_new_tokens,
+                shards=world if args.fsdp else 1)
+    total_steps = planned_steps(args, num_examples)
+    print0(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
+           f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
+           f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
+           f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed "
+           f"{args.seed}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
+    return total_steps
+
+
 def train(args, make_prompt, reward_fn):
     """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness)."""
+    _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     examples = read_jsonl(args.data)
     if not examples:
         raise SystemExit(f"{args.data} holds no examples")
     val_path = args.val_data or str(args.data).replace("_train", "_val")
     val_examples = read_jsonl(val_path) if Path(val_path).exists() and val_path != str(args.data) else []
-    resume_from = out / "last" if args.resume else None
-    if args.resume and not (out / "last" / "training_state.pt").exists():
+    state = load_training_state(out / "last") if args.resume else None
+    if args.resume and state is None:
         raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
-    model, tokenizer = load_model(str(resume_from or args.model), device=args.device, dtype=torch.float32)
-    model.activation_checkpointing = args.activation_checkpointing
+    source = str(out / "last" if state else args.model)
+    total_steps = resolve_plan(args, read_config(source), state, len(examples))  # before any weight loads
+    model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
     examples, val_examples = drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples)
-    small = sum(p.numel() for p in model.parameters()) < 50e6
-    for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    on_gpu = args.device.startswith("cuda")
-    # fp32 master weights (lr 5e-7 updates vanish in bf16); on GPU a bf16 copy samples, refreshed every step
-    policy = copy.deepcopy(model).to(torch.bfloat16) if on_gpu else model
+    total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
+    model.activation_checkpointing = args.activation_checkpointing
+    # fp32 master weights (lr 5e-7 updates vanish in bf16); in bf16 a bf16 copy of them does the sampling, and
+    # under FSDP a whole copy (the trainer's weights are sharded)
+    policy = model
+    if args.precision == "bf16" or args.fsdp:
+        policy = copy.deepcopy(model).to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     reference = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    if args.fsdp:
+        shard(model, args.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    stream, step, best, skipped = PromptStream(len(examples), args.seed), 0, -float("inf"), 0
-    if resume_from:
-        state = load_training_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+    stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
+    step = 0  # optimiser steps done
+    best = -float("inf")  # best validation score so far
+    skipped = 0  # updates skipped for a non-finite loss or gradient
+    any_kept = False  # has any step kept a group? (if not, say why at the end)
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
         set_rng_states(state["rng"])
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
-    metrics_path = out / "metrics.jsonl"
-    log_lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
-    # a fresh run starts a fresh log; a resumed one drops the steps after its checkpoint, which it redoes
-    metrics_path.write_text("".join(line for line in log_lines if resume_from and json.loads(line)["step"] <= step))
-    total_steps = args.max_steps or math.ceil(args.epochs * len(examples) / args.batch_prompts)
+        any_kept = True
+    metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
     stop_ids = set(policy.stop_token_ids)
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=Path(args.out).name)
-    any_kept = step == total_steps
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:
         # 1. rollouts and rewards, with dynamic sampling
         t0 = time.time()
-        policy.eval()
-        kept, log = collect_groups(args, policy, tokenizer, examples, stream, step, make_prompt, reward_fn,
-                                   stop_ids)
+        kept, log = collect_groups(args, policy, tokenizer, examples, stream, make_prompt, reward_fn, stop_ids)
+        any_kept = any_kept or bool(kept)
         t_sample = time.time() - t0
-        # 2. advantages within each group; every completion of the step becomes one training row
-        rows = [(p, c, a) for p, group, rewards in kept
-                for c, a in zip(group, group_advantages(rewards, scale_by_std=not args.no_std_scale).tolist())]
-        rows = [r for r in rows if len(r[1]) > 0]
-        num_tokens = max(sum(len(c) for _, c, _ in rows), 1)  # the loss is a mean over all tokens of the step
-        model.train()
-        stats = {"clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0, "grad_norm": 0.0}
-        old_logps = {}
-        if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio of later updates
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
-                for s in range(0, len(rows), args.micro_batch):
-                    chunk = rows[s:s + args.micro_batch]
-                    old_logps[s] = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk],
-                                                       args.temperature)[0]
-        for update in range(args.updates_per_batch if rows else 0):
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, clip_sum, entropy_sum = 0.0, 0.0, 0.0
-            for s in range(0, len(rows), args.micro_batch):
-                chunk = rows[s:s + args.micro_batch]
-                with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
-                    logp, mask, entropy = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk],
-                                                              args.temperature, with_entropy=True)
-                    ref_logp = None
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref_logp = completion_logprobs(reference, [r[0] for r in chunk],
-                                                           [r[1] for r in chunk], args.temperature)[0]
-                # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
-                old_logp = old_logps.get(s, logp.detach())
-                advantages = torch.tensor([r[2] for r in chunk], device=logp.device)
-                loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
-                                             ref_logp, args.beta, num_tokens=num_tokens)
-                loss.backward()
-                tokens = mask.sum().item()
-                loss_sum += loss.item()
-                clip_sum += loss_stats["clip_fraction"] * tokens
-                entropy_sum += entropy.sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)  # a non-finite loss skips the step
-                skipped += 1
-                continue
-            optimizer.step()
-            stats = dict(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clip_sum / num_tokens,
-                         entropy=entropy_sum / num_tokens)
-        if on_gpu and rows:
-            with torch.no_grad():
-                for p_policy, p_model in zip(policy.parameters(), model.parameters()):
-                    p_policy.copy_(p_model)
+        # 2. advantages within each group; every completion becomes one Rollout of the update
+        groups = [[Rollout(g.prompt, c, a) for c, a in zip(g.completions, group_advantages(
+            g.rewards, not args.no_std_scale).tolist()) if c] for g in kept]
+        num_tokens = max(sum(len(r.completion) for rows in groups for r in rows), 1)  # the loss: a mean over them
+        mine = [r for rows in groups[rank::world] for r in rows]  # under torchrun: every world-th group
+        stats = update_policy(model, optimizer, mine, num_tokens, args, reference) if kept else {}
+        skipped += stats.pop("skipped", 0)
+        if policy is not model and kept:  # the bf16 sampler takes the new fp32 weights
+            copy_weights(policy, model)
         t_train = time.time() - t0 - t_sample
         log.update(stats, step=step + 1, kept_groups=len(kept), skipped_steps=skipped, sample_s=round(t_sample, 2),
-                   train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1))
-        # 3. validation (the paper keeps the best checkpoint on validation) and checkpoints
+                   train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1),
+                   world_size=world)
+        # 3. validation (the paper keeps the best checkpoint on validation) and checkpoints; rank 0 validates
+        # and every process learns its result, since saving gathers FSDP's shards from all of them
         last_step = step + 1 == total_steps
         if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
-            log.update(validate(args, policy, tokenizer, val_examples, make_prompt, reward_fn))
+            log.update(broadcast(validate(args, policy, tokenizer, val_examples, make_prompt, reward_fn)
+                                 if rank == 0 else None))
             if log["val_score"] > best:
                 best = log["val_score"]
-                save_model(model, tokenizer, out / "best")
+                save_checkpoint(model, tokenizer, out / "best")
         elif last_step and not val_examples:
-            save_model(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(log) + "\n")
+            save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
+        if rank == 0:
+            metrics.write(json.dumps(log) + "\n")
+            metrics.flush()
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:
-            state = dict(optimizer=optimizer.state_dict(), rng=rng_states(), position=stream.position,
-                         step=step + 1, best=best, skipped=skipped)
-            save_model(model, tokenizer, out / "last", training_state=state)
-        any_kept = any_kept or bool(kept)
+            plan = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+            save_checkpoint(model, tokenizer, out / "last", optimizer, plan, step=step + 1, position=stream.position,
+                            best=best, skipped=skipped)
+    if rank == 0:
+        metrics.close()
     if not any_kept:
-        print(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
-              f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
-              f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
-              f"runs/sft), or lower --std-threshold.")
+        print0(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
+               f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
+               f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
+               f"runs/sft), or lower --std-threshold.")
+    end_distributed()
     return model
 
 

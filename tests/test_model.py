@@ -111,6 +111,23 @@ def test_num_samples_are_prompt_major_and_seeded():
         assert greedy[2 * i] == greedy[2 * i + 1] == alone
 
 
+def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch():
+    """Each row draws from its own generator, seeded by (its prompt's seed, its sample index): a prompt sampled
+    alone, or in another batch with other prompts around it (other padding), gives the same tokens. This is what
+    lets several processes share the prompts of one batch and sample what one process would."""
+    _, ours = hf_pair("qwen2_gqa_tied")
+    prompts = random_prompts(4, 97, lo=2, hi=14, seed=13)
+    seeds = [101, 202, 303, 404]
+    together = M.generate(ours, prompts, 10, temperature=1.0, num_samples=3, seed=seeds)
+    for i in range(4):
+        alone = M.generate(ours, [prompts[i]], 10, temperature=1.0, num_samples=3, seed=[seeds[i]])
+        assert alone == together[3 * i:3 * i + 3]
+    halves = M.generate(ours, prompts[1::2], 10, temperature=1.0, num_samples=3, seed=seeds[1::2])
+    assert halves == together[3:6] + together[9:12]
+    assert together[0] != together[1]  # the samples of one prompt differ
+    assert M.generate(ours, prompts, 10, num_samples=3, seed=[1, 2, 3, 4]) != together
+
+
 def test_first_token_frequencies_match_softmax():
     """Chi-square test of many independent first tokens (one prompt, many samples) against the model's softmax."""
     hf, ours = hf_pair("qwen2_gqa_tied", vocab=12)
@@ -128,7 +145,7 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
     for _ in range(200):
-        tokens = M.sample_next_token(logits, 1.0, 5, 1.0, g)
+        tokens = M.sample_next_token(logits, 1.0, 5, 1.0, torch.rand(4, 1, generator=g, dtype=torch.float64))
         allowed = torch.topk(logits, 5, -1).indices
         assert all(t in allowed[i] for i, t in enumerate(tokens.tolist()))
     sampled_several = False
@@ -144,7 +161,8 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
             nucleus.append(keep)
         seen = [set() for _ in range(4)]
         for _ in range(300):
-            for i, t in enumerate(M.sample_next_token(logits, 1.0, 0, top_p, g).tolist()):
+            uniform = torch.rand(4, 1, generator=g, dtype=torch.float64)
+            for i, t in enumerate(M.sample_next_token(logits, 1.0, 0, top_p, uniform).tolist()):
                 assert t in nucleus[i]
                 seen[i].add(t)
         sampled_several |= any(len(s) > 1 for s in seen)
@@ -197,6 +215,28 @@ def test_completion_logprobs_of_shared_prompts_match_transformers_and_unshared_g
             (one * weights[b:b + 1, :one.shape[1]]).sum().backward()
     for n, p in ours.named_parameters():
         assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_packed_logprobs_equal_the_unpacked_reference_with_gradients():
+    """completion_logprobs (groups packed, output layer chunked) against completion_logprobs_reference (one row
+    per sample, a plain full forward): the same log-probs, mask and parameter gradients."""
+    _, ours = hf_pair("llama_gqa_untied")
+    p1, p2 = random_prompts(2, 97, lo=3, hi=10, seed=9)
+    completions = random_prompts(6, 97, lo=1, hi=8, seed=10)
+    prompts = [p1, p1, p1, p2, p2, p1]
+    completions[4] = []
+    weights = torch.randn(6, 8, generator=torch.Generator().manual_seed(11))
+    grads = []
+    for fn in (M.completion_logprobs, M.completion_logprobs_reference):
+        ours.zero_grad()
+        logp, mask = fn(ours, prompts, completions, 0.9)
+        (logp * weights[:, :logp.shape[1]]).sum().backward()
+        grads.append((logp.detach(), mask, [p.grad.clone() for p in ours.parameters()]))
+    (packed, packed_mask, packed_grads), (ref, ref_mask, ref_grads) = grads
+    assert torch.equal(packed_mask, ref_mask) and ref_mask.sum(1).tolist() == [len(c) for c in completions]
+    torch.testing.assert_close(packed, ref, atol=1e-5, rtol=0)
+    for a, b in zip(packed_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_tiny_save_then_transformers_loads_same_logits(tmp_path):
@@ -271,3 +311,31 @@ def test_smollm2_real_weights_logits_and_greedy_text(smollm2):
                           pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
         assert tokenizer.decode(out) == tokenizer.decode(ref)
         assert len(tokenizer.decode(out, skip_special_tokens=True).strip()) > 0
+
+
+def test_token_budget_batches_bound_the_packed_positions():
+    """Every micro-batch holds at most the budget of packed positions (sequences x the longest, as
+    completion_logprobs builds them), unless a single row exceeds it; the slices cover the rows in order, and
+    each is as long as the budget allows (brute force: one more row would exceed it)."""
+    g = torch.Generator().manual_seed(12)
+    prompts, completions = [], []
+    for group in range(12):
+        prompt = list(range(int(torch.randint(1, 40, (1,), generator=g))))
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            prompts.append(prompt)
+            completions.append([1] * int(torch.randint(0, 30, (1,), generator=g)))
+
+    def positions(rows):
+        packs = M.pack_rows([prompts[i] for i in rows], [completions[i] for i in rows])
+        return len(packs) * max(n for _, _, n in packs)
+
+    for budget in (20, 64, 150, 10_000):
+        batches = M.token_budget_batches(prompts, completions, budget)
+        assert [i for b in batches for i in range(len(prompts))[b]] == list(range(len(prompts)))
+        for b in batches:
+            rows = range(len(prompts))[b]
+            assert positions(rows) <= budget or len(rows) == 1
+            if b.stop < len(prompts):
+                assert positions(range(b.start, b.stop + 1)) > budget
+    assert len(M.token_budget_batches(prompts, completions, 10_000)) == 1
+    assert M.token_budget_batches([], [], 100) == []

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sft
 from evaluate import math_messages
-from model import encode_chat, load_model
+from model import encode_chat, load_model, token_budget_batches
 from srl import srl_messages
 
 SRL_RECORD = {"id": "p1", "problem": "Ana has 3 apples and buys 4 more. How many?", "previous_steps": [
@@ -68,21 +68,22 @@ def test_loss_counts_exactly_the_target_and_stop_tokens(tiny):
 
 
 def test_micro_batches_add_up_to_the_whole_batch(tiny):
-    """Gradient accumulation divides by the tokens of the whole step: one batch of 3 == micro-batches of 1."""
+    """Gradient accumulation divides by the tokens of the whole step: the batch of 3 in one pass (a large token
+    budget) == one example per micro-batch (a budget of one token)."""
     _, tokenizer = tiny
     examples, _, _ = sft.tokenize([SRL_RECORD] + MATH_RECORDS[:2], tokenizer)
     grads = []
-    for micro_batch in (3, 1):
+    for budget in (10 ** 6, 1):
         model, _ = load_model("tiny")
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: look at the gradients only
         loss = 0.0
         step_tokens = sum(len(t) for _, t in examples)
-        for start in range(0, 3, micro_batch):
-            part = sft.sft_loss(model, examples[start:start + micro_batch], step_tokens)
-            part.backward()
-            loss += part.item()
+        parts = token_budget_batches(*zip(*examples), budget)
+        assert len(parts) == (1 if budget > 1 else 3)
+        for part in parts:
+            part_loss = sft.sft_loss(model, examples[part], step_tokens)
+            part_loss.backward()
+            loss += part_loss.item()
         grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
-        optimizer.zero_grad()
     assert math.isclose(grads[0][0], grads[1][0], rel_tol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
@@ -95,7 +96,7 @@ def test_non_finite_loss_skips_the_step(tiny):
         model.model.norm.weight[0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss, grad_norm, skipped = sft.train_step(model, optimizer, examples, 2, 1e-3, torch.device("cpu"))
+    loss, grad_norm, skipped = sft.train_step(model, optimizer, examples, 8192, 1e-3, torch.device("cpu"))
     assert skipped and not math.isfinite(loss)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())

@@ -50,7 +50,7 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary(tmp_path):
 
     args = loop_args(tmp_path, examples, batch_prompts=3, max_draws=2)
     stream = srl.PromptStream(len(examples), seed=0)
-    kept, log = srl.collect_groups(args, model, tokenizer, examples, stream, 0, short_prompt, reward,
+    kept, log = srl.collect_groups(args, model, tokenizer, examples, stream, short_prompt, reward,
                                    set(model.stop_token_ids))
     assert 1 <= len(kept) <= 2  # "varied" is drawn once or twice in two rounds
     for prompt, group, rewards in kept:
@@ -88,14 +88,17 @@ def test_srl_steps_raise_the_reward_on_a_fixed_example(tmp_path):
     assert after > before + 0.08, (before, after)
 
 
-def test_resume_after_an_interruption_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys, precision):
     """Stopped in the middle of step 4 (checkpoints every 2 steps) and resumed, a run ends with exactly the
-    parameters of an uninterrupted one, and its log holds each step once."""
+    parameters of an uninterrupted one, and its log holds each step once. The resumed run follows the plan stored
+    in the checkpoint, not different flags on its command line, and says so."""
     def reward(completion, example):  # varies within every group, so every step updates the model
         return (sum(map(ord, completion)) % 97) / 97
 
     examples = [dict(EXAMPLE, id=f"e{i}", problem=f"Compute {i}+3+4.") for i in range(5)]
-    straight = srl.train(loop_args(tmp_path / "a", examples, max_steps=5, save_every=2), short_prompt, reward)
+    straight = srl.train(loop_args(tmp_path / "a", examples, max_steps=5, save_every=2, precision=precision),
+                         short_prompt, reward)
 
     calls = {"n": 0}
 
@@ -105,12 +108,15 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
             raise KeyboardInterrupt
         return reward(completion, example)
 
-    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2)
+    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, precision=precision)
     with pytest.raises(KeyboardInterrupt):
         srl.train(args, short_prompt, interrupted_reward)
     assert M.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
+    args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, lr=0.5, group_size=3)  # fp32 by default
     args.resume = True
     resumed = srl.train(args, short_prompt, reward)
+    printed = capsys.readouterr().out
+    assert "--lr 0.001 from the checkpoint (not 0.5)" in printed and "--group-size 4 from the checkpoint" in printed
     initial, _ = M.load_model("tiny")
     for (name, a), b, c in zip(straight.state_dict().items(), resumed.state_dict().values(),
                                initial.state_dict().values()):

@@ -1,0 +1,346 @@
+"""The GPU path in one run: correctness, kernels, speed and memory of the project on one CUDA card, as one table.
+
+    python bench/gpu_check.py            # one H100 (or any 80 GB card): under 8 minutes, no network
+    python bench/gpu_check.py --smoke    # the same code on CPU with a tiny shape, in seconds (the tests run it)
+
+No weights are downloaded: every model is randomly initialised at Qwen2.5-1.5B-Instruct's or Qwen2.5-7B-Instruct's
+published shape (written below), which costs the same time and memory as the trained weights. Checks, in order:
+  1. logits against transformers' Qwen2ForCausalLM holding the same weights: fp32 with TF32 off (max |diff| <=
+     1e-4), and bf16, where our error against the fp32 logits must stay within twice transformers' own bf16 error;
+  2. the scaled_dot_product_attention kernel that runs in the prefill (left-padded prompts), in a decode step and
+     in the packed training forward (none should fall back to the math kernel, which holds every score);
+  3. model.generate against transformers' generate, bf16, batch 64, 512 new tokens at temperature 1: tokens/s,
+     the ratio, and the share of the weight-read roofline (batch x bandwidth / weight bytes: each decode step
+     reads every weight once) with the bandwidth measured here, in the same run;
+  4. one SRL step at qwen-1.5b's defaults (16 prompts x G 8, 1,024 new tokens, 512-token prompts, every group kept,
+     every completion full length: the worst case): time of sampling, update and sampler refresh, and the peak
+     memory of each phase against model.estimate_memory;
+  5. one SFT step at the README's SFT settings (16 examples of 4,096 tokens, --target reasoning): peak memory
+     against the estimate;
+  6. Qwen2.5-7B: the estimate's verdict for one card, and per GPU with torchrun on 8 GPUs and --fsdp;
+  7. srl.py's own command line on the card for 2 steps, then --resume for a third (Qwen2.5-0.5B's shape).
+A check that fails prints its error in the table and the others still run. The last line is the total time.
+"""
+import argparse
+import copy
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
+import sft  # noqa: E402
+import srl  # noqa: E402
+
+QWEN_1_5B = dict(  # Qwen/Qwen2.5-1.5B-Instruct's config.json (the fields the decoder reads)
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=1536,
+    intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    eos_token_id=151645)
+QWEN_7B = dict(  # Qwen/Qwen2.5-7B-Instruct's config.json
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
+    intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    eos_token_id=151645)
+QWEN_0_5B = dict(QWEN_1_5B, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,  # Qwen2.5-0.5B-Instruct
+                 num_attention_heads=14, num_key_value_heads=2)
+SMOKE_SHAPE = dict(QWEN_1_5B, vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+
+# sizes of each check: the real ones, and --smoke's
+FULL = dict(shape=QWEN_1_5B, logits_tokens=256, sampler_batch=64, sampler_new=512, sampler_prompt=128,
+            srl_prompts=16, srl_group=8, srl_new=1024, srl_prompt=512, sft_examples=16, sft_length=4096,
+            cli_shape=QWEN_0_5B, cli=["--batch-prompts", "4", "--group-size", "4", "--max-new-tokens", "64",
+                                      "--val-limit", "4"])
+SMOKE = dict(shape=SMOKE_SHAPE, logits_tokens=16, sampler_batch=4, sampler_new=8, sampler_prompt=8,
+             srl_prompts=2, srl_group=2, srl_new=8, srl_prompt=16, sft_examples=2, sft_length=64,
+             cli_shape=SMOKE_SHAPE, cli=["--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "8",
+                                         "--val-limit", "2"])
+ROWS = []  # (check, result, target, verdict)
+
+
+def report(check, result, target="", ok=None):
+    verdict = "" if ok is None else ("ok" if ok else "FAIL")
+    ROWS.append((check, result, target, verdict))
+    print(f"{check}: {result} {'(' + target + ')' if target else ''} {verdict}", flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device, fn):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device):
+    """Peak memory allocated by torch since reset_peak, GB (0 off CUDA: the smoke run measures nothing)."""
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def random_decoder(shape, device):
+    """Our decoder at `shape` with random weights (normal, std 0.02, as build_tiny), fp32, on the device."""
+    with torch.device(device):
+        model = M.Decoder(M.ModelConfig.from_hf(shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                p.zero_()
+    return model
+
+
+def transformers_pair(shape, device):
+    """transformers' Qwen2ForCausalLM at `shape`, random weights, fp32, and our decoder holding the same ones."""
+    config = transformers.Qwen2Config(**{k: v for k, v in shape.items() if k not in ("architectures", "model_type")},
+                                      attn_implementation="sdpa")
+    with torch.device(device):
+        hf = transformers.Qwen2ForCausalLM(config).float().eval()
+        ours = M.Decoder(M.ModelConfig.from_hf(shape)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)  # tied: lm_head.weight is the embedding
+    ours.stop_token_ids = []
+    return hf, ours
+
+
+def random_prompts(n, length, vocab, seed=0, ragged=False):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [length - (i * length // (2 * n) if ragged else 0) for i in range(n)]
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_logits(size, device):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 matmuls in fp32
+    torch.set_float32_matmul_precision("highest")
+    hf, ours = transformers_pair(size["shape"], device)
+    ids = torch.randint(0, size["shape"]["vocab_size"], (2, size["logits_tokens"]), device=device)
+    with torch.no_grad():
+        reference = hf(ids).logits.float()
+        fp32_diff = (ours(ids) - reference).abs().max().item()
+        report("logits fp32 vs transformers (TF32 off)", f"max abs diff {fp32_diff:.1e}", "<= 1e-4", fp32_diff <= 1e-4)
+        hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+        ours_error = (ours(ids).float() - reference).abs().max().item()
+        hf_error = (hf(ids).logits.float() - reference).abs().max().item()
+    report("logits bf16 vs fp32", f"ours {ours_error:.2e}, transformers {hf_error:.2e}",
+           "ours <= 2x transformers' own bf16 error", ours_error <= 2 * hf_error + 1e-6)
+    return ours  # bf16, reused by the kernel check
+
+
+def sdpa_kernels(fn):
+    """How many times fn() runs each scaled_dot_product_attention implementation, by aten op name."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key.removeprefix("aten::_scaled_dot_product_"): e.count for e in prof.key_averages()
+            if e.key.startswith("aten::_scaled_dot_product_")}
+
+
+def check_kernels(ours, size, device):
+    vocab = size["shape"]["vocab_size"]
+    prompts = random_prompts(8, 64, vocab, ragged=True)  # mixed lengths: the prefill needs its padding mask
+    prefill = sdpa_kernels(lambda: M.generate(ours, prompts, 1, temperature=0))
+    with_decode = sdpa_kernels(lambda: M.generate(ours, prompts, 3, temperature=0))
+    decode = {k for k, n in with_decode.items() if n > prefill.get(k, 0)}  # what the two decode steps added
+    model = random_decoder(size["shape"], device).train()
+    group = random_prompts(1, 64, vocab)[0]
+    with M.autocast(device, "bf16"):
+        train = sdpa_kernels(lambda: M.completion_logprobs(model, [group] * 4, random_prompts(4, 32, vocab, 1))[0]
+                             .sum().backward())
+    for phase, kernels in (("prefill", prefill), ("decode step", decode), ("packed training forward", train)):
+        report(f"SDPA kernel, {phase}", ", ".join(sorted(kernels)), "not the math kernel",
+               None if device.type != "cuda" else not any("math" in k for k in kernels))
+
+
+def measure_bandwidth(device):
+    """Bytes per second of a copy (read + write) of 1 GiB on the device, best of 5."""
+    x = torch.empty(2 ** 28, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    best = min(timed(device, lambda: y.copy_(x))[1] for _ in range(5))
+    return 2 * x.numel() * 4 / best
+
+
+def check_sampler(size, device):
+    hf, ours = transformers_pair(size["shape"], device)
+    hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+    batch, new = size["sampler_batch"], size["sampler_new"]
+    prompts = random_prompts(batch, size["sampler_prompt"], size["shape"]["vocab_size"])
+    ids = torch.tensor(prompts, device=device)
+
+    def run_ours(tokens):
+        return M.generate(ours, prompts, tokens, temperature=1.0, stop_token_ids=[], seed=0)
+
+    def run_hf(tokens):
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+
+    run_ours(4), run_hf(4)  # warm-up: kernels chosen, memory pools filled
+    _, t_ours = timed(device, lambda: run_ours(new))
+    _, t_hf = timed(device, lambda: run_hf(new))
+    bandwidth = measure_bandwidth(device)
+    weight_bytes = 2 * M.parameter_count(ours.config)
+    roofline = batch * bandwidth / weight_bytes  # tokens/s if each decode step only read the weights once
+    ours_rate, hf_rate = batch * new / t_ours, batch * new / t_hf
+    report(f"sampler bf16, batch {batch}, {new} new tokens",
+           f"ours {ours_rate:.0f} tok/s, transformers {hf_rate:.0f} tok/s, {t_hf / t_ours:.2f}x; "
+           f"{ours_rate / roofline:.0%} of the weight-read roofline ({roofline:.0f} tok/s at "
+           f"{bandwidth / 1e9:.0f} GB/s measured)")
+
+
+def srl_arguments(device, **flags):
+    args = srl.training_arguments("", "", "", 0.01).parse_args(["--device", str(device)])
+    vars(args).update(srl.LARGE_MODEL_DEFAULTS, precision="bf16", activation_checkpointing=False, **flags)
+    return args
+
+
+def check_srl_step(size, device):
+    shape, prompts_n, group = size["shape"], size["srl_prompts"], size["srl_group"]
+    args = srl_arguments(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=size["srl_new"])
+    model = random_decoder(shape, device).train()
+    policy = copy.deepcopy(model).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    prompts = random_prompts(prompts_n, size["srl_prompt"], shape["vocab_size"])
+    # a first small update creates AdamW's states, as every later step finds them
+    srl.update_policy(model, optimizer, [srl.Rollout(prompts[0], [1, 2, 3], 1.0)], 3, args)
+    reset_peak(device)
+    outputs, t_sample = timed(device, lambda: M.generate(policy, prompts, args.max_new_tokens, num_samples=group,
+                                                         stop_token_ids=[], seed=0))
+    peak_sample = peak_gb(device)
+    advantages = torch.randn(prompts_n * group, generator=torch.Generator().manual_seed(0)).tolist()  # all kept
+    rows = [srl.Rollout(prompts[i // group], c, a) for i, (c, a) in enumerate(zip(outputs, advantages))]
+    num_tokens = sum(len(r.completion) for r in rows)
+    reset_peak(device)
+    stats, t_update = timed(device, lambda: srl.update_policy(model, optimizer, rows, num_tokens, args))
+    peak_update = peak_gb(device)
+    _, t_refresh = timed(device, lambda: M.copy_weights(policy, model))
+    estimate = M.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
+                                 size["srl_prompt"] + args.max_new_tokens)
+    fixed = estimate["peak"] - max(estimate["kv_cache"], estimate["activations"] + estimate["logits"])
+    expected_update = (fixed + estimate["activations"] + estimate["logits"]) / 1e9
+    expected_sample = (fixed + estimate["kv_cache"]) / 1e9
+    report(f"SRL step, {prompts_n} prompts x G {group}, {args.max_new_tokens} new tokens",
+           f"{t_sample + t_update + t_refresh:.1f} s: sampling {t_sample:.1f}, update {t_update:.1f} "
+           f"({num_tokens} completion tokens, loss {stats['loss']:.3g}), refresh {t_refresh:.2f}")
+    ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / 1e9
+    report("SRL step peak memory" + (" (not measured off CUDA)" if device.type != "cuda" else ""),
+           f"sampling {peak_sample:.1f} GB (estimate {expected_sample:.1f}), update "
+           f"{peak_update:.1f} GB (estimate {expected_update:.1f})", "measured <= 1.1 x estimate", ok)
+
+
+def check_sft_step(size, device):
+    shape, n, length = size["shape"], size["sft_examples"], size["sft_length"]
+    model = random_decoder(shape, device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randint(0, shape["vocab_size"], (length // 16,), generator=g).tolist(),
+              torch.randint(0, shape["vocab_size"], (length - length // 16,), generator=g).tolist()) for _ in range(n)]
+    budget = 8192
+    sft.train_step(model, optimizer, batch[:1], budget, 5e-6, device, precision="bf16")  # AdamW's states
+    reset_peak(device)
+    (loss, _, skipped), seconds = timed(device, lambda: sft.train_step(model, optimizer, batch, budget, 5e-6, device,
+                                                                       precision="bf16"))
+    estimate = M.estimate_memory(model.config, "bf16", budget)["peak"] / 1e9
+    peak = peak_gb(device)
+    report(f"SFT step, {n} examples x {length} tokens, micro-batches of {budget}",
+           f"{seconds:.1f} s, loss {loss:.3g}, peak {peak:.1f} GB (estimate {estimate:.1f})",
+           "measured <= 1.1 x estimate", None if device.type != "cuda" else peak <= 1.1 * estimate and not skipped)
+
+
+def check_7b():
+    cfg = M.ModelConfig.from_hf(QWEN_7B)
+    one = M.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / 1e9
+    # the README's command: torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512
+    # --sample-batch 16: each GPU samples 16 prompts x G 8 at a time
+    eight = M.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / 1e9
+    report("Qwen2.5-7B SRL memory (estimate)", f"one card {one:.0f} GB: needs several GPUs; with --fsdp on 8: "
+           f"{eight:.0f} GB per GPU", "per GPU <= 68 GB (85% of 80)", eight <= 68)
+
+
+def check_command_line(size, device, tmp):
+    # Qwen2.5-0.5B's shape: its checkpoints (2 GB of weights, 6 GB with AdamW's states) keep the disk and the time
+    # small; the 1.5B step itself is check 4
+    model = random_decoder(size["cli_shape"], "cpu")
+    _, tokenizer = M.build_tiny()  # a byte-level tokenizer: ids past its vocabulary decode to nothing
+    M.save_model(model, tokenizer, tmp / "model")
+    del model
+    run = dict(check=True, cwd=tmp, capture_output=True, text=True)
+    subprocess.run([sys.executable, str(ROOT / "data_prep.py"), "--out-dir", str(tmp / "data")], **run)
+    command = [sys.executable, str(ROOT / "srl.py"), "--model", str(tmp / "model"), "--data",
+               str(tmp / "data" / "srl_train.jsonl"), "--out", str(tmp / "run"), "--device", str(device),
+               "--std-threshold", "-1", "--save-every", "2", "--eval-every", "0", *size["cli"]]  # every group kept
+    started = time.perf_counter()
+    first = subprocess.run(command + ["--max-steps", "2"], **run)
+    subprocess.run(command + ["--max-steps", "3", "--resume"], **run)
+    steps = [json.loads(line)["step"] for line in open(tmp / "run" / "metrics.jsonl")]
+    state = M.load_training_state(tmp / "run" / "last")
+    estimate = [line for line in first.stdout.splitlines() if line.startswith("GPU memory estimate")]
+    report("srl.py command line: 2 steps, then --resume", f"steps logged {steps}, checkpoint at step "
+           f"{state['step']}, {time.perf_counter() - started:.0f} s" + (f"; {estimate[0]}" if estimate else ""),
+           "steps [1, 2, 3]", steps == [1, 2, 3] and state["step"] == 3)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, seconds: checks that the script runs")
+    parser.add_argument("--budget-s", type=float, default=450, help="skip the checks still to come after this time")
+    args = parser.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs a CUDA device; --smoke runs it on CPU with a tiny shape")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    size = SMOKE if args.smoke else FULL
+    started = time.perf_counter()
+    name = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(device)
+    print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        checks = [("logits", lambda: check_kernels(check_logits(size, device), size, device)),
+                  ("sampler", lambda: check_sampler(size, device)),
+                  ("SRL step", lambda: check_srl_step(size, device)),
+                  ("SFT step", lambda: check_sft_step(size, device)),
+                  ("Qwen2.5-7B", check_7b),
+                  ("srl.py command line", lambda: check_command_line(size, device, Path(tmp)))]
+        for check, fn in checks:
+            if time.perf_counter() - started > args.budget_s:
+                report(check, f"skipped: past the {args.budget_s:.0f} s budget", ok=False)
+                continue
+            try:
+                fn()
+            except Exception as e:  # the table shows it; the other checks still run
+                detail = e.stderr[-500:] if isinstance(e, subprocess.CalledProcessError) else traceback.format_exc()
+                print(detail, file=sys.stderr)
+                report(check, f"error: {type(e).__name__}: {str(e)[:200]}", ok=False)
+            free(device)
+    print(f"\n{name}, {time.strftime('%Y-%m-%d')}, total {time.perf_counter() - started:.0f} s\n")
+    print("| check | result | target | verdict |\n| --- | --- | --- | --- |")
+    for row in ROWS:
+        print("| " + " | ".join(row) + " |")
+    return 1 if any(row[3] == "FAIL" for row in ROWS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

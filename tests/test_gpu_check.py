@@ -1,0 +1,21 @@
+"""bench/gpu_check.py --smoke: the prepared GPU check runs end to end on CPU with a tiny shape, so it cannot rot."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_check(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke"], capture_output=True,
+                            text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    checks = [row.split(" | ")[0].removeprefix("| ") for row in table]
+    assert len(checks) == 11 and not any("error:" in row or "FAIL" in row for row in table), "\n".join(table)
+    assert checks[0].startswith("logits fp32") and checks[-1].startswith("srl.py command line")
+    assert "steps logged [1, 2, 3]" in table[-1]
