@@ -59,7 +59,6 @@ import os
 import random
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -595,8 +594,29 @@ def main(argv=None):
                         help="synthetic values stay in 0..this (default 50)")
     args = parser.parse_args(argv)
 
-    if args.context_pairs < 0 or args.max_observation_chars < 40:
-        parser.error("--context-pairs must be >= 0 and --max-observation-chars >= 40")
+    def refuse(message):  # a user error: one line in argparse's style, exit status 2, nothing written
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    lowest = {"synthetic": 1, "synthetic_max_number": 1, "context_pairs": 0, "max_observation_chars": 40,
+              "val_problems": 0, "test_problems": 0}
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            refuse(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+    steps = args.synthetic_steps
+    low, high = steps if isinstance(steps, tuple) else (steps, steps)
+    if not 1 <= low <= high:
+        refuse(f"--synthetic-steps {'-'.join(map(str, steps)) if isinstance(steps, tuple) else steps}: must be N >= 1, "
+               "or LOW-HIGH with 1 <= LOW <= HIGH")
+    if args.synthetic_max_value <= args.synthetic_max_number:
+        refuse(f"--synthetic-max-value {args.synthetic_max_value}: must be above --synthetic-max-number "
+               f"({args.synthetic_max_number})")
+    if args.hf_file and not args.hf_dataset:
+        refuse("--hf-file names a file of --hf-dataset: give the dataset too")
+    out_dir = Path(args.out_dir)
+    blocking = next(folder for folder in [out_dir, *out_dir.parents] if folder.exists())
+    if not blocking.is_dir():
+        refuse(f"--out-dir {out_dir}: {blocking} is a file, not a folder")
 
     start = time.time()
     skipped = []
@@ -624,7 +644,7 @@ def main(argv=None):
                                  args.test_problems, args.one_step, args.correct_only)
         write_outputs(args.out_dir, outputs)
     except (DataError, TrajectoryError) as e:
-        sys.exit(f"data_prep.py: error: {e}")
+        refuse(str(e))
     if skipped:
         print(f"skipped {len(skipped)} files that hold no agent trajectory: {', '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""))

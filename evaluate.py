@@ -74,6 +74,8 @@ def load_benchmark(name_or_path, data_dir=DEFAULT_DATA_DIR, limit=None):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: a JSON {type(record).__name__}, not an object with named fields")
             problem = record.get("problem") or record.get("question")
             if not problem:
                 raise ValueError(f"{path}:{line_no}: no 'problem' or 'question' field")
@@ -195,7 +197,41 @@ def summary_table(model_name, results):
 # Command line
 
 
-def main():
+def check_arguments(args):
+    """Every user error, before any process group forms or any weight loads (each ends the program in one line:
+    model.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
+    --overwrite) and the model. Returns ({name: problems}, the result files --overwrite replaces)."""
+    from model import check_device, check_flags, read_config, refuse
+    check_flags(args, ["max_new_tokens", "limit", "batch_size"], lambda v: v >= 1, "at least 1")
+    check_flags(args, ["samples"], lambda v: v >= 0, "0 or more")
+    check_device(args.device)
+    benchmarks = {}
+    for name in [b for b in re.split(r"[,\s]+", " ".join(args.benchmarks)) if b]:
+        key = Path(name).stem if name.endswith(".jsonl") else name
+        if key in benchmarks:
+            refuse(f"--benchmarks: two benchmarks named {key!r} would write the same {key}.jsonl")
+        try:
+            benchmarks[key] = load_benchmark(name, args.data_dir, args.limit)
+        except UnicodeDecodeError:
+            refuse(f"--benchmarks {name}: not a text file (JSONL)")
+        except (FileNotFoundError, ValueError) as e:  # load_benchmark's messages name the file and the line
+            refuse(str(e))
+        if not benchmarks[key]:
+            refuse(f"--benchmarks {name}: no problems in it")
+    if not benchmarks:
+        refuse("--benchmarks: no benchmark given")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        refuse(f"--out {out}: a file, not a folder")
+    held = [path for path in [out / "summary.json", *(out / f"{key}.jsonl" for key in benchmarks)] if path.exists()]
+    if held and not args.overwrite:
+        refuse(f"--out {out} already holds results ({', '.join(path.name for path in held)}): add --overwrite to "
+               f"replace them, or choose another --out")
+    read_config(args.model)
+    return benchmarks, held
+
+
+def main(argv=None):
     import torch
     from model import end_distributed, init_distributed, load_model
 
@@ -206,21 +242,22 @@ def main():
                         help=f"names ({', '.join(['builtin'] + BENCHMARKS)}) or JSONL paths, comma or space separated")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder holding NAME.jsonl files")
     parser.add_argument("--out", default="runs/eval", help="folder for NAME.jsonl results and summary.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=0,
                         help="k for avg@k and pass@k at temperature 1.0 (0: greedy only)")
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    benchmarks, held = check_arguments(args)  # every benchmark read and checked before the model loads
     _, rank, _, args.device = init_distributed(args.device)  # under torchrun: the problems are shared out
     torch.manual_seed(args.seed)
-    names = [b for b in re.split(r"[,\s]+", " ".join(args.benchmarks)) if b]
-    benchmarks = {Path(b).stem if b.endswith(".jsonl") else b: load_benchmark(b, args.data_dir, args.limit)
-                  for b in names}  # all read (and checked) before the model loads
     model, tokenizer = load_model(args.model, device=args.device)
+    for path in held if rank == 0 else []:  # --overwrite: the old results go only now, when the model has loaded
+        path.unlink()
     results, started = {}, time.time()
     for name, problems in benchmarks.items():
         records, metrics = evaluate_benchmark(model, tokenizer, problems, args.samples, args.max_new_tokens,

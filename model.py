@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -616,13 +617,23 @@ def build_tiny(seed=0, texts=None):
     return model, tokenizer
 
 
+def checkpoint_folder(path):
+    """The checkpoint of a local folder: the folder itself when it holds config.json, else a run folder's best/,
+    else its last/ (what sft.py, srl.py and rlvr.py write); None when none of them does."""
+    for sub in ("", "best", "last"):
+        if (Path(path) / sub / "config.json").is_file():
+            return Path(path, sub)
+    return None
+
+
 def resolve_folder(name_or_path):
     """A local checkpoint folder (or a run folder: its best/, else last/); an alias or hub id is downloaded
     (config, weights, tokenizer) to the hub cache."""
     if os.path.isdir(name_or_path):
-        for sub in ("", "best", "last"):  # a checkpoint folder, or a run folder of sft.py / srl.py / rlvr.py
-            if os.path.exists(os.path.join(name_or_path, sub, "config.json")):
-                return Path(name_or_path, sub)
+        folder = checkpoint_folder(name_or_path)
+        if folder is None:
+            raise FileNotFoundError(f"{name_or_path}: no config.json in it, nor in best/ or last/")
+        return folder
     repo_id = ALIASES.get(name_or_path, name_or_path)
     if "/" not in repo_id:
         raise ValueError(f"unknown model {name_or_path!r}: not a folder, a hub id (owner/name) or an alias; "
@@ -631,17 +642,86 @@ def resolve_folder(name_or_path):
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
 
 
+def weight_files(folder):
+    """The safetensors files of a checkpoint: those its index names when the weights are sharded."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.exists():
+        return ["model.safetensors"]
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
 def read_config(name_or_path):
-    """The ModelConfig of a model without its weights (for the hub, config.json alone is fetched)."""
-    if name_or_path == "tiny":
+    """The ModelConfig of a model, read before any weight is, once all that load_model will need is checked:
+    `tiny`; a local folder (a checkpoint, or a run folder's best/ or last/) with a supported config.json, whole
+    safetensors weights and a tokenizer; an alias or hub id, whose copy in the hub cache is checked like a folder,
+    or whose config.json alone is fetched. Anything else ends the program with a message naming it (refuse)."""
+    name = str(name_or_path)
+    if name == "tiny":
         return build_tiny()[0].config
-    repo_id = ALIASES.get(name_or_path, name_or_path)
-    if os.path.isdir(name_or_path) or "/" not in repo_id:
-        folder = resolve_folder(name_or_path)  # a local folder, or the error that lists the aliases
-    else:
-        from huggingface_hub import hf_hub_download
+    if os.path.exists(name):
+        folder = checkpoint_folder(name) if os.path.isdir(name) else None
+        if folder is None:
+            refuse(f"model {name}: " + ("no config.json in it, nor in best/ or last/: not a checkpoint or run folder"
+                                        if os.path.isdir(name) else "a file, not a checkpoint folder"))
+        return check_checkpoint(folder)
+    repo_id = ALIASES.get(name, name)
+    if repo_id.count("/") != 1 or name.startswith((".", "/", "~")):
+        refuse(f"model {name}: no such folder, and not a hub id (owner/name) or an alias ({', '.join(ALIASES)})")
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:  # a copy in the hub cache: checked like a local folder, without the network
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        if (folder / "config.json").is_file() and all((folder / f).is_file() for f in weight_files(folder)):
+            return check_checkpoint(folder)
+    except LocalEntryNotFoundError:
+        pass
+    try:  # one request first: offline, the download itself would retry for half a minute before failing
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
         folder = Path(hf_hub_download(repo_id, "config.json")).parent
-    return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
+    except Exception as e:  # offline, no such model, a gated one: the hub client's many error types
+        refuse(f"model {name}{f' ({repo_id})' if repo_id != name else ''}: not in the hub cache "
+               f"({constants.HF_HUB_CACHE}), and fetching it from the hub failed ({first_line(e)}). Offline? Download "
+               f"it on a machine with a network (`hf download {repo_id}`) and copy the cache here, or pass a "
+               f"checkpoint folder as --model")
+    return check_config(folder / "config.json")
+
+
+def check_config(path):
+    """The ModelConfig of a config.json; refuse one that is not JSON or not of a supported architecture."""
+    try:
+        hf = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        refuse(f"{path}: not valid JSON ({e})")
+    if not isinstance(hf, dict):
+        refuse(f"{path}: not a model configuration (a JSON object)")
+    try:
+        return ModelConfig.from_hf(hf, source=str(path))
+    except KeyError as e:
+        refuse(f"{path}: no {e} field")
+    except ValueError as e:  # from_hf's own messages: an architecture or a feature it does not support
+        refuse(str(e))
+
+
+def check_checkpoint(folder):
+    """The ModelConfig of a checkpoint folder, once load_model is sure to read it: a supported config.json, every
+    safetensors file of the weights present and whole (the header is read, not the tensors), a tokenizer."""
+    from safetensors import SafetensorError, safe_open
+    cfg = check_config(folder / "config.json")
+    try:
+        files = weight_files(folder)
+    except (ValueError, KeyError) as e:
+        refuse(f"{folder / 'model.safetensors.index.json'}: not a weight index ({first_line(e)})")
+    for file in files:
+        if not (folder / file).is_file():
+            refuse(f"{folder / file}: missing; the checkpoint's weights are incomplete")
+        try:
+            with safe_open(str(folder / file), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            refuse(f"{folder / file}: cannot be read ({first_line(e)}): truncated or damaged")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        refuse(f"{folder}: no tokenizer (tokenizer.json, tokenizer_config.json)")
+    return cfg
 
 
 def load_model(name_or_path, device="cpu", dtype=None):
@@ -656,14 +736,9 @@ def load_model(name_or_path, device="cpu", dtype=None):
     else:
         folder = resolve_folder(str(name_or_path))
         config_path = folder / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
         model = Decoder(ModelConfig.from_hf(json.loads(config_path.read_text()), source=str(config_path)))
-        index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-            else ["model.safetensors"]
         state = {}
-        for f in files:
+        for f in weight_files(folder):
             state.update(load_file(str(folder / f)))
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)
@@ -750,23 +825,6 @@ def restore_plan(args, plan):
         setattr(args, name, value)
 
 
-def read_jsonl(path):
-    """The records of a JSONL file (data_prep.py's outputs). A missing file or a malformed line ends the program
-    with a message that names the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: run `python data_prep.py` first (it writes data/), or pass --data")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{line_no}: not valid JSON ({e})") from None
-    return records
-
-
 def open_metrics(path, resume_step):
     """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped
     (the resumed run redoes those steps)."""
@@ -801,6 +859,137 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# User errors: each stage checks its flags, data, model and run folder before any process group forms or any weight
+# loads, and a mistake ends the program at once, in one line, with nothing written.
+
+
+def refuse(message):
+    """End the program on a user error: one line in argparse's style (`prog: error: message`) on stderr and exit
+    status 2, as argparse does for a flag it cannot parse; no traceback (a bug still shows one). Under torchrun
+    every process meets the same error, and rank 0 alone prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def first_line(error):
+    """An exception's message cut to one line (some libraries write paragraphs)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def check_flags(args, names, ok, must):
+    """Refuse the first of the flags `names` whose value fails ok(value): "--lr -1: must be above 0". A flag still at
+    None (its default, which depends on the model, comes later) is not checked."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            refuse(f"--{name.replace('_', '-')} {value}: must be {must}")
+
+
+def check_device(device):
+    """Refuse a --device that this machine does not have."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        refuse(f"--device {device}: not a device (cpu, cuda, cuda:N)")
+    if kind.type not in ("cpu", "cuda"):
+        refuse(f"--device {device}: only cpu and cuda are supported")
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        refuse(f"--device {device}: torch finds no CUDA GPU on this machine; use --device cpu")
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        refuse(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), from cuda:0")
+
+
+def check_fields(record, fields, where):
+    """Refuse a record (where: "file:line") that lacks one of `fields` ({name: type, or a tuple of types}), holds it
+    empty or as another type. The message names the fields the record has."""
+    for name, kind in fields.items():
+        value = record.get(name)
+        if value is None:
+            refuse(f"{where}: no {name!r} field (the record has: {', '.join(record) or 'no field'})")
+        if not isinstance(value, kind):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            refuse(f"{where}: {name!r} is a {type(value).__name__}, not a {kinds}")
+        if value == "":
+            refuse(f"{where}: {name!r} is empty")
+
+
+def read_jsonl(path, fields=None, flag="--data"):
+    """The records of a JSONL file (data_prep.py's outputs). A missing file, a line that is not a JSON object, or a
+    record without what the stage reads (fields(record) -> {name: type}, see check_fields) ends the program with a
+    message that names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        refuse(f"{flag} {path}: " + ("a folder, not a JSONL file" if path.is_dir() else
+                                     f"not found; run `python data_prep.py` first (it writes data/), or pass {flag}"))
+    records = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError:
+            refuse(f"{flag} {path}: not a text file (JSONL)")
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            refuse(f"{path}:{line_no}: not valid JSON ({e})")
+        if not isinstance(record, dict):
+            refuse(f"{path}:{line_no}: a JSON {type(record).__name__}, not an object with named fields")
+        check_fields(record, fields(record) if fields else {}, f"{path}:{line_no}")
+        records.append(record)
+    return records
+
+
+RUN_PIECES = ("last", "best", "metrics.jsonl", "format_check.json")  # what a training stage writes in --out
+
+
+def check_run_folder(out, resume, overwrite, state_keys=()):
+    """The run folder, checked before anything is written in it; returns --resume's training state (None for a new
+    run). Refused: --out naming a file; a folder that already holds a run (last/, best/ or a non-empty
+    metrics.jsonl) unless --resume continues it or --overwrite starts again (remove_run deletes the old one, once
+    the new run has loaded); --resume without a readable training state holding state_keys. The checkpoint's other
+    files are checked by read_config."""
+    out = Path(out)
+    if resume and overwrite:
+        refuse("--resume continues the run in --out and --overwrite starts it again: give one of them")
+    if out.exists() and not out.is_dir():
+        refuse(f"--out {out}: a file, not a folder")
+    if not resume:
+        metrics = out / "metrics.jsonl"
+        held = [name for name in ("last", "best") if (out / name).exists()]
+        held += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else []
+        if held and not overwrite:
+            refuse(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
+                   f"--overwrite to start again (deletes it)")
+        return None
+    file = out / "last" / "training_state.pt"
+    if not file.is_file():
+        refuse(f"--resume: {file} not found: no run to continue in {out} (leave out --resume to start one)")
+    try:
+        state = load_training_state(out / "last")
+    except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, pickle's errors, ...
+        refuse(f"--resume: {file} cannot be read ({first_line(e)}); nothing in {out} was changed")
+    missing = [key for key in state_keys if key not in state] if isinstance(state, dict) else list(state_keys)
+    if missing:
+        refuse(f"--resume: {file} is not a training state of this stage (it lacks {', '.join(missing)})")
+    return state
+
+
+def remove_run(out):
+    """--overwrite: delete the earlier run in --out (RUN_PIECES; nothing else in the folder), once the new run has
+    loaded its model and is about to write its own."""
+    for name in RUN_PIECES:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -996,7 +1185,6 @@ def plan_memory(cfg, args, capacity, sample_rows=0, sample_length=0, shards=1):
             change = "fewer rollouts sampled at once (--batch-prompts, --group-size, --max-new-tokens)"
         else:
             change = "a smaller --micro-batch-tokens, or --activation-checkpointing"
-        raise SystemExit(f"this step needs about {parts['peak'] / GiB:.1f} GiB, more than 90% of the "
-                         f"{capacity / GiB:.1f} GiB card: {change}; or shard the model over several GPUs with "
-                         f"torchrun and --fsdp")
+        refuse(f"this step needs about {parts['peak'] / GiB:.1f} GiB, more than 90% of the {capacity / GiB:.1f} "
+               f"GiB card: {change}; or shard the model over several GPUs with torchrun and --fsdp")
     return parts

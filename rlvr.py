@@ -30,7 +30,12 @@ def math_reward(completion, gold):
     return 1.0 if is_equiv(extract_answer(completion), gold) else 0.0
 
 
+def main(argv=None):
+    args = training_arguments(__doc__, "data/rlvr_train.jsonl", "runs/rlvr", 0.0).parse_args(argv)
+    return train(args, lambda example: math_messages(example["problem"]),
+                 lambda completion, example: math_reward(completion, example["answer"]),
+                 lambda example: {"problem": str, "answer": (str, int, float)})  # what the prompt and reward read
+
+
 if __name__ == "__main__":
-    args = training_arguments(__doc__, "data/rlvr_train.jsonl", "runs/rlvr", 0.0).parse_args()
-    train(args, lambda example: math_messages(example["problem"]),
-          lambda completion, example: math_reward(completion, example["answer"]))
+    main()

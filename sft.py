@@ -51,11 +51,12 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, end_distributed,
-                   generate, gpu_memory, init_distributed, load_model, load_optimizer_state, load_training_state,
-                   open_metrics, plan_memory, print0, read_config, read_jsonl, restore_plan, save_checkpoint,
-                   set_rng_states, sum_across, sum_gradients, token_budget_batches)
-from srl import parse_action, srl_messages, srl_reward
+from model import (autocast, build_tiny, check_device, check_fields, check_flags, check_run_folder,
+                   completion_logprobs, default_stop_token_ids, encode_chat, end_distributed, generate, gpu_memory,
+                   init_distributed, load_model, load_optimizer_state, open_metrics, plan_memory, print0, read_config,
+                   read_jsonl, refuse, remove_run, restore_plan, save_checkpoint, set_rng_states, sum_across,
+                   sum_gradients, token_budget_batches)
+from srl import parse_action, srl_fields, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
 PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
@@ -71,16 +72,17 @@ def end_of_turn_id(tokenizer):
     return tokenizer.eos_token_id
 
 
-def messages_and_target(record, target="solution", where=""):
-    """(chat messages, target text) of one record: SRL format if it has "completion", else problem -> solution."""
+def messages_and_target(record, target="solution", where="data"):
+    """(chat messages, target text) of one record: SRL format if it has "completion", else problem -> solution. A
+    record without the fields it needs ends the program with a message naming `where` ("file:line")."""
     if "completion" in record:
+        check_fields(record, dict(srl_fields(record), completion=str), where)
         return srl_messages(record), record["completion"]
     if "steps" in record:
-        raise SystemExit(f"sft.py: {where}: an agent trajectory; train on sft_srl_train.jsonl (one action each)")
-    for field in ("problem", "solution") + (("reasoning",) if target == "reasoning" else ()):
-        if not record.get(field):
-            raise SystemExit(f"sft.py: {where}: no {field!r} field" + (
-                " (--target reasoning needs data_prep's --reasoning-field data)" if field == "reasoning" else ""))
+        refuse(f"{where}: an agent trajectory; train on sft_srl_train.jsonl (one action each)")
+    if target == "reasoning" and not record.get("reasoning"):
+        refuse(f"{where}: no 'reasoning' field (--target reasoning needs data_prep's --reasoning-field data)")
+    check_fields(record, {"problem": str, "solution": str}, where)
     text = record["solution"]
     if target == "reasoning":
         text = f"<think>\n{record['reasoning']}\n</think>\n{text}"
@@ -225,6 +227,35 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
 # 5. The run: plan, resume, loop, checkpoints
 
 PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed", "precision")
+STATE_KEYS = ("args", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "skipped_steps")  # what --resume reads
+
+
+def check_arguments(args):
+    """Every user error, before any process group forms or any weight loads (each ends the program in one line:
+    model.refuse): the device, the run folder, the flags (on --resume after the checkpoint's PLAN has replaced
+    them), every record of the data and of the format check's prompts, and the model. Returns (training state or
+    None, records, format-check examples, model config)."""
+    check_device(args.device)
+    state = check_run_folder(args.out, args.resume, args.overwrite, STATE_KEYS)
+    if state is not None:
+        restore_plan(args, state["args"])  # the same plan as the interrupted run, whatever the flags say
+    check_flags(args, ["epochs", "max_steps", "batch_size", "micro_batch_tokens", "max_length", "save_every"],
+                lambda v: v >= 1, "at least 1")
+    check_flags(args, ["check_samples"], lambda v: v >= 0, "0 or more")
+    check_flags(args, ["lr"], lambda v: 0 < v < math.inf, "above 0")
+    check_flags(args, ["warmup_ratio"], lambda v: 0 <= v <= 1, "in [0, 1]")
+    records = read_jsonl(args.data)
+    if not records:
+        refuse(f"--data {args.data}: no records in it")
+    for line_no, record in enumerate(records, 1):
+        messages_and_target(record, args.target, f"{args.data}:{line_no}")
+    # the format check at the end samples SRL prompts: read them now, not after training
+    val_path = Path(args.val_data or Path(args.data).with_name("srl_val.jsonl"))
+    val_examples = []
+    if args.check_samples > 0 and "completion" in records[0] and (args.val_data or val_path.is_file()):
+        val_examples = read_jsonl(val_path, srl_fields, flag="--val-data")
+    config = read_config(Path(args.out) / "last" if state else args.model)
+    return state, records, val_examples, config
 
 
 def main(argv=None):
@@ -255,15 +286,13 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="bf16: fp32 master weights with bf16 autocast (default on cuda); fp32 (default on cpu)")
     parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
+    parser.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run, "
+                                                                  "deleting it")
     args = parser.parse_args(argv)
 
+    state, records, val_examples, config = check_arguments(args)  # before any process group or weight
     _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
     out, device = Path(args.out), torch.device(args.device)
-    state = load_training_state(out / "last") if args.resume else None
-    if args.resume and state is None:
-        raise SystemExit(f"sft.py: --resume: {out / 'last'} holds no training state (no earlier run in {out})")
-    if state is not None:
-        restore_plan(args, state["args"])  # the same plan as the interrupted run, whatever the flags say
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -271,11 +300,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    records = read_jsonl(args.data)
-    if not records:
-        raise SystemExit(f"sft.py: {args.data} holds no records")
     source = str(out / "last") if state else args.model
-    plan_memory(read_config(source), args, gpu_memory(device))  # before any weight loads
+    plan_memory(config, args, gpu_memory(device))  # before any weight loads
     if args.model == "tiny" and state is None:  # a fresh tiny model gets a tokenizer fitted to this data
         model, tokenizer = fitted_tiny(records, args.target)
         model.to(device)
@@ -284,7 +310,7 @@ def main(argv=None):
     model.activation_checkpointing = args.activation_checkpointing
     examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
     if not examples:
-        raise SystemExit(f"sft.py: every example of {args.data} is longer than --max-length {args.max_length}")
+        refuse(f"every example of {args.data} is longer than --max-length {args.max_length}")
     lengths = [len(p) + len(t) for p, t in examples]
     print0(f"{len(examples)} examples from {args.data}; tokens per example as trained: mean "
            f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
@@ -300,6 +326,8 @@ def main(argv=None):
         step, skipped = state["step"], state["skipped_steps"]
         print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
 
+    if args.overwrite and rank == 0:
+        remove_run(out)  # the earlier run goes only now, when the new one has loaded and is about to write
     metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
     model.train()
     bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
@@ -337,17 +365,15 @@ def main(argv=None):
     metrics.close()
     print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")
 
-    # The warm start's purpose: a format SRL can reward. Check it on held-out prompts.
-    val_path = Path(args.val_data or Path(args.data).with_name("srl_val.jsonl"))
-    val_examples = read_jsonl(val_path) if val_path.is_file() else []
-    if args.check_samples > 0 and "completion" in records[0] and val_examples:
+    # The warm start's purpose: a format SRL can reward. Check it on held-out prompts (read by check_arguments).
+    if val_examples:
         model.eval()
         longest_target = max(len(t) for _, t in examples)
         check = format_check(model, tokenizer, val_examples, args.check_samples,
                              max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
         (out / "format_check.json.tmp").write_text(json.dumps(check, indent=1, ensure_ascii=False))
         (out / "format_check.json.tmp").replace(out / "format_check.json")
-        print(f"format check on {val_path} ({check['samples']} samples at temperature 1.0): format rate "
+        print(f"format check on {args.val_data or Path(args.data).with_name('srl_val.jsonl')} ({check['samples']} samples at temperature 1.0): format rate "
               f"{check['format_rate']:.0%}, mean SRL reward {check['reward_mean']:.3f} (format failures count -1; "
               f"{check['reward_mean_well_formed']:.3f} over well-formed samples)")
         print("a sample:\n" + check["example"]["completion"])

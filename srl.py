@@ -57,6 +57,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -65,11 +66,11 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from model import (autocast, broadcast, completion_logprobs, copy_weights, encode_chat, end_distributed, gather,
-                   generate, get_rank, get_world_size, gpu_memory, init_distributed, load_model, load_optimizer_state,
-                   load_training_state, open_metrics, parameter_count, plan_memory, print0, read_config, read_jsonl,
-                   restore_plan, save_checkpoint, set_rng_states, shard, sum_across, sum_gradients,
-                   token_budget_batches)
+from model import (autocast, broadcast, check_device, check_flags, check_run_folder, completion_logprobs,
+                   copy_weights, encode_chat, end_distributed, gather, generate, get_rank, get_world_size, gpu_memory,
+                   init_distributed, load_model, load_optimizer_state, open_metrics, parameter_count, plan_memory,
+                   print0, read_config, read_jsonl, refuse, remove_run, restore_plan, save_checkpoint, set_rng_states,
+                   shard, sum_across, sum_gradients, token_budget_batches)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -261,6 +262,14 @@ AGENT_SYSTEM_PROMPT = (
     "should be executed, and nothing else: no explanation, no output, no further commands.")
 
 
+def srl_fields(example):
+    """What srl_messages and the reward read from an example ({field: type}): the command lines check every record
+    for them before training starts (model.check_fields)."""
+    if "issue" in example:  # an agent step
+        return {"issue": str, "previous_pairs": list, "step_index": int, "target_step": str}
+    return {"problem": str, "previous_steps": list, "target_step": str}
+
+
 def srl_messages(example):
     """Chat messages for one SRL example (data_prep.py's fields): one system prompt, one user message. An agent
     step (it has an "issue") shows the issue and its previous (command, output) pairs."""
@@ -293,8 +302,9 @@ SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr
 LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
 # flags that --resume takes from the command line (where and how the work runs, how long, how often to save);
 # every other one comes from the checkpoint's plan
-RUNTIME_FLAGS = ("resume", "device", "out", "max_steps", "eval_every", "save_every", "val_limit", "sample_batch",
-                 "micro_batch_tokens", "activation_checkpointing", "fsdp")
+RUNTIME_FLAGS = ("resume", "overwrite", "device", "out", "max_steps", "eval_every", "save_every", "val_limit",
+                 "sample_batch", "micro_batch_tokens", "activation_checkpointing", "fsdp")
+STATE_KEYS = ("args", "optimizer", "rng", "step", "position", "best", "skipped")  # what --resume reads
 
 
 def training_arguments(description, data_default, out_default, std_threshold_default):
@@ -340,6 +350,7 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--val-limit", type=int, default=64, help="validation examples used")
     arg("--save-every", type=int, default=10, help="write <out>/last every N steps and at the end")
     arg("--resume", action="store_true", help="continue from <out>/last, with the plan stored there")
+    arg("--overwrite", action="store_true", help="start again in an --out that holds a run, deleting it")
     # Runtime
     arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -362,7 +373,7 @@ def drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples):
                    f"--max-prompt-tokens {args.max_prompt_tokens} (longest: {max(lengths)} tokens)")
         kept.append(short)
     if not kept[0]:
-        raise SystemExit(f"every training prompt is over --max-prompt-tokens {args.max_prompt_tokens}")
+        refuse(f"every training prompt is over --max-prompt-tokens {args.max_prompt_tokens}")
     return kept[0], kept[1]
 
 
@@ -533,11 +544,42 @@ def planned_steps(args, num_examples):
     return args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
 
 
-def resolve_plan(args, cfg, state, num_examples):
-    """Fill the flags left at None from the model's size class; on --resume the checkpoint's plan replaces every
-    flag but RUNTIME_FLAGS. Checks the GPU memory the plan needs, prints the plan, returns the number of steps."""
+def check_arguments(args, fields=None):
+    """Every user error, before any process group forms or any weight loads (each ends the program in one line:
+    model.refuse): the device, the run folder, the flags (on --resume after the checkpoint's plan has replaced all
+    but RUNTIME_FLAGS), the data (every record holding fields(record), when given) and the model. Returns
+    (training state or None, examples, validation examples, model config)."""
+    check_device(args.device)
+    if args.fsdp and "RANK" not in os.environ:
+        refuse("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
+    state = check_run_folder(args.out, args.resume, args.overwrite, STATE_KEYS)
     if state is not None:
-        restore_plan(args, state.get("args", {}))
+        restore_plan(args, state["args"])
+    check_flags(args, ["batch_prompts", "max_new_tokens", "max_draws", "sample_batch", "updates_per_batch",
+                       "micro_batch_tokens", "max_prompt_tokens", "max_steps", "val_limit", "save_every"],
+                lambda v: v >= 1, "at least 1")
+    check_flags(args, ["group_size"], lambda v: v >= 2, "at least 2 (one rollout alone has no spread: no group would "
+                "ever be kept)")
+    check_flags(args, ["temperature"], lambda v: 0 < v < math.inf, "above 0 (at 0 every rollout of a prompt is the "
+                "same: no group would ever be kept)")
+    check_flags(args, ["lr", "epochs", "grad_clip"], lambda v: 0 < v < math.inf, "above 0")
+    check_flags(args, ["clip_low"], lambda v: 0 <= v < 1, "in [0, 1)")
+    check_flags(args, ["clip_high", "beta", "eval_every"], lambda v: 0 <= v < math.inf, "0 or more")
+    check_flags(args, ["std_threshold"], math.isfinite, "a number")
+    examples = read_jsonl(args.data, fields)
+    if not examples:
+        refuse(f"--data {args.data}: no examples in it")
+    val_path = args.val_data or str(args.data).replace("_train", "_val")
+    val_examples = []
+    if args.val_data or (Path(val_path).exists() and val_path != str(args.data)):
+        val_examples = read_jsonl(val_path, fields, flag="--val-data")
+    config = read_config(Path(args.out) / "last" if state else args.model)
+    return state, examples, val_examples, config
+
+
+def resolve_plan(args, cfg, num_examples):
+    """Fill the flags left at None from the model's size class. Checks the GPU memory the plan needs, prints the
+    plan, returns the number of steps."""
     parameters = parameter_count(cfg)
     small = parameters < 50e6
     for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
@@ -558,21 +600,15 @@ def resolve_plan(args, cfg, state, num_examples):
     return total_steps
 
 
-def train(args, make_prompt, reward_fn):
-    """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness)."""
+def train(args, make_prompt, reward_fn, fields=None):
+    """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness). fields:
+    what make_prompt and reward_fn read from an example, checked in every record first (see check_arguments)."""
+    state, examples, val_examples, config = check_arguments(args, fields)  # before any process group or weight
     _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    examples = read_jsonl(args.data)
-    if not examples:
-        raise SystemExit(f"{args.data} holds no examples")
-    val_path = args.val_data or str(args.data).replace("_train", "_val")
-    val_examples = read_jsonl(val_path) if Path(val_path).exists() and val_path != str(args.data) else []
-    state = load_training_state(out / "last") if args.resume else None
-    if args.resume and state is None:
-        raise SystemExit(f"--resume: {out / 'last'} holds no training state to continue from")
     source = str(out / "last" if state else args.model)
-    total_steps = resolve_plan(args, read_config(source), state, len(examples))  # before any weight loads
+    total_steps = resolve_plan(args, config, len(examples))
     model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
     examples, val_examples = drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
@@ -596,6 +632,8 @@ def train(args, make_prompt, reward_fn):
         set_rng_states(state["rng"])
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
         any_kept = True
+    if args.overwrite and rank == 0:
+        remove_run(out)  # the earlier run goes only now, when the new one has loaded and is about to write
     metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
     stop_ids = set(policy.stop_token_ids)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
@@ -648,6 +686,11 @@ def train(args, make_prompt, reward_fn):
     return model
 
 
+def main(argv=None):
+    args = training_arguments(__doc__, "data/srl_train.jsonl", "runs/srl", 0.01).parse_args(argv)
+    return train(args, srl_messages, lambda completion, example: srl_reward(completion, example["target_step"]),
+                 srl_fields)
+
+
 if __name__ == "__main__":
-    args = training_arguments(__doc__, "data/srl_train.jsonl", "runs/srl", 0.01).parse_args()
-    train(args, srl_messages, lambda completion, example: srl_reward(completion, example["target_step"]))
+    main()
