@@ -970,7 +970,9 @@ def check_run_folder(out, resume, overwrite, state_keys=()):
         return None
     file = out / "last" / "training_state.pt"
     if not file.is_file():
-        refuse(f"--resume: {file} not found: no run to continue in {out} (leave out --resume to start one)")
+        refuse(f"--resume: {file} not found: no run to continue in {out} ("
+               + ("--overwrite starts again)" if any((out / name).exists() for name in RUN_PIECES) else
+                  "leave out --resume to start one)"))
     try:
         state = load_training_state(out / "last")
     except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, pickle's errors, ...

@@ -12,6 +12,7 @@ Two kinds of data, told apart per record by a "completion" field:
     python data_prep.py && python sft.py                     # tiny warm start on the built-in data (CPU, ~3 min)
     python sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning --out runs/sft_r1
     python sft.py --resume                                   # continue runs/sft/last exactly where it stopped
+    python sft.py --overwrite                                # start again (a folder holding a run is refused)
     torchrun --nproc_per_node 8 sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning   # DDP
 
 Every prompt goes through the model's chat template (model.encode_chat); the target is the completion's tokens

@@ -10,10 +10,13 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
     python data_prep.py && python sft.py && python srl.py    # tiny model on the built-in data, a few CPU minutes
     python srl.py --model qwen-1.5b --data data/srl_train.jsonl --out runs/srl     # one 80 GB GPU
     python srl.py --resume --out runs/srl                                           # continue a stopped run
+    python srl.py --overwrite --out runs/srl                                        # start it again instead
     torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
 
 Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
-<out>/best/ (best on validation); each is a Hugging Face folder that `--model` of any stage accepts.
+<out>/best/ (best on validation); each is a Hugging Face folder that `--model` of any stage accepts. An --out that
+already holds a run is refused unless --resume (continue) or --overwrite (start again) is given; like every user
+error (check_arguments), before anything loads.
 
 In reading order: 1. step_similarity, 2. srl_reward, 3. group_advantages, keep_group, grpo_loss (the GRPO pieces,
 also used by rlvr.py), 4. the prompt, 5. the training loop (collect_groups, update_policy, train), shared with

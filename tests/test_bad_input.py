@@ -298,6 +298,21 @@ def test_overwrite_starts_again_and_removes_only_the_old_run(project):
     assert (run / "notes.txt").read_text() == "mine\n"
 
 
+def test_a_hub_model_in_the_cache_is_checked_offline(checked, tmp_path, capsys):
+    """A hub id whose copy is in the hub cache passes the checks without the network; the same copy with truncated
+    weights is refused, naming the file in the cache."""
+    snapshot = tmp_path / "hub" / "models--someone--small" / "snapshots" / ("a" * 40)
+    small_checkpoint(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    with pytest.raises(PastTheChecks):
+        sft.main(["--model", "someone/small"])
+    truncate(snapshot / "model.safetensors")
+    with pytest.raises(SystemExit):
+        sft.main(["--model", "someone/small"])
+    assert f"{snapshot / 'model.safetensors'}: cannot be read" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script, argv, name", [
     ("data_prep.py", ["--synthetic", "-1"], "--synthetic"), ("sft.py", ["--lr", "-1"], "--lr"),
