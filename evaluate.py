@@ -201,7 +201,7 @@ def check_arguments(args):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
     model.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
     --overwrite) and the model. Returns ({name: problems}, the result files --overwrite replaces)."""
-    from model import check_device, check_flags, read_config, refuse
+    from model import check_device, check_flags, check_folder, read_config, refuse
     check_flags(args, ["max_new_tokens", "limit", "batch_size"], lambda v: v >= 1, "at least 1")
     check_flags(args, ["samples"], lambda v: v >= 0, "0 or more")
     check_device(args.device)
@@ -221,8 +221,7 @@ def check_arguments(args):
     if not benchmarks:
         refuse("--benchmarks: no benchmark given")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        refuse(f"--out {out}: a file, not a folder")
+    check_folder(out)
     held = [path for path in [out / "summary.json", *(out / f"{key}.jsonl" for key in benchmarks)] if path.exists()]
     if held and not args.overwrite:
         refuse(f"--out {out} already holds results ({', '.join(path.name for path in held)}): add --overwrite to "

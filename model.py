@@ -679,10 +679,10 @@ def read_config(name_or_path):
         get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
         folder = Path(hf_hub_download(repo_id, "config.json")).parent
     except Exception as e:  # offline, no such model, a gated one: the hub client's many error types
-        refuse(f"model {name}{f' ({repo_id})' if repo_id != name else ''}: not in the hub cache "
-               f"({constants.HF_HUB_CACHE}), and fetching it from the hub failed ({first_line(e)}). Offline? Download "
-               f"it on a machine with a network (`hf download {repo_id}`) and copy the cache here, or pass a "
-               f"checkpoint folder as --model")
+        what = f"model {name} ({repo_id})" if repo_id != name else f"model {name}: no such folder; as a hub id,"
+        refuse(f"{what} not in the hub cache ({constants.HF_HUB_CACHE}), and fetching it from the hub failed "
+               f"({first_line(e)}). Offline? Download it on a machine with a network (`hf download {repo_id}`) and "
+               f"copy the cache here, or pass a checkpoint folder as --model")
     return check_config(folder / "config.json")
 
 
@@ -890,6 +890,13 @@ def check_flags(args, names, ok, must):
             refuse(f"--{name.replace('_', '-')} {value}: must be {must}")
 
 
+def check_folder(path, flag="--out"):
+    """Refuse a folder to write in that cannot be one: it, or the nearest of its parents that exists, is a file."""
+    existing = next(folder for folder in [Path(path), *Path(path).parents] if folder.exists())
+    if not existing.is_dir():
+        refuse(f"{flag} {path}: {existing} is a file, not a folder")
+
+
 def check_device(device):
     """Refuse a --device that this machine does not have."""
     try:
@@ -958,8 +965,7 @@ def check_run_folder(out, resume, overwrite, state_keys=()):
     out = Path(out)
     if resume and overwrite:
         refuse("--resume continues the run in --out and --overwrite starts it again: give one of them")
-    if out.exists() and not out.is_dir():
-        refuse(f"--out {out}: a file, not a folder")
+    check_folder(out)
     if not resume:
         metrics = out / "metrics.jsonl"
         held = [name for name in ("last", "best") if (out / name).exists()]

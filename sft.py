@@ -254,6 +254,7 @@ def check_arguments(args):
     val_path = Path(args.val_data or Path(args.data).with_name("srl_val.jsonl"))
     val_examples = []
     if args.check_samples > 0 and "completion" in records[0] and (args.val_data or val_path.is_file()):
+        args.val_data = str(val_path)
         val_examples = read_jsonl(val_path, srl_fields, flag="--val-data")
     config = read_config(Path(args.out) / "last" if state else args.model)
     return state, records, val_examples, config
@@ -374,7 +375,7 @@ def main(argv=None):
                              max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
         (out / "format_check.json.tmp").write_text(json.dumps(check, indent=1, ensure_ascii=False))
         (out / "format_check.json.tmp").replace(out / "format_check.json")
-        print(f"format check on {args.val_data or Path(args.data).with_name('srl_val.jsonl')} ({check['samples']} samples at temperature 1.0): format rate "
+        print(f"format check on {args.val_data} ({check['samples']} samples at temperature 1.0): format rate "
               f"{check['format_rate']:.0%}, mean SRL reward {check['reward_mean']:.3f} (format failures count -1; "
               f"{check['reward_mean_well_formed']:.3f} over well-formed samples)")
         print("a sample:\n" + check["example"]["completion"])
