@@ -8,6 +8,9 @@ avg@k and pass@k, per-problem result files and a summary table shaped like the p
     python evaluate.py --benchmarks my_problems.jsonl     # any JSONL with problem/question and answer fields
     torchrun --nproc_per_node 8 evaluate.py --model runs/srl --benchmarks amc23 --samples 32   # problems shared out
 
+Results already in --out are never replaced without --overwrite; every benchmark file, the model and the flags are
+checked before the model loads (check_arguments), and a mistake ends the run in one line.
+
 Benchmarks are JSONL files in --data-dir (default ../shared/data/benchmarks beside the checkout if present, else
 data/benchmarks). Nothing is downloaded: get each file from its public repository and save it as NAME.jsonl
   amc23, aime24, gsm8k  github.com/QwenLM/Qwen2.5-Math        evaluation/data/{amc23,aime24,gsm8k}/test.jsonl
