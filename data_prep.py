@@ -49,7 +49,7 @@ Choices the paper does not state, and departures from it:
   answer are left out of the RLVR files only (counted in the summary).
 - The SRL and SFT experts are every attempt, graded correct or not, as the paper (which does not filter by
   grade); --correct-only keeps only problems whose expert attempt is graded correct.
-- sft_srl_train's monologue is a template ("Steps 1-2 are done. Next, step 3: <title>."), not real
+- sft_srl_train's monologue is a template ("Steps 1-2 are done. Next:\n3. <title>"), not real
   reasoning: it only teaches a small model the <think>...</think> + step format before SRL. An agent step
   uses the agent's own recorded thought when it has one.
 """
@@ -284,16 +284,16 @@ def builtin_problems():
     return read_records(BUILTIN_PATH)
 
 
-# operation -> (how the problem states it, the step's title, the step's operator)
-SYNTHETIC_OPS = {"add": ("add {n}", "Add {n}", "+"), "sub": ("subtract {n}", "Subtract {n}", "-")}
+SYNTHETIC_OPS = {"add": ("Add", "+"), "sub": ("Subtract", "-")}  # operation -> (its word, its symbol)
 
 
-def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=50):
-    """count arithmetic chains: a start number and a numbered list of additions and subtractions, solved one
-    operation per step ("3. **Subtract 4.** 23 - 4 = 19."), the last step boxing the answer. A step is within
-    reach of a small model (find operation k in the problem, one addition); a long chain is not, since every
-    step must be right. Difficulty: steps (an int, or (low, high) for a mix of lengths), max_number (the largest
-    operand) and max_value (every intermediate value stays in 0..max_value)."""
+def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=30):
+    """count arithmetic chains: a start number and a numbered list of additions and subtractions, one per line,
+    solved one operation per step ("3. Subtract 4: 23 - 4 = 19."), the last step boxing the final number. Each
+    step line starts as the problem's line for that operation does, so a step is within reach of a small model
+    (copy line k of the problem, the number above, one addition); a long chain is not, since every step must be
+    right. Difficulty: steps (an int, or (low, high) for a mix of lengths), max_number (the largest operand) and
+    max_value (every number stays in 0..max_value; a guess is right about once in max_value + 1)."""
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
     if count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value:
         raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1 (or LOW-HIGH), and "
@@ -302,17 +302,17 @@ def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=50):
     problems = []
     for index in range(count):
         value = start = rng.randint(0, max_value)
-        phrases, lines = [], []
+        operations, lines = [], []
         for k in range(1, rng.randint(low, high) + 1):
             op = rng.choice(["add"] * (value < max_value) + ["sub"] * (value > 0))
             n = rng.randint(1, min(max_number, max_value - value if op == "add" else value))
-            phrase, title, symbol = SYNTHETIC_OPS[op]
+            word, symbol = SYNTHETIC_OPS[op]
             result = value + n if op == "add" else value - n
-            phrases.append(f"({k}) " + phrase.format(n=n))
-            lines.append(f"{k}. **{title.format(n=n)}.** {value} {symbol} {n} = {result}.")
+            operations.append(f"{k}. {word} {n}")
+            lines.append(f"{k}. {word} {n}: {value} {symbol} {n} = {result}.")
             value = result
         lines[-1] += f" The answer is \\boxed{{{value}}}."
-        problem = f"Start with {start}. Then: {', '.join(phrases)}. What number do you end with?"
+        problem = f"Start with {start}. Then:\n" + "\n".join(operations) + "\nWhat number do you end with?"
         problems.append({"id": f"synthetic-{seed}-{index + 1:05d}", "problem": problem,
                          "solution": "\n".join(lines), "answer": str(value)})
     return problems
@@ -411,7 +411,7 @@ def think_completion(example):
         thought = example["thought"] or f"Next command: number {k}."
     else:
         done = "Nothing is written yet." if k == 1 else "Step 1 is done." if k == 2 else f"Steps 1-{k - 1} are done."
-        thought = f"{done} Next, step {k}: {step_title(target)}."
+        thought = f"{done} Next:\n{k}. {step_title(target)}"
     return f"<think>\n{thought}\n</think>\n{target}"
 
 
@@ -590,8 +590,8 @@ def main(argv=None):
     parser.add_argument("--synthetic-steps", type=step_range, default=4,
                         help="operations per synthetic problem: N, or LOW-HIGH for a mix (default 4)")
     parser.add_argument("--synthetic-max-number", type=int, default=9, help="largest synthetic operand (default 9)")
-    parser.add_argument("--synthetic-max-value", type=int, default=50,
-                        help="synthetic values stay in 0..this (default 50)")
+    parser.add_argument("--synthetic-max-value", type=int, default=30,
+                        help="synthetic values stay in 0..this (default 30)")
     args = parser.parse_args(argv)
 
     def refuse(message):  # a user error: one line in argparse's style, exit status 2, nothing written

@@ -427,35 +427,40 @@ def test_builtin_problems_are_correct_and_well_formed():
 # Synthetic problems: answers recomputed from the problem text
 
 def solve_synthetic(problem):
-    """The answer of a synthetic chain, read from the problem text alone; and its number of operations."""
-    value = int(re.match(r"Start with (\d+)\. Then: ", problem).group(1))
-    operations = re.findall(r"\((\d+)\) (add|subtract) (\d+)", problem)
+    """The numbers after each step of a synthetic chain, read from the problem text alone."""
+    value = int(re.match(r"Start with (\d+)\. Then:\n", problem).group(1))
+    operations = re.findall(r"^(\d+)\. (Add|Subtract) (\d+)$", problem, re.MULTILINE)
     assert [int(k) for k, _, _ in operations] == list(range(1, len(operations) + 1))
+    values = []
     for _, op, n in operations:
-        value = value + int(n) if op == "add" else value - int(n)
-    return value, len(operations)
+        value = value + int(n) if op == "Add" else value - int(n)
+        values.append(value)
+    return values
 
 
-@pytest.mark.parametrize("steps,max_number,max_value", [(1, 5, 30), (3, 9, 50), ((2, 6), 9, 99), (10, 50, 1000)])
+@pytest.mark.parametrize("steps,max_number,max_value", [(1, 5, 30), (3, 9, 30), ((2, 6), 9, 99), (10, 50, 1000)])
 def test_synthetic_problems_are_exact(steps, max_number, max_value):
     problems = data_prep.synthetic_problems(60, steps, max_number, seed=3, max_value=max_value)
     assert len({p["problem"] for p in problems}) > 50
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
     for p in problems:
-        answer, n_ops = solve_synthetic(p["problem"])
-        assert low <= n_ops <= high and str(answer) == p["answer"]
+        values = solve_synthetic(p["problem"])
+        assert low <= len(values) <= high and p["answer"] == str(values[-1])
         solution_steps = split_steps(p["solution"])
-        assert len(solution_steps) == n_ops
+        assert len(solution_steps) == len(values)
         value = int(re.match(r"Start with (\d+)", p["problem"]).group(1))
-        for k, step in enumerate(solution_steps, 1):
-            a, op, b, c = re.search(r"(\d+) ([-+]) (\d+) = (\d+)", step).groups()
+        for k, (step, expected) in enumerate(zip(solution_steps, values), 1):
+            # the step opens as the problem's line k does, then does its arithmetic
+            operation = re.search(rf"^{k}\. (Add|Subtract) \d+$", p["problem"], re.MULTILINE).group(0)
+            assert step.startswith(operation + ": ")
+            a, op, b, c = re.search(r": (\d+) ([-+]) (\d+) = (\d+)\.", step).groups()
             assert int(a) == value and 1 <= int(b) <= max_number
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))  # the step's own arithmetic
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) == expected
             assert 0 <= int(c) <= max_value
             value = int(c)
-        assert last_boxed(solution_steps[-1]) == p["answer"] == str(value)
+        assert last_boxed(solution_steps[-1]) == p["answer"]
     if low < high:  # a mix of lengths covers the range
-        assert {solve_synthetic(p["problem"])[1] for p in problems} == set(range(low, high + 1))
+        assert {len(solve_synthetic(p["problem"])) for p in problems} == set(range(low, high + 1))
     assert data_prep.synthetic_problems(5, seed=1) == data_prep.synthetic_problems(5, seed=1)
     assert data_prep.synthetic_problems(5, seed=1) != data_prep.synthetic_problems(5, seed=2)
 
