@@ -128,7 +128,8 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
                        seed=0, desc="evaluate", progress=True):
     """Generate for every problem (one greedy completion, then `samples` at temperature 1.0) and grade them.
     Returns (records, metrics): one record per problem, in the order given; metrics as fractions in [0, 1]."""
-    from model import encode_chat, gather, generate, get_rank, get_world_size  # here: the grader needs no torch
+    from common import gather, get_rank, get_world_size  # here: the grader needs no torch
+    from model import encode_chat, generate
 
     runs = ([(0.0, 1)] if greedy else []) + ([(1.0, samples)] if samples > 0 else [])  # (temperature, count)
     if not problems or not runs:
@@ -202,9 +203,9 @@ def summary_table(model_name, results):
 
 def check_arguments(args):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    model.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
+    common.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
     --overwrite) and the model. Returns ({name: problems}, the result files --overwrite replaces)."""
-    from model import check_device, check_flags, check_folder, read_config, refuse
+    from common import check_device, check_flags, check_folder, read_config, refuse
     check_flags(args, ["max_new_tokens", "limit", "batch_size"], lambda v: v >= 1, "at least 1")
     check_flags(args, ["samples"], lambda v: v >= 0, "0 or more")
     check_device(args.device)
@@ -235,7 +236,8 @@ def check_arguments(args):
 
 def main(argv=None):
     import torch
-    from model import end_distributed, init_distributed, load_model
+    from common import end_distributed, init_distributed
+    from model import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

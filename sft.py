@@ -29,7 +29,7 @@ Defaults per model (the flags override them):
               the check said 33% (seed 0).
   any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
 A batch runs in micro-batches of at most --micro-batch-tokens padded positions (8,192): Qwen2.5-1.5B with
---target reasoning --max-length 4096 is estimated at 58 GB on a GPU (model.estimate_memory, printed at the start).
+--target reasoning --max-length 4096 is estimated at 58 GB on a GPU (common.estimate_memory, printed at the start).
 
 Departures from the paper and choices it leaves open:
   - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and
@@ -52,11 +52,11 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from model import (autocast, build_tiny, check_device, check_fields, check_flags, check_run_folder,
-                   completion_logprobs, default_stop_token_ids, encode_chat, end_distributed, generate, gpu_memory,
-                   init_distributed, load_model, load_optimizer_state, open_metrics, plan_memory, print0, read_config,
-                   read_jsonl, refuse, remove_run, restore_plan, save_checkpoint, set_rng_states, sum_across,
-                   sum_gradients, token_budget_batches)
+from common import (check_device, check_fields, check_flags, check_run_folder, end_distributed, gpu_memory,
+                    init_distributed, load_optimizer_state, open_metrics, plan_memory, print0, read_config, read_jsonl,
+                    refuse, remove_run, restore_plan, save_checkpoint, set_rng_states, sum_across, sum_gradients)
+from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate, load_model,
+                   token_budget_batches)
 from srl import parse_action, srl_fields, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
@@ -233,7 +233,7 @@ STATE_KEYS = ("args", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "sk
 
 def check_arguments(args):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    model.refuse): the device, the run folder, the flags (on --resume after the checkpoint's PLAN has replaced
+    common.refuse): the device, the run folder, the flags (on --resume after the checkpoint's PLAN has replaced
     them), every record of the data and of the format check's prompts, and the model. Returns (training state or
     None, records, format-check examples, model config)."""
     check_device(args.device)

@@ -26,7 +26,7 @@ Defaults by model size (flags override them): models under 50M parameters (tiny)
 tokens, lr 3e-5, 20 steps; larger ones 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch. The paper: 512
 prompts x G 8, lr 5e-7 for Qwen2.5-7B on several GPUs; 16 prompts is what one 80 GB GPU turns around quickly.
 The update runs in micro-batches of --micro-batch-tokens positions, so memory does not depend on how long the
-completions happen to be. On a GPU the run first prints model.estimate_memory's estimate (Qwen2.5-1.5B at the
+completions happen to be. On a GPU the run first prints common.estimate_memory's estimate (Qwen2.5-1.5B at the
 defaults: 61 GB of 80), and stops before loading any weight if the step cannot fit.
 
 Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
@@ -69,11 +69,11 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from model import (autocast, broadcast, check_device, check_flags, check_run_folder, completion_logprobs,
-                   copy_weights, encode_chat, end_distributed, gather, generate, get_rank, get_world_size, gpu_memory,
-                   init_distributed, load_model, load_optimizer_state, open_metrics, parameter_count, plan_memory,
-                   print0, read_config, read_jsonl, refuse, remove_run, restore_plan, save_checkpoint, set_rng_states,
-                   shard, sum_across, sum_gradients, token_budget_batches)
+from common import (broadcast, check_device, check_flags, check_run_folder, copy_weights, end_distributed, gather,
+                    get_rank, get_world_size, gpu_memory, init_distributed, load_optimizer_state, open_metrics,
+                    parameter_count, plan_memory, print0, read_config, read_jsonl, refuse, remove_run, restore_plan,
+                    save_checkpoint, set_rng_states, shard, sum_across, sum_gradients)
+from model import autocast, completion_logprobs, encode_chat, generate, load_model, token_budget_batches
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -267,7 +267,7 @@ AGENT_SYSTEM_PROMPT = (
 
 def srl_fields(example):
     """What srl_messages and the reward read from an example ({field: type}): the command lines check every record
-    for them before training starts (model.check_fields)."""
+    for them before training starts (common.check_fields)."""
     if "issue" in example:  # an agent step
         return {"issue": str, "previous_pairs": list, "step_index": int, "target_step": str}
     return {"problem": str, "previous_steps": list, "target_step": str}
@@ -549,7 +549,7 @@ def planned_steps(args, num_examples):
 
 def check_arguments(args, fields=None):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    model.refuse): the device, the run folder, the flags (on --resume after the checkpoint's plan has replaced all
+    common.refuse): the device, the run folder, the flags (on --resume after the checkpoint's plan has replaced all
     but RUNTIME_FLAGS), the data (every record holding fields(record), when given) and the model. Returns
     (training state or None, examples, validation examples, model config)."""
     check_device(args.device)

@@ -14,7 +14,7 @@ published shape (written below), which costs the same time and memory as the tra
      reads every weight once) with the bandwidth measured here, in the same run;
   4. one SRL step at qwen-1.5b's defaults (16 prompts x G 8, 1,024 new tokens, 512-token prompts, every group kept,
      every completion full length: the worst case): time of sampling, update and sampler refresh, and the peak
-     memory of each phase against model.estimate_memory;
+     memory of each phase against common.estimate_memory;
   5. one SFT step at the README's SFT settings (16 examples of 4,096 tokens, --target reasoning): peak memory
      against the estimate;
   6. Qwen2.5-7B: the estimate's verdict for one card, and per GPU with torchrun on 8 GPUs and --fsdp;
@@ -37,6 +37,7 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 import srl  # noqa: E402
@@ -204,7 +205,7 @@ def check_sampler(size, device):
     _, t_ours = timed(device, lambda: run_ours(new))
     _, t_hf = timed(device, lambda: run_hf(new))
     bandwidth = measure_bandwidth(device)
-    weight_bytes = 2 * M.parameter_count(ours.config)
+    weight_bytes = 2 * common.parameter_count(ours.config)
     roofline = batch * bandwidth / weight_bytes  # tokens/s if each decode step only read the weights once
     ours_rate, hf_rate = batch * new / t_ours, batch * new / t_hf
     report(f"sampler bf16, batch {batch}, {new} new tokens",
@@ -238,9 +239,9 @@ def check_srl_step(size, device):
     reset_peak(device)
     stats, t_update = timed(device, lambda: srl.update_policy(model, optimizer, rows, num_tokens, args))
     peak_update = peak_gb(device)
-    _, t_refresh = timed(device, lambda: M.copy_weights(policy, model))
-    estimate = M.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
-                                 size["srl_prompt"] + args.max_new_tokens)
+    _, t_refresh = timed(device, lambda: common.copy_weights(policy, model))
+    estimate = common.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
+                                      size["srl_prompt"] + args.max_new_tokens)
     fixed = estimate["peak"] - max(estimate["kv_cache"], estimate["activations"] + estimate["logits"])
     expected_update = (fixed + estimate["activations"] + estimate["logits"]) / 1e9
     expected_sample = (fixed + estimate["kv_cache"]) / 1e9
@@ -265,7 +266,7 @@ def check_sft_step(size, device):
     reset_peak(device)
     (loss, _, skipped), seconds = timed(device, lambda: sft.train_step(model, optimizer, batch, budget, 5e-6, device,
                                                                        precision="bf16"))
-    estimate = M.estimate_memory(model.config, "bf16", budget)["peak"] / 1e9
+    estimate = common.estimate_memory(model.config, "bf16", budget)["peak"] / 1e9
     peak = peak_gb(device)
     report(f"SFT step, {n} examples x {length} tokens, micro-batches of {budget}",
            f"{seconds:.1f} s, loss {loss:.3g}, peak {peak:.1f} GB (estimate {estimate:.1f})",
@@ -274,10 +275,10 @@ def check_sft_step(size, device):
 
 def check_7b():
     cfg = M.ModelConfig.from_hf(QWEN_7B)
-    one = M.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / 1e9
+    one = common.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / 1e9
     # the README's command: torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512
     # --sample-batch 16: each GPU samples 16 prompts x G 8 at a time
-    eight = M.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / 1e9
+    eight = common.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / 1e9
     report("Qwen2.5-7B SRL memory (estimate)", f"one card {one:.0f} GB: needs several GPUs; with --fsdp on 8: "
            f"{eight:.0f} GB per GPU", "per GPU <= 68 GB (85% of 80)", eight <= 68)
 
@@ -298,7 +299,7 @@ def check_command_line(size, device, tmp):
     first = subprocess.run(command + ["--max-steps", "2"], **run)
     subprocess.run(command + ["--max-steps", "3", "--resume"], **run)
     steps = [json.loads(line)["step"] for line in open(tmp / "run" / "metrics.jsonl")]
-    state = M.load_training_state(tmp / "run" / "last")
+    state = common.load_training_state(tmp / "run" / "last")
     estimate = [line for line in first.stdout.splitlines() if line.startswith("GPU memory estimate")]
     report("srl.py command line: 2 steps, then --resume", f"steps logged {steps}, checkpoint at step "
            f"{state['step']}, {time.perf_counter() - started:.0f} s" + (f"; {estimate[0]}" if estimate else ""),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import data_prep
 import evaluate
 import model as M
@@ -109,7 +110,7 @@ def checked(project, monkeypatch):
     def past_the_checks(*args, **kwargs):
         raise PastTheChecks
 
-    for module in (M, sft, srl):
+    for module in (common, sft, srl):
         monkeypatch.setattr(module, "init_distributed", past_the_checks)
     monkeypatch.setattr(M, "load_model", past_the_checks)
     return project
@@ -302,7 +303,7 @@ def test_overwrite_starts_again_and_removes_only_the_old_run(project):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert "reward_mean" in json.loads((run / "metrics.jsonl").read_text())
     assert (run / "last" / "model.safetensors").read_bytes() != old_weights
-    assert M.load_training_state(run / "last")["step"] == 1 and (run / "best" / "config.json").is_file()
+    assert common.load_training_state(run / "last")["step"] == 1 and (run / "best" / "config.json").is_file()
     assert (run / "notes.txt").read_text() == "mine\n"
 
 

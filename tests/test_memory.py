@@ -1,4 +1,4 @@
-"""The GPU memory estimate of model.py: its activation part against what autograd really keeps (saved-tensor
+"""The GPU memory estimate of common.py: its activation part against what autograd really keeps (saved-tensor
 hooks, on CPU), and the defaults of srl.py, rlvr.py and sft.py for Qwen2.5-1.5B against one 80 GB card."""
 import re
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -51,9 +52,9 @@ def test_activation_estimate_matches_what_autograd_saves(precision, masked, chec
     model = M.Decoder(SMALL).train()
     per_token = (saved_bytes(model, 96, precision, masked, checkpointing)
                  - saved_bytes(model, 32, precision, masked, checkpointing)) / 64
-    estimate = M.activation_bytes_per_token(SMALL, precision, masked, checkpointing)
+    estimate = common.activation_bytes_per_token(SMALL, precision, masked, checkpointing)
     if checkpointing:  # less the layer rebuilt in backward: (all layers - the final norm's 8h) / layers
-        estimate -= (M.activation_bytes_per_token(SMALL, precision, masked) - 8 * SMALL.hidden_size) / 3
+        estimate -= (common.activation_bytes_per_token(SMALL, precision, masked) - 8 * SMALL.hidden_size) / 3
     print(f"{precision} masked={masked} checkpointing={checkpointing}: {per_token:.0f} B/token saved, "
           f"estimate {estimate:.0f}")
     assert abs(estimate - per_token) <= 0.25 * per_token
@@ -64,9 +65,9 @@ def test_parameter_count():
                                        num_attention_heads=8, num_key_value_heads=2, intermediate_size=80,
                                        attention_bias=True, tie_word_embeddings=False))
     for cfg in (SMALL, llama):
-        assert M.parameter_count(cfg) == sum(p.numel() for p in M.Decoder(cfg).parameters())
-    assert round(M.parameter_count(M.ModelConfig.from_hf(QWEN_1_5B)) / 1e6) == 1544  # Qwen2.5-1.5B: 1.54B
-    assert round(M.parameter_count(M.ModelConfig.from_hf(QWEN_7B)) / 1e6) == 7616  # Qwen2.5-7B: 7.62B
+        assert common.parameter_count(cfg) == sum(p.numel() for p in M.Decoder(cfg).parameters())
+    assert round(common.parameter_count(M.ModelConfig.from_hf(QWEN_1_5B)) / 1e6) == 1544  # Qwen2.5-1.5B: 1.54B
+    assert round(common.parameter_count(M.ModelConfig.from_hf(QWEN_7B)) / 1e6) == 7616  # Qwen2.5-7B: 7.62B
 
 
 CARD = 80e9  # an 80 GB card
@@ -89,7 +90,7 @@ def start_on_a_gpu(monkeypatch, module, config):
 
 def estimate_printed(out):
     line = next(line for line in out.splitlines() if line.startswith("GPU memory estimate:"))
-    return float(line.split()[3]) * M.GiB
+    return float(line.split()[3]) * common.GiB
 
 
 @pytest.mark.parametrize("stage", ["srl", "rlvr", "sft"])
@@ -118,7 +119,7 @@ def test_qwen_1_5b_defaults_fit_an_80gb_card_with_15_percent_to_spare(stage, tmp
     peak = estimate_printed(capsys.readouterr().out)
     print(f"{stage}: {peak / 1e9:.1f} GB, {peak / CARD:.0%} of 80 GB")
     assert peak <= 0.85 * CARD
-    assert M.estimate_memory(M.ModelConfig.from_hf(QWEN_1_5B))["activations"] > 0.25 * CARD  # not a trivial fit
+    assert common.estimate_memory(M.ModelConfig.from_hf(QWEN_1_5B))["activations"] > 0.25 * CARD  # not a trivial fit
 
 
 def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import common
 import model as M
 import sft
 import srl
@@ -110,7 +111,7 @@ def test_sft_step_under_bf16(tmp_path):
                   "--max-steps", "2", "--lr", "1e-3", "--precision", precision])
         losses[precision] = [json.loads(line)["loss"] for line in open(tmp_path / precision / "metrics.jsonl")]
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=1e-2) and losses["bf16"] != losses["fp32"]
-    state = M.load_training_state(tmp_path / "bf16" / "last")
+    state = common.load_training_state(tmp_path / "bf16" / "last")
     assert state["args"]["precision"] == "bf16"
     model, _ = M.load_model(tmp_path / "bf16" / "last")
     assert model.lm_head.weight.dtype == torch.float32

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import common
 import model as M
 from helpers import supervised_warm_start
 import srl
@@ -111,7 +112,7 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys, precisi
     args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, precision=precision)
     with pytest.raises(KeyboardInterrupt):
         srl.train(args, short_prompt, interrupted_reward)
-    assert M.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
+    assert common.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
     args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, lr=0.5, group_size=3)  # fp32 by default
     args.resume = True
     resumed = srl.train(args, short_prompt, reward)
