@@ -214,7 +214,7 @@ def test_fitted_tiny_tokenizer_survives_save_and_load(tmp_path):
     problems = data_prep.normalize(data_prep.synthetic_problems(30, 3, seed=1), data_prep.BUILTIN_FIELDS)
     records = data_prep.prepare(problems, val_problems=0)[0]["sft_srl_train.jsonl"]
     model, tokenizer = sft.fitted_tiny(records)
-    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" 42", add_special_tokens=False)) == ["Ġ42"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" 23", add_special_tokens=False)) == ["Ġ23"]
     save_model(model, tokenizer, tmp_path / "ckpt")
     loaded, hf = load_model(tmp_path / "ckpt")[1], AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
     for record in records:
