@@ -1,7 +1,14 @@
 """
-What the training stages share: checkpoints and --resume, refusing bad input, torchrun, the GPU memory estimate
+What the training stages share: refusing bad input, checkpoints and --resume, torchrun, the GPU memory estimate
 (after nanochat's nanochat/common.py). model.py holds the network, the sampler, the log-probs and the loading and
 saving of a Hugging Face folder; this file builds on it, and model.py never imports it.
+
+    1. Refusing bad input: every stage checks its flags, data, model and run folder before any process group forms
+       or any weight loads; a mistake ends the program at once, in one line, with nothing written (refuse).
+    2. The run folder, checkpoints and --resume: check_run_folder, start_run, save_checkpoint.
+    3. Several processes (torchrun): init_distributed, gather, sum_gradients, shard, print0, ...; without torchrun's
+       variables each is the single-process identity.
+    4. The GPU memory of a training step, estimated before any weight loads (estimate_memory, plan_memory).
 """
 import json
 import os
@@ -16,8 +23,7 @@ import torch.distributed as dist
 from model import ALIASES, ModelConfig, build_tiny, checkpoint_folder, save_model, weight_files
 
 # -----------------------------------------------------------------------------------------------------------------
-# User errors: each stage checks its flags, data, model and run folder before any process group forms or any weight
-# loads, and a mistake ends the program at once, in one line, with nothing written.
+# 1. Refusing bad input
 
 
 def refuse(message):
@@ -107,54 +113,6 @@ def read_jsonl(path, fields=None, flag="--data"):
     return records
 
 
-RUN_PIECES = ("last", "best", "metrics.jsonl", "format_check.json")  # what a training stage writes in --out
-
-
-def check_run_folder(out, resume, overwrite, state_keys=()):
-    """The run folder, checked before anything is written in it; returns --resume's training state (None for a new
-    run). Refused: --out naming a file; a folder that already holds a run (last/, best/ or a non-empty
-    metrics.jsonl) unless --resume continues it or --overwrite starts again (remove_run deletes the old one, once
-    the new run has loaded); --resume without a readable training state holding state_keys. The checkpoint's other
-    files are checked by read_config."""
-    out = Path(out)
-    if resume and overwrite:
-        refuse("--resume continues the run in --out and --overwrite starts it again: give one of them")
-    check_folder(out)
-    if not resume:
-        metrics = out / "metrics.jsonl"
-        held = [name for name in ("last", "best") if (out / name).exists()]
-        held += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else []
-        if held and not overwrite:
-            refuse(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
-                   f"--overwrite to start again (deletes it)")
-        return None
-    file = out / "last" / "training_state.pt"
-    if not file.is_file():
-        refuse(f"--resume: {file} not found: no run to continue in {out} ("
-               + ("--overwrite starts again)" if any((out / name).exists() for name in RUN_PIECES) else
-                  "leave out --resume to start one)"))
-    try:
-        state = load_training_state(out / "last")
-    except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, pickle's errors, ...
-        refuse(f"--resume: {file} cannot be read ({first_line(e)}); nothing in {out} was changed")
-    missing = [key for key in state_keys if key not in state] if isinstance(state, dict) else list(state_keys)
-    if missing:
-        refuse(f"--resume: {file} is not a training state of this stage (it lacks {', '.join(missing)})")
-    return state
-
-
-def remove_run(out):
-    """--overwrite: delete the earlier run in --out (RUN_PIECES; nothing else in the folder), once the new run has
-    loaded its model and is about to write its own."""
-    for name in RUN_PIECES:
-        path = Path(out) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-
 def read_config(name_or_path):
     """The ModelConfig of a model, read before any weight is, once all that load_model will need is checked:
     `tiny`; a local folder (a checkpoint, or a run folder's best/ or last/) with a supported config.json, whole
@@ -229,9 +187,86 @@ def check_checkpoint(folder):
     return cfg
 
 
-
 # -----------------------------------------------------------------------------------------------------------------
-# Checkpoints and --resume
+# 2. The run folder, checkpoints and --resume. A training stage writes last/ (weights plus training_state.pt, all
+# that --resume needs to continue exactly), best/ and metrics.jsonl in --out.
+
+RUN_PIECES = ("last", "best", "metrics.jsonl", "format_check.json")  # what a training stage writes in --out
+
+
+def check_run_folder(args, state_keys):
+    """--out, --resume and --overwrite, checked before anything is written; returns --resume's training state (None
+    for a new run), whose plan (the interrupted run's resolved flags) has then replaced the command line's, each
+    flag it overrides printed. Refused: --out naming a file; a folder that already holds a run (last/, best/ or a
+    non-empty metrics.jsonl) unless --resume continues it or --overwrite starts again (start_run deletes the old one,
+    once the new run has loaded); --resume without a readable training state holding state_keys. The checkpoint's
+    other files are checked by read_config."""
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        refuse("--resume continues the run in --out and --overwrite starts it again: give one of them")
+    check_folder(out)
+    if not args.resume:
+        metrics = out / "metrics.jsonl"
+        held = [name for name in ("last", "best") if (out / name).exists()]
+        held += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else []
+        if held and not args.overwrite:
+            refuse(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
+                   f"--overwrite to start again (deletes it)")
+        return None
+    file = out / "last" / "training_state.pt"
+    if not file.is_file():
+        refuse(f"--resume: {file} not found: no run to continue in {out} ("
+               + ("--overwrite starts again)" if any((out / name).exists() for name in RUN_PIECES) else
+                  "leave out --resume to start one)"))
+    try:
+        state = load_training_state(out / "last")
+    except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, pickle's errors, ...
+        refuse(f"--resume: {file} cannot be read ({first_line(e)}); nothing in {out} was changed")
+    missing = [key for key in state_keys if key not in state] if isinstance(state, dict) else list(state_keys)
+    if missing:
+        refuse(f"--resume: {file} is not a training state of this stage (it lacks {', '.join(missing)})")
+    for name, value in state["args"].items():  # the same plan as the interrupted run, whatever the flags say
+        if getattr(args, name, None) not in (None, value):
+            print0(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
+        setattr(args, name, value)
+    return state
+
+
+def load_training_state(path):
+    """The training_state.pt of a checkpoint folder, or None. Read with weights_only=True: tensors, numbers,
+    strings and containers only, never arbitrary pickled objects."""
+    file = Path(path) / "training_state.pt"
+    return torch.load(file, weights_only=True) if file.exists() else None
+
+
+def start_run(out, model, optimizer, state, overwrite):
+    """The moment a run starts to write, once its model has loaded. On --resume the optimizer (sharded again under
+    FSDP) and every random generator continue from the training state; under --overwrite the earlier run goes
+    (RUN_PIECES, nothing else in the folder). Returns metrics.jsonl open for appending on rank 0 (None on the
+    others): emptied for a new run, on --resume cut back to the checkpoint's step (the steps after it are redone)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if get_rank() != 0:
+        return None
+    out = Path(out)
+    for path in [out / name for name in RUN_PIECES] if overwrite else []:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, tmp = out / "metrics.jsonl", out / "metrics.jsonl.tmp"
+    kept = []
+    if state is not None and metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= state["step"]]
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(metrics)
+    return open(metrics, "a", encoding="utf-8")
 
 
 def save_checkpoint(model, tokenizer, folder, optimizer=None, plan=None, **progress):
@@ -245,78 +280,30 @@ def save_checkpoint(model, tokenizer, folder, optimizer=None, plan=None, **progr
     weights = get_model_state_dict(model, options=whole)
     state = None
     if optimizer is not None:
-        state = dict(progress, optimizer=get_optimizer_state_dict(model, optimizer, options=whole),
-                     rng=rng_states(), args=plan)
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = dict(progress, optimizer=get_optimizer_state_dict(model, optimizer, options=whole), rng=rng, args=plan)
     if get_rank() == 0:
         save_model(model, tokenizer, folder, training_state=state, state_dict=weights)
 
 
-def load_optimizer_state(model, optimizer, state):
-    """The optimizer's part of training_state.pt back into `optimizer` (sharded again under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def restore_plan(args, plan):
-    """--resume: the checkpoint's plan replaces the command line's flags; each flag it overrides is printed."""
-    for name, value in plan.items():
-        if getattr(args, name, None) not in (None, value):
-            print0(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
-        setattr(args, name, value)
-
-
-def open_metrics(path, resume_step):
-    """metrics.jsonl for appending: emptied on a fresh run; on resume, lines after the checkpoint's step dropped
-    (the resumed run redoes those steps)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if resume_step is not None and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-    return open(path, "a", encoding="utf-8")
-
-
-def load_training_state(path):
-    """The training_state.pt of a checkpoint folder, or None. Read with weights_only=True: tensors, numbers,
-    strings and containers only, never arbitrary pickled objects."""
-    file = Path(path) / "training_state.pt"
-    return torch.load(file, weights_only=True) if file.exists() else None
-
-
-def rng_states():
-    """Every random number generator a training run draws from, for exact resume."""
-    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 # -----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): each rank takes every world-th piece of the work, gradients are summed, rank 0
+# 3. Several processes (torchrun): each rank takes every world-th piece of the work, gradients are summed, rank 0
 # writes. Without torchrun's variables every helper is the single-process identity.
 
 
 def init_distributed(device):
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set), join the process group (NCCL on CUDA, gloo on CPU) and
-    return (True, rank, world size, this process's device: cuda:LOCAL_RANK); else (False, 0, 1, device)."""
+    return (rank, world size, this process's device: cuda:LOCAL_RANK); else (0, 1, device)."""
     if "RANK" not in os.environ:
-        return False, 0, 1, device
+        return 0, 1, device
     if str(device).startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    return True, dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def end_distributed():
@@ -403,9 +390,8 @@ def copy_weights(target, source):
         p_target.copy_(p_source.full_tensor() if hasattr(p_source, "full_tensor") else p_source)
 
 
-
 # -----------------------------------------------------------------------------------------------------------------
-# GPU memory of a training step, estimated from the configuration and the settings (before any weight is loaded)
+# 4. GPU memory of a training step, estimated from the configuration and the settings (before any weight is loaded)
 
 GiB = 2 ** 30
 
@@ -417,8 +403,8 @@ def layer_parameters(cfg: ModelConfig):
 
 
 def parameter_count(cfg: ModelConfig):
-    return cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * \
-        layer_parameters(cfg) + cfg.hidden_size
+    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.num_layers * layer_parameters(cfg) + cfg.hidden_size  # + the final norm
 
 
 def activation_bytes_per_token(cfg: ModelConfig, precision="bf16", masked=True, checkpointing=False):
@@ -443,10 +429,11 @@ def estimate_memory(cfg: ModelConfig, precision="bf16", micro_batch_tokens=8192,
                     sample_rows=0, sample_length=0, logits_chunk=512, reference=False, shards=1):
     """Peak GPU memory of one training step in bytes, by part. Always held: fp32 master weights, their gradients
     and AdamW's two moments (each divided by `shards` under FSDP, which also holds the units it has gathered), in
-    bf16 autocast's copy of the weights, and for RL (sample_rows > 0) the bf16 sampling copy. Then the larger of the two phases, which never overlap: sampling
-    (a KV cache of sample_rows x sample_length positions, and the last position's logits) and the update (the
-    activations of a micro-batch of micro_batch_tokens positions, its packing mask, the output layer's chunk of
-    logits_chunk tokens). reference: a frozen fp32 copy for the KL term (--beta > 0)."""
+    bf16 autocast's copy of the weights, and for RL (sample_rows > 0) the bf16 sampling copy. Then the larger of
+    the two phases, which never overlap: sampling (a KV cache of sample_rows x sample_length positions, and the
+    last position's logits) and the update (the activations of a micro-batch of micro_batch_tokens positions, its
+    packing mask, the output layer's chunk of logits_chunk tokens). reference: a frozen fp32 copy for the KL term
+    (--beta > 0)."""
     n = parameter_count(cfg)
     bf16 = precision == "bf16"
     kv_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (2 if bf16 else 4)  # per position

@@ -257,7 +257,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     benchmarks, held = check_arguments(args)  # every benchmark read and checked before the model loads
-    _, rank, _, args.device = init_distributed(args.device)  # under torchrun: the problems are shared out
+    rank, _, args.device = init_distributed(args.device)  # under torchrun: the problems are shared out
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device)
     for path in held if rank == 0 else []:  # --overwrite: the old results go only now, when the model has loaded

@@ -53,10 +53,10 @@ from tqdm import tqdm
 
 from evaluate import math_messages
 from common import (check_device, check_fields, check_flags, check_run_folder, end_distributed, gpu_memory,
-                    init_distributed, load_optimizer_state, open_metrics, plan_memory, print0, read_config, read_jsonl,
-                    refuse, remove_run, restore_plan, save_checkpoint, set_rng_states, sum_across, sum_gradients)
-from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate, load_model,
-                   token_budget_batches)
+                    init_distributed, plan_memory, print0, read_config, read_jsonl, refuse, save_checkpoint, start_run,
+                    sum_across, sum_gradients)
+from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate,
+                   load_model, token_budget_batches)
 from srl import parse_action, srl_fields, srl_messages, srl_reward
 
 TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
@@ -237,9 +237,7 @@ def check_arguments(args):
     them), every record of the data and of the format check's prompts, and the model. Returns (training state or
     None, records, format-check examples, model config)."""
     check_device(args.device)
-    state = check_run_folder(args.out, args.resume, args.overwrite, STATE_KEYS)
-    if state is not None:
-        restore_plan(args, state["args"])  # the same plan as the interrupted run, whatever the flags say
+    state = check_run_folder(args, STATE_KEYS)  # on --resume the checkpoint's PLAN replaces the flags
     check_flags(args, ["epochs", "max_steps", "batch_size", "micro_batch_tokens", "max_length", "save_every"],
                 lambda v: v >= 1, "at least 1")
     check_flags(args, ["check_samples"], lambda v: v >= 0, "0 or more")
@@ -293,7 +291,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     state, records, val_examples, config = check_arguments(args)  # before any process group or weight
-    _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
+    rank, world, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
     out, device = Path(args.out), torch.device(args.device)
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
@@ -323,14 +321,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, skipped = 0, 0
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        set_rng_states(state["rng"])
         step, skipped = state["step"], state["skipped_steps"]
         print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-
-    if args.overwrite and rank == 0:
-        remove_run(out)  # the earlier run goes only now, when the new one has loaded and is about to write
-    metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
+    metrics = start_run(out, model, optimizer, state, args.overwrite)  # None on ranks other than 0
     model.train()
     bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None

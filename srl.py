@@ -70,9 +70,8 @@ import torch
 from tqdm import tqdm
 
 from common import (broadcast, check_device, check_flags, check_run_folder, copy_weights, end_distributed, gather,
-                    get_rank, get_world_size, gpu_memory, init_distributed, load_optimizer_state, open_metrics,
-                    parameter_count, plan_memory, print0, read_config, read_jsonl, refuse, remove_run, restore_plan,
-                    save_checkpoint, set_rng_states, shard, sum_across, sum_gradients)
+                    get_rank, get_world_size, gpu_memory, init_distributed, parameter_count, plan_memory, print0,
+                    read_config, read_jsonl, refuse, save_checkpoint, shard, start_run, sum_across, sum_gradients)
 from model import autocast, completion_logprobs, encode_chat, generate, load_model, token_budget_batches
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,9 +554,7 @@ def check_arguments(args, fields=None):
     check_device(args.device)
     if args.fsdp and "RANK" not in os.environ:
         refuse("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
-    state = check_run_folder(args.out, args.resume, args.overwrite, STATE_KEYS)
-    if state is not None:
-        restore_plan(args, state["args"])
+    state = check_run_folder(args, STATE_KEYS)  # on --resume the checkpoint's plan replaces the flags
     check_flags(args, ["batch_prompts", "max_new_tokens", "max_draws", "sample_batch", "updates_per_batch",
                        "micro_batch_tokens", "max_prompt_tokens", "max_steps", "val_limit", "save_every"],
                 lambda v: v >= 1, "at least 1")
@@ -607,7 +604,7 @@ def train(args, make_prompt, reward_fn, fields=None):
     """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness). fields:
     what make_prompt and reward_fn read from an example, checked in every record first (see check_arguments)."""
     state, examples, val_examples, config = check_arguments(args, fields)  # before any process group or weight
-    _, rank, world, args.device = init_distributed(args.device)  # (False, 0, 1, device) without torchrun
+    rank, world, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
     torch.manual_seed(args.seed)
     out = Path(args.out)
     source = str(out / "last" if state else args.model)
@@ -631,13 +628,9 @@ def train(args, make_prompt, reward_fn, fields=None):
     skipped = 0  # updates skipped for a non-finite loss or gradient
     any_kept = False  # has any step kept a group? (if not, say why at the end)
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        set_rng_states(state["rng"])
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
         any_kept = True
-    if args.overwrite and rank == 0:
-        remove_run(out)  # the earlier run goes only now, when the new one has loaded and is about to write
-    metrics = open_metrics(out / "metrics.jsonl", step if state else None) if rank == 0 else None
+    metrics = start_run(out, model, optimizer, state, args.overwrite)  # None on ranks other than 0
     stop_ids = set(policy.stop_token_ids)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:
