@@ -3,7 +3,7 @@ The decoder (Qwen2 and Llama families), loading and saving in Hugging Face forma
 and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them (what
 the training stages share besides, checkpoints, --resume, torchrun and the memory estimate, is in common.py).
 
-    from model import load_model, generate
+    from model import encode_chat, generate, load_model
     model, tokenizer = load_model("tiny")                       # or "qwen-1.5b", a hub id, a checkpoint folder
     ids = encode_chat(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
     [out] = generate(model, [ids], max_new_tokens=64, temperature=0)
@@ -20,10 +20,6 @@ Two forwards, kept apart on purpose (as in nanoGPT / nanochat):
     (`completion_logprobs` also packs the samples of one prompt into a row, through positions and a mask.)
   - `model.forward_cached(...)`: inference. Reads and writes a KV cache that is allocated once per `generate`
     call (prompt + new tokens) and written with slice assignment, never grown by concatenation.
-
-`generate` left-pads prompts of different lengths, gives every row its own positions (cumsum(mask) - 1) and a key
-mask, runs the prompts once, then copies each prompt's cache to its `num_samples` rows, so the samples share
-the prefill but draw their first token independently.
 """
 import json
 import os
@@ -270,17 +266,6 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # columns written so far
 
-    def repeat_rows(self, times, capacity):
-        """A cache with every row repeated `times` times (prompt-major) and room for `capacity` columns."""
-        L, B, H, _, D = self.k.shape
-        new = KVCache.__new__(KVCache)
-        new.k = self.k.new_empty(L, B * times, H, capacity, D)
-        new.v = self.v.new_empty(L, B * times, H, capacity, D)
-        new.k[:, :, :, :self.length] = self.k[:, :, :, :self.length].repeat_interleave(times, dim=1)
-        new.v[:, :, :, :self.length] = self.v[:, :, :, :self.length].repeat_interleave(times, dim=1)
-        new.length = self.length
-        return new
-
 
 # -----------------------------------------------------------------------------------------------------------------
 # Sampling
@@ -365,7 +350,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     logits = model.forward_cached(ids, positions, cache, mask)
 
     # 2. Copy each prompt's cache to its samples; from here every row is sampled independently.
-    cache = cache.repeat_rows(num_samples, longest + max_new_tokens)
+    prefill, cache = cache, KVCache(cfg, len(prompts) * num_samples, longest + max_new_tokens, device, dtype)
+    cache.k[:, :, :, :longest] = prefill.k.repeat_interleave(num_samples, dim=1)  # rows stay prompt-major
+    cache.v[:, :, :, :longest] = prefill.v.repeat_interleave(num_samples, dim=1)
+    cache.length = longest
+    del prefill  # its memory is free before the first new token
     logits = logits.repeat_interleave(num_samples, dim=0)
     key_is_real = torch.cat([key_is_real.repeat_interleave(num_samples, dim=0),
                              torch.ones(len(logits), max_new_tokens, dtype=torch.bool, device=device)], dim=1)
@@ -525,18 +514,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Tokenizer helper
-
-
-def encode_chat(tokenizer, messages):
-    """Token ids of a chat (list of {"role", "content"}) through the tokenizer's chat template, ending with the
-    assistant's turn opened, ready for generation."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Loading and saving (Hugging Face folders; safetensors only, never pickle, never remote code)
+# The chat template, loading and saving (Hugging Face folders; safetensors only, never pickle, never remote code)
 
 ALIASES = {
     "qwen-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
@@ -554,6 +532,13 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def encode_chat(tokenizer, messages):
+    """Token ids of a chat (list of {"role", "content"}) through the tokenizer's chat template, ending with the
+    assistant's turn opened, ready for generation."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def default_stop_token_ids(tokenizer):
@@ -581,11 +566,9 @@ def build_tiny(seed=0, texts=None):
     if texts is None:
         # GPT-2's byte-level scheme: every byte value b gets a printable stand-in character; token id = b
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-        stand_in, extra = {}, 0
-        for b in range(256):
-            stand_in[b] = chr(b) if b in printable else chr(256 + extra)
-            extra += b not in printable
-        core = Tokenizer(models.BPE(vocab={ch: b for b, ch in stand_in.items()}, merges=[]))  # one token per byte
+        others = [b for b in range(256) if b not in printable]
+        vocab = {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+        core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # one token per byte
         core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     else:
         core = Tokenizer(models.BPE())
@@ -662,9 +645,10 @@ def load_model(name_or_path, device="cpu", dtype=None):
         state = {}
         for f in weight_files(folder):
             state.update(load_file(str(folder / f)))
-        if model.config.tie_embeddings:
+        expected = set(model.state_dict())
+        if model.config.tie_embeddings:  # the output layer is the embedding: stored once, if at all
             state.pop("lm_head.weight", None)
-        expected = set(model.state_dict()) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
+            expected.remove("lm_head.weight")
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ValueError(f"{folder}: weights do not match the config: missing {sorted(missing)[:5]}, "
@@ -697,11 +681,9 @@ def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     tokenizer.save_pretrained(str(tmp))
     if training_state is not None:
         torch.save(training_state, tmp / "training_state.pt")
+    old = path.with_name(path.name + ".old")  # a folder cannot be replaced in one step: the old one steps aside
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
