@@ -242,8 +242,9 @@ def load_training_state(path):
 def start_run(out, model, optimizer, state, overwrite):
     """The moment a run starts to write, once its model has loaded. On --resume the optimizer (sharded again under
     FSDP) and every random generator continue from the training state; under --overwrite the earlier run goes
-    (RUN_PIECES, nothing else in the folder). Returns metrics.jsonl open for appending on rank 0 (None on the
-    others): emptied for a new run, on --resume cut back to the checkpoint's step (the steps after it are redone)."""
+    (RUN_PIECES, nothing else in the folder). Returns metrics.jsonl open for appending, emptied for a new run and on
+    --resume cut back to the checkpoint's step (the steps after it are redone); on ranks other than 0, os.devnull,
+    so that every process may write its line and rank 0's alone is kept."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -252,7 +253,7 @@ def start_run(out, model, optimizer, state, overwrite):
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     if get_rank() != 0:
-        return None
+        return open(os.devnull, "w")
     out = Path(out)
     for path in [out / name for name in RUN_PIECES] if overwrite else []:
         if path.is_dir():

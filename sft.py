@@ -323,7 +323,7 @@ def main(argv=None):
     if state is not None:
         step, skipped = state["step"], state["skipped_steps"]
         print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    metrics = start_run(out, model, optimizer, state, args.overwrite)  # None on ranks other than 0
+    metrics = start_run(out, model, optimizer, state, args.overwrite)
     model.train()
     bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None

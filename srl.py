@@ -14,26 +14,24 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
     torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
 
 Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
-<out>/best/ (best on validation); each is a Hugging Face folder that `--model` of any stage accepts. An --out that
-already holds a run is refused unless --resume (continue) or --overwrite (start again) is given; like every user
-error (check_arguments), before anything loads.
+<out>/best/ (best on validation): Hugging Face folders that `--model` of any stage accepts. Every user error,
+an --out that already holds a run included (unless --resume or --overwrite), is refused before anything loads.
 
-In reading order: 1. step_similarity, 2. srl_reward, 3. group_advantages, keep_group, grpo_loss (the GRPO pieces,
-also used by rlvr.py), 4. the prompt, 5. the training loop (collect_groups, update_policy, train), shared with
-rlvr.py.
+Sections: 1. step_similarity, 2. srl_reward, 3. the GRPO pieces (group_advantages, keep_group, grpo_loss), 4. the
+prompt, 5. the training loop (collect_groups, update_policy, train). rlvr.py imports 3 and 5.
 
-Defaults by model size (flags override them): models under 50M parameters (tiny) take 4 prompts x G 8, 64 new
-tokens, lr 3e-5, 20 steps; larger ones 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch. The paper: 512
-prompts x G 8, lr 5e-7 for Qwen2.5-7B on several GPUs; 16 prompts is what one 80 GB GPU turns around quickly.
-The update runs in micro-batches of --micro-batch-tokens positions, so memory does not depend on how long the
-completions happen to be. On a GPU the run first prints common.estimate_memory's estimate (Qwen2.5-1.5B at the
-defaults: 61 GB of 80), and stops before loading any weight if the step cannot fit.
+Defaults by model size (flags override them): under 50M parameters (tiny) 4 prompts x G 8, 64 new tokens, lr 3e-5,
+20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch, which one 80 GB GPU turns around
+quickly (the paper: 512 prompts x G 8, lr 5e-7, Qwen2.5-7B on several GPUs). The update runs in micro-batches of
+--micro-batch-tokens positions, so memory does not depend on how long the completions happen to be. On a GPU the
+run first prints common.estimate_memory's estimate (Qwen2.5-1.5B at the defaults: 61 GB of 80), and stops before
+loading any weight if the step cannot fit.
 
 Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
-and scores its share of every draw of prompts, the groups are gathered so that dynamic sampling keeps what one
-process would, each process trains on its share of the kept groups and the gradients are summed. A prompt's
-rollouts draw their randomness from (seed, position in the prompt stream, sample), so one process and several
-sample the same tokens (tests/test_distributed.py). --fsdp also shards weights, gradients and AdamW states.
+and scores its share of every draw, the groups are gathered so that dynamic sampling keeps what one process would,
+and the gradients of each process's share of the kept groups are summed. A prompt's rollouts draw their randomness
+from (seed, position in the prompt stream, sample), so one process and several sample the same tokens. --fsdp also
+shards weights, gradients and AdamW states.
 
 Departures from the paper and choices it leaves open:
   - The similarity is our own code, not a difflib call; the tests check it equals
@@ -417,8 +415,7 @@ def collect_groups(args, policy, tokenizer, examples, stream, make_prompt, rewar
     samples and scores every world-th prompt of a draw, then all groups are gathered: every process keeps the
     groups that one process would."""
     kept = []
-    count = dict(drawn=0, finished=0, tokens=0, failures=0)
-    all_rewards = []
+    drawn = []  # (completions, rewards) of every group sampled in this step, kept or not: for the log
     for _ in range(args.max_draws):
         need = args.batch_prompts - len(kept)
         if need <= 0:
@@ -439,21 +436,20 @@ def collect_groups(args, policy, tokenizer, examples, stream, make_prompt, rewar
                 group = outputs[k * args.group_size:(k + 1) * args.group_size]
                 scored[i] = (group, [reward_fn(decode(tokenizer, c), batch[i]) for c in group])
         scored = {i: v for share in gather(scored) for i, v in share.items()}  # every process's groups
-        count["drawn"] += need
         for i in range(need):
             group, rewards = scored[i][0], torch.tensor(scored[i][1])
-            all_rewards.append(rewards)
-            count["failures"] += int((rewards == FORMAT_FAILURE).sum())
-            count["finished"] += sum(len(c) > 0 and c[-1] in stop_ids for c in group)
-            count["tokens"] += sum(len(c) for c in group)
+            drawn.append((group, rewards))
             if bool(keep_group(rewards, args.std_threshold)) and len(kept) < args.batch_prompts:
                 kept.append(Group(prompts[i], group, rewards))
-    all_rewards = torch.cat(all_rewards)
-    n = len(all_rewards)
-    return kept, dict(reward_mean=all_rewards.mean().item(), reward_std=all_rewards.std(unbiased=False).item(),
-                      format_failure_rate=count["failures"] / n, kept_group_rate=len(kept) / count["drawn"],
-                      groups_drawn=count["drawn"], response_length=count["tokens"] / n,
-                      truncation_rate=1 - count["finished"] / n, sampled_tokens=count["tokens"])
+    rewards = torch.cat([r for _, r in drawn])
+    completions = [c for group, _ in drawn for c in group]
+    tokens = sum(map(len, completions))
+    finished = sum(len(c) > 0 and c[-1] in stop_ids for c in completions)  # ended with a stop token
+    return kept, dict(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
+                      format_failure_rate=int((rewards == FORMAT_FAILURE).sum()) / len(rewards),
+                      kept_group_rate=len(kept) / len(drawn), groups_drawn=len(drawn),
+                      response_length=tokens / len(rewards), truncation_rate=1 - finished / len(rewards),
+                      sampled_tokens=tokens)
 
 
 def validation_sample(examples, limit, seed):
@@ -578,8 +574,8 @@ def check_arguments(args, fields=None):
 
 
 def resolve_plan(args, cfg, num_examples):
-    """Fill the flags left at None from the model's size class. Checks the GPU memory the plan needs, prints the
-    plan, returns the number of steps."""
+    """Fill the flags left at None from the model's size class, check the GPU memory the plan needs, print the
+    plan."""
     parameters = parameter_count(cfg)
     small = parameters < 50e6
     for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
@@ -591,13 +587,11 @@ def resolve_plan(args, cfg, num_examples):
     # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
     plan_memory(cfg, args, gpu_memory(args.device), prompts_at_once * args.group_size, 1024 + args.max_new_tokens,
                 shards=world if args.fsdp else 1)
-    total_steps = planned_steps(args, num_examples)
     print0(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
-           f"{total_steps} steps of {args.batch_prompts} prompts x G {args.group_size} = "
+           f"{planned_steps(args, num_examples)} steps of {args.batch_prompts} prompts x G {args.group_size} = "
            f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
            f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed "
            f"{args.seed}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
-    return total_steps
 
 
 def train(args, make_prompt, reward_fn, fields=None):
@@ -608,7 +602,7 @@ def train(args, make_prompt, reward_fn, fields=None):
     torch.manual_seed(args.seed)
     out = Path(args.out)
     source = str(out / "last" if state else args.model)
-    total_steps = resolve_plan(args, config, len(examples))
+    resolve_plan(args, config, len(examples))
     model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
     examples, val_examples = drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
@@ -630,7 +624,7 @@ def train(args, make_prompt, reward_fn, fields=None):
     if state is not None:
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
         any_kept = True
-    metrics = start_run(out, model, optimizer, state, args.overwrite)  # None on ranks other than 0
+    metrics = start_run(out, model, optimizer, state, args.overwrite)
     stop_ids = set(policy.stop_token_ids)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:
@@ -663,16 +657,14 @@ def train(args, make_prompt, reward_fn, fields=None):
                 save_checkpoint(model, tokenizer, out / "best")
         elif last_step and not val_examples:
             save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
-        if rank == 0:
-            metrics.write(json.dumps(log) + "\n")
-            metrics.flush()
+        metrics.write(json.dumps(log) + "\n")
+        metrics.flush()
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:
             plan = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
             save_checkpoint(model, tokenizer, out / "last", optimizer, plan, step=step + 1, position=stream.position,
                             best=best, skipped=skipped)
-    if rank == 0:
-        metrics.close()
+    metrics.close()
     if not any_kept:
         print0(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
                f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
