@@ -52,9 +52,9 @@ import torch
 from tqdm import tqdm
 
 from evaluate import math_messages
-from common import (check_device, check_fields, check_flags, check_run_folder, end_distributed, gpu_memory,
-                    init_distributed, plan_memory, print0, read_config, read_jsonl, refuse, save_checkpoint, start_run,
-                    sum_across, sum_gradients)
+from common import (check_device, check_fields, check_flags, check_run_folder, end_distributed, get_rank,
+                    get_world_size, gpu_memory, init_distributed, plan_memory, print0, read_config, read_jsonl, refuse,
+                    save_checkpoint, start_run, sum_across, sum_gradients)
 from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate,
                    load_model, token_budget_batches)
 from srl import parse_action, srl_fields, srl_messages, srl_reward
@@ -258,6 +258,85 @@ def check_arguments(args):
     return state, records, val_examples, config
 
 
+def resolve_plan(args, config):
+    """Fill the flags left at None (tiny's defaults, else the paper's) and the precision, then check the GPU memory
+    the plan needs, before any weight loads."""
+    for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.precision = args.precision or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    plan_memory(config, args, gpu_memory(args.device))
+
+
+def load_model_and_data(args, state, records):
+    """The model (a fresh tiny one gets a tokenizer fitted to this data; --resume continues <out>/last) and the
+    examples as token ids, whose lengths and what --max-length cuts from them are printed."""
+    if args.model == "tiny" and state is None:
+        model, tokenizer = fitted_tiny(records, args.target)
+        model.to(args.device)
+    else:
+        source = str(Path(args.out) / "last") if state else args.model
+        model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
+    model.activation_checkpointing = args.activation_checkpointing
+    examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
+    if not examples:
+        refuse(f"every example of {args.data} is longer than --max-length {args.max_length}")
+    lengths = [len(p) + len(t) for p, t in examples]
+    print0(f"{len(examples)} examples from {args.data}; tokens per example as trained: mean "
+           f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    print0(truncation_report(examples, lost, dropped, args.max_length))
+    return model, tokenizer, examples
+
+
+def train(args, model, tokenizer, examples, state):
+    """The loop: batches of similar length, the learning-rate schedule of the whole plan, a line of metrics.jsonl per
+    optimiser step and <out>/last every --save-every steps. Returns (steps done, steps skipped)."""
+    rank, world = get_rank(), get_world_size()
+    out = Path(args.out)
+    lengths = [len(p) + len(t) for p, t in examples]  # prompt + target tokens of each example
+    batches_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
+    end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step = 0  # optimiser steps done
+    skipped = 0  # steps skipped for a non-finite loss or gradient
+    if state is not None:
+        step, skipped = state["step"], state["skipped_steps"]
+        print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+    metrics = start_run(out, model, optimizer, state, args.overwrite)
+    model.train()
+    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
+    batches, batches_epoch = None, None  # the batches of one epoch, and which epoch they are
+    while step < end_step:
+        epoch, index = divmod(step, batches_per_epoch)  # the data position follows from the step alone
+        if batches_epoch != epoch:
+            batches, batches_epoch = length_grouped_batches(lengths, args.batch_size, args.seed, epoch), epoch
+        batch = [examples[i] for i in batches[index]]
+        lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
+        started = time.time()
+        # under torchrun each process trains on every world-th example; the loss divides by the whole batch's tokens
+        step_tokens = sum(len(t) for _, t in batch)
+        loss, grad_norm, was_skipped = train_step(model, optimizer, batch[rank::world], args.micro_batch_tokens, lr,
+                                                  args.device, precision=args.precision, step_tokens=step_tokens)
+        seconds = time.time() - started
+        step, skipped = step + 1, skipped + was_skipped
+        metrics.write(json.dumps({
+            "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": step_tokens,  # trained (target) tokens of this step
+            "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
+            "skipped": was_skipped, "skipped_total": skipped, "world_size": world}) + "\n")
+        metrics.flush()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        bar.update()
+        if step % args.save_every == 0 or step == end_step:
+            save_checkpoint(model, tokenizer, out / "last", optimizer, {k: getattr(args, k) for k in PLAN},
+                            step=step, epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
+                            skipped_steps=skipped)
+    bar.close()
+    metrics.close()
+    return step, skipped
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,73 +370,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     state, records, val_examples, config = check_arguments(args)  # before any process group or weight
-    rank, world, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
-    out, device = Path(args.out), torch.device(args.device)
-    for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    rank, _, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
+    resolve_plan(args, config)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-
-    source = str(out / "last") if state else args.model
-    plan_memory(config, args, gpu_memory(device))  # before any weight loads
-    if args.model == "tiny" and state is None:  # a fresh tiny model gets a tokenizer fitted to this data
-        model, tokenizer = fitted_tiny(records, args.target)
-        model.to(device)
-    else:
-        model, tokenizer = load_model(source, device=device, dtype=torch.float32)
-    model.activation_checkpointing = args.activation_checkpointing
-    examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
-    if not examples:
-        refuse(f"every example of {args.data} is longer than --max-length {args.max_length}")
-    lengths = [len(p) + len(t) for p, t in examples]
-    print0(f"{len(examples)} examples from {args.data}; tokens per example as trained: mean "
-           f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
-    print0(truncation_report(examples, lost, dropped, args.max_length))
-    batches_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
-    end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, skipped = 0, 0
-    if state is not None:
-        step, skipped = state["step"], state["skipped_steps"]
-        print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    metrics = start_run(out, model, optimizer, state, args.overwrite)
-    model.train()
-    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
-    batches, batches_epoch = None, None
-    while step < end_step:
-        epoch, index = divmod(step, batches_per_epoch)  # the data position follows from the step alone
-        if batches_epoch != epoch:
-            batches, batches_epoch = length_grouped_batches(lengths, args.batch_size, args.seed, epoch), epoch
-        batch = [examples[i] for i in batches[index]]
-        lr = learning_rate(step, total_steps, args.lr, args.warmup_ratio)
-        started = time.time()
-        # under torchrun each process trains on every world-th example; the loss divides by the whole batch's tokens
-        loss, grad_norm, was_skipped = train_step(model, optimizer, batch[rank::world], args.micro_batch_tokens, lr,
-                                                  device, precision=args.precision,
-                                                  step_tokens=sum(len(t) for _, t in batch))
-        seconds = time.time() - started
-        step, skipped = step + 1, skipped + was_skipped
-        if rank == 0:
-            metrics.write(json.dumps({
-                "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens": sum(len(t) for _, t in batch),  # trained (target) tokens of this step
-                "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
-                "skipped": was_skipped, "skipped_total": skipped, "world_size": world}) + "\n")
-            metrics.flush()
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        bar.update()
-        if step % args.save_every == 0 or step == end_step:
-            save_checkpoint(model, tokenizer, out / "last", optimizer, {k: getattr(args, k) for k in PLAN},
-                            step=step, epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
-                            skipped_steps=skipped)
-    bar.close()
+    model, tokenizer, examples = load_model_and_data(args, state, records)
+    step, skipped = train(args, model, tokenizer, examples, state)
     end_distributed()  # what follows (the format check) is rank 0's alone
     if rank != 0:
         return
-    metrics.close()
+    out = Path(args.out)
     print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")
 
     # The warm start's purpose: a format SRL can reward. Check it on held-out prompts (read by check_arguments).
