@@ -255,11 +255,12 @@ def start_run(out, model, optimizer, state, overwrite):
     if get_rank() != 0:
         return open(os.devnull, "w")
     out = Path(out)
-    for path in [out / name for name in RUN_PIECES] if overwrite else []:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    if overwrite:  # the earlier run goes only now, when the new one has loaded and is about to write
+        for path in [out / name for name in RUN_PIECES]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     metrics, tmp = out / "metrics.jsonl", out / "metrics.jsonl.tmp"
     kept = []

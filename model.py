@@ -1,7 +1,7 @@
 """
 The decoder (Qwen2 and Llama families), loading and saving in Hugging Face format, a batched KV-cache sampler,
-and per-token log-probabilities for training. Every other stage builds on this file; it imports none of them (what
-the training stages share besides, checkpoints, --resume, torchrun and the memory estimate, is in common.py).
+and per-token log-probabilities for training. Every other stage builds on this file, and it imports none of them;
+what the training stages share besides (checkpoints, --resume, torchrun, the memory estimate) is in common.py.
 
     from model import encode_chat, generate, load_model
     model, tokenizer = load_model("tiny")                       # or "qwen-1.5b", a hub id, a checkpoint folder
@@ -664,7 +664,7 @@ def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     model.safetensors and the tokenizer files with the chat template; plus training_state.pt when given (optimizer,
     RNG states, step, data position: what --resume needs). Written beside and renamed into place, so an
     interrupted save never leaves a half-written checkpoint. state_dict: the weights to write, if not the
-    model's own (save_checkpoint passes FSDP's gathered ones)."""
+    model's own (common.save_checkpoint passes FSDP's gathered ones)."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -503,7 +503,7 @@ def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
         with torch.no_grad(), mixed:
             old_logps = [logprobs(model, chunk)[0] for chunk in chunks]
     stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
-    for update in range(args.updates_per_batch):
+    for _ in range(args.updates_per_batch):
         sums = [0.0, 0.0, 0.0]  # loss, clipped tokens, entropy: summed over micro-batches (and processes)
         for i, chunk in enumerate(chunks):
             with mixed:
