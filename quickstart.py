@@ -88,7 +88,7 @@ def parse_args(argv=None):
 def run_stages(stages, jobs, threads):
     """Run {name: (command, log path)}, at most `jobs` at a time, each with threads // jobs CPU threads. Stops the
     study with the log's tail when a stage fails. Returns {name: seconds}."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // min(jobs, len(stages)))))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // max(1, min(jobs, len(stages))))))
     waiting, running, seconds = list(stages.items()), {}, {}
     while waiting or running:
         while waiting and len(running) < jobs:
@@ -315,9 +315,10 @@ def main(argv=None):
 
 
 def tune(args, default_lrs, factors=(1 / 3, 1, 3)):
-    """Each method's learning rate times 1/3, 1 and 3 (the others at their defaults), scored by greedy accuracy on
-    the validation problems (never the test problems). Chained arms use the RLVR learning rate being tried."""
-    out, rows = Path(args.out), []
+    """Each method's learning rate times 1/3, 1 and 3 (the others at their defaults), scored on the validation
+    problems only (never the test problems): avg@k first (k samples per problem, less noisy than greedy on a few
+    dozen problems), greedy accuracy second."""
+    out, rows, k = Path(args.out), [], f"avg@{args.samples}"
     for seed in args.seeds:
         work, _ = prepare_seed(args, seed)
         for method in default_lrs:
@@ -325,15 +326,16 @@ def tune(args, default_lrs, factors=(1 / 3, 1, 3)):
                 lrs = dict(default_lrs, **{method: default_lrs[method] * factor})
                 results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lrs[method]:.2g}", lrs, [method],
                                       "rlvr_val.jsonl")
-                rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"]["accuracy"],
-                             "accuracy": results[method]["accuracy"]})
+                rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"],
+                             k: results[method][k], "accuracy": results[method]["accuracy"]})
                 print(rows[-1], flush=True)
     (out / "tune.json").write_text(json.dumps(rows, indent=1))
-    print("| method | lr | validation greedy accuracy (%) per seed |\n| --- | --- | --- |")
+    print(f"| method | lr | validation {k} (%) | validation greedy (%) |\n| --- | --- | --- | --- |")
     for method in default_lrs:
         for lr in sorted({r["lr"] for r in rows if r["method"] == method}):
-            accuracy = [r["accuracy"] for r in rows if r["method"] == method and r["lr"] == lr]
-            print(f"| {method} | {lr:.2g} | " + ", ".join(f"{100 * a:.1f}" for a in accuracy) + " |")
+            picked = [r for r in rows if r["method"] == method and r["lr"] == lr]
+            print(f"| {method} | {lr:.2g} | " + ", ".join(f"{100 * r[k]:.1f}" for r in picked) + " | "
+                  + ", ".join(f"{100 * r['accuracy']:.1f}" for r in picked) + " |")
 
 
 if __name__ == "__main__":
