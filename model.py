@@ -18,8 +18,9 @@ Two forwards, kept apart on purpose (as in nanoGPT / nanochat):
   - `model(ids)`: training and scoring. Whole sequences, every row starting at position 0, causal attention.
     Rows that are right-padded need no mask: causal attention never lets a real token see the padding after it.
     (`completion_logprobs` also packs the samples of one prompt into a row, through positions and a mask.)
-  - `model.forward_cached(...)`: inference. Reads and writes a KV cache that is allocated once per `generate`
-    call (prompt + new tokens) and written with slice assignment, never grown by concatenation.
+  - `model.decode_step(...)`: inference, one new token per row. Reads and writes a KV cache that is allocated
+    once per `generate` call (prompt + new tokens), never grown by concatenation; the prompts' prefill is the
+    training forward, which writes the cache as it goes. On CUDA, generate replays the step from a CUDA graph.
 """
 import json
 import os
@@ -153,34 +154,29 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin, attn_mask=None):
-        """Training: causal attention over the whole sequence, or the attn_mask [B, 1, T, T] given."""
+    def forward(self, x, cos, sin, attn_mask=None, cache_kv=None):
+        """Causal attention over the whole sequence, or the attn_mask [B, 1, T, T] given. The sampler's prefill
+        passes its layer's (keys, values) cache, to have the chunk's keys and values written at columns [0, T)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
+        if cache_kv is not None:
+            cache_kv[0][:, :, :T], cache_kv[1][:, :, :T] = k, v
         y = attention(q, k, v, attn_mask, is_causal=attn_mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_cached(self, x, cos, sin, cache_k, cache_v, start, attn_mask):
-        """Inference: write this chunk's keys and values at columns [start, start+T) of the layer's cache, then
-        attend over columns [0, start+T). attn_mask is a boolean [B, 1, T, start+T] (True = may attend), or None
-        for plain causal attention over rows without padding."""
-        B, T, _ = x.shape
+    def decode(self, x, cos, sin, cache_k, cache_v, column, attn_mask):
+        """One new token per row: write its key and value at `column` (a one-element tensor) of the layer's cache,
+        then attend over every column, attn_mask [B, 1, 1, capacity] hiding the columns not written yet and the
+        prompts' padding. Every shape is the same at every step, so that a CUDA graph can replay the step."""
+        B = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
-        cache_k[:, :, start:start + T] = k
-        cache_v[:, :, start:start + T] = v
-        keys, values = cache_k[:, :, :start + T], cache_v[:, :, :start + T]
-        group = self.num_heads // self.num_kv_heads
-        if T == 1:
-            # One new token: fold the query heads that share a KV head into the "time" axis of the query, so
-            # grouped-query attention needs no copy of the cache: [B, kv_heads, group, head_dim].
-            q = q.view(B, self.num_kv_heads, group, self.head_dim)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
-            y = y.reshape(B, 1, -1)
-        else:
-            if attn_mask is None:  # causal, shifted by the columns already in the cache
-                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = attention(q, keys, values, attn_mask).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y)
+        cache_k.index_copy_(2, column, k)
+        cache_v.index_copy_(2, column, v)
+        # fold the query heads that share a KV head into the "time" axis of the query, so that grouped-query
+        # attention needs no copy of the cache: [B, kv_heads, group, head_dim]
+        q = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=attn_mask)
+        return self.o_proj(y.reshape(B, 1, -1))
 
 
 class MLP(nn.Module):
@@ -202,12 +198,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask=None, cache_kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_cached(self, x, cos, sin, cache_k, cache_v, start, attn_mask):
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache_k, cache_v, start, attn_mask)
+    def decode(self, x, cos, sin, cache_k, cache_v, column, attn_mask):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache_k, cache_v, column, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -227,33 +223,34 @@ class Decoder(nn.Module):
         self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
 
-    def hidden_states(self, ids, positions=None, attn_mask=None):
+    def hidden_states(self, ids, positions=None, attn_mask=None, cache=None):
         """Training forward up to the final norm: [B, T] ids -> [B, T, hidden]. By default every row is one
         sequence at positions 0..T-1 with causal attention; completion_logprobs passes its own positions [B, T]
-        and an attn_mask [B, 1, T, T] (boolean, or added to the scores) to pack sequences that share a prompt."""
+        and an attn_mask [B, 1, T, T] (boolean, or added to the scores) to pack sequences that share a prompt.
+        The sampler's prefill passes its KVCache, which receives every layer's keys and values."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         x = self.model.embed_tokens(ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, compute_dtype(x))
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask)
+                x = layer(x, cos, sin, attn_mask, cache_kv)
         return self.model.norm(x)
 
     def forward(self, ids):
         return self.lm_head(self.hidden_states(ids))
 
-    def forward_cached(self, ids, positions, cache, attn_mask):
-        """Inference forward: ids [B, T] at per-row positions [B, T], written into `cache` after its current
-        length. Returns the logits of the last position only, [B, vocab]."""
+    def decode_step(self, ids, positions, cache, column, attn_mask):
+        """Inference, one new token per row: ids and positions [B, 1], keys and values written at cache column
+        `column` (see Attention.decode). Returns the logits [B, vocab]."""
         x = self.model.embed_tokens(ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer.forward_cached(x, cos, sin, cache.k[i], cache.v[i], cache.length, attn_mask)
-        cache.length += ids.shape[1]
+            x = layer.decode(x, cos, sin, cache.k[i], cache.v[i], column, attn_mask)
         return self.lm_head(self.model.norm(x[:, -1]))
 
 
@@ -262,9 +259,10 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch, capacity, device, dtype):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # columns written so far
+        # zeros, not empty: a decode step attends over unwritten columns too, masked, and a weight of 0 times a
+        # NaN left in memory would still be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -308,13 +306,33 @@ def sampling_uniforms(num_prompts, num_samples, steps, seed):
                         for s in seeds for j in range(num_samples)])
 
 
+def captured_in_cuda_graph(fn):
+    """fn(), captured once in a CUDA graph: each call of the returned function replays its kernels on whatever the
+    tensors fn reads hold now, and returns fn's output tensor, overwritten by the next call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # a warm-up outside the graph: the libraries choose their kernels and workspaces
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+
+    def replay():
+        graph.replay()
+        return output
+    return replay
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
-             stop_token_ids=None, seed=None, progress=False):
+             stop_token_ids=None, seed=None, progress=False, cuda_graph=None):
     """Sample continuations of token-id prompts. Returns len(prompts) * num_samples lists of new token ids,
     prompt-major (prompt 0's samples first). A row stops after its first stop token, which is kept.
     stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops. seed: an int, one int per prompt,
-    or None; see sampling_uniforms."""
+    or None; see sampling_uniforms. cuda_graph (default: on CUDA) replays each decode step from a CUDA graph:
+    the same kernels on the same inputs as without it, so the same tokens, in one launch instead of one per kernel
+    (a 1.5B model's step is ~1,100 kernels, too short each for the CPU to launch them as fast as the GPU runs them)."""
     if not prompts or num_samples < 1:
         return []
     if max_new_tokens <= 0:
@@ -347,13 +365,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         mask = (causal & key_is_real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
         mask = mask[:, None]
     cache = KVCache(cfg, len(prompts), longest, device, dtype)
-    logits = model.forward_cached(ids, positions, cache, mask)
+    logits = model.lm_head(model.hidden_states(ids, positions, mask, cache)[:, -1])
 
     # 2. Copy each prompt's cache to its samples; from here every row is sampled independently.
     prefill, cache = cache, KVCache(cfg, len(prompts) * num_samples, longest + max_new_tokens, device, dtype)
     cache.k[:, :, :, :longest] = prefill.k.repeat_interleave(num_samples, dim=1)  # rows stay prompt-major
     cache.v[:, :, :, :longest] = prefill.v.repeat_interleave(num_samples, dim=1)
-    cache.length = longest
     del prefill  # its memory is free before the first new token
     logits = logits.repeat_interleave(num_samples, dim=0)
     key_is_real = torch.cat([key_is_real.repeat_interleave(num_samples, dim=0),
@@ -362,6 +379,19 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     finished = torch.zeros(len(logits), dtype=torch.bool, device=device)
     out = torch.zeros(len(logits), max_new_tokens, dtype=torch.long, device=device)
+
+    # 3. Decode. The step reads its inputs from tensors updated in place, and its shapes never change (it attends
+    # over every column of the cache, the unwritten ones masked), so that a CUDA graph can replay it.
+    token_in, position_in = torch.zeros_like(next_position), torch.zeros_like(next_position)
+    column = torch.tensor([longest], device=device)  # the cache column of the new token's key and value
+    all_columns = torch.arange(longest + max_new_tokens, device=device)
+
+    def decode_step():
+        mask = (key_is_real & (all_columns <= column))[:, None, None, :]
+        return model.decode_step(token_in, position_in, cache, column, mask)
+
+    if device.type == "cuda" if cuda_graph is None else cuda_graph:  # on CUDA unless told otherwise
+        decode_step = captured_in_cuda_graph(decode_step)
     steps = range(max_new_tokens)
     for t in tqdm(steps, desc="generate", leave=False) if progress else steps:
         token = sample_next_token(logits, temperature, top_k, top_p, uniforms[:, t:t + 1] if temperature else None)
@@ -369,10 +399,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         finished |= torch.isin(token, stop)
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
-        mask = key_is_real[:, None, None, :cache.length + 1] if padded else None
-        logits = model.forward_cached(token[:, None], next_position + t, cache, mask)
+        token_in.copy_(token[:, None])
+        position_in.copy_(next_position + t)
+        column.fill_(longest + t)
+        logits = decode_step()
 
-    # 3. Cut each row after its first stop token (a finished row's later tokens are never returned).
+    # 4. Cut each row after its first stop token (a finished row's later tokens are never returned).
     is_stop = torch.isin(out[:, :t + 1], stop)
     first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, t + 1).tolist()
     model.train(was_training)

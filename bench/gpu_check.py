@@ -11,7 +11,8 @@ published shape (written below), which costs the same time and memory as the tra
      in the packed training forward (none should fall back to the math kernel, which holds every score);
   3. model.generate against transformers' generate, bf16, batch 64, 512 new tokens at temperature 1: tokens/s,
      the ratio, and the share of the weight-read roofline (batch x bandwidth / weight bytes: each decode step
-     reads every weight once) with the bandwidth measured here, in the same run;
+     reads every weight once) with the bandwidth measured here, in the same run; with the decode step replayed
+     from a CUDA graph (the default) and without, and whether the two give the same tokens;
   4. one SRL step at qwen-1.5b's defaults (16 prompts x G 8, 1,024 new tokens, 512-token prompts, every group kept,
      every completion full length: the worst case): time of sampling, update and sampler refresh, and the peak
      memory of each phase against common.estimate_memory;
@@ -193,25 +194,36 @@ def check_sampler(size, device):
     prompts = random_prompts(batch, size["sampler_prompt"], size["shape"]["vocab_size"])
     ids = torch.tensor(prompts, device=device)
 
-    def run_ours(tokens):
-        return M.generate(ours, prompts, tokens, temperature=1.0, stop_token_ids=[], seed=0)
+    def run_ours(tokens, graph, temperature=1.0):
+        return M.generate(ours, prompts, tokens, temperature=temperature, stop_token_ids=[], seed=0,
+                          cuda_graph=graph and device.type == "cuda")
 
     def run_hf(tokens):
         with torch.no_grad():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
 
-    run_ours(4), run_hf(4)  # warm-up: kernels chosen, memory pools filled
-    _, t_ours = timed(device, lambda: run_ours(new))
+    run_ours(4, True), run_ours(4, False), run_hf(4)  # warm-up: kernels chosen, memory pools filled
+    sampled_graph, t_graph = timed(device, lambda: run_ours(new, True))
+    sampled_eager, t_eager = timed(device, lambda: run_ours(new, False))
     _, t_hf = timed(device, lambda: run_hf(new))
     bandwidth = measure_bandwidth(device)
     weight_bytes = 2 * common.parameter_count(ours.config)
     roofline = batch * bandwidth / weight_bytes  # tokens/s if each decode step only read the weights once
-    ours_rate, hf_rate = batch * new / t_ours, batch * new / t_hf
-    report(f"sampler bf16, batch {batch}, {new} new tokens",
-           f"ours {ours_rate:.0f} tok/s, transformers {hf_rate:.0f} tok/s, {t_hf / t_ours:.2f}x; "
-           f"{ours_rate / roofline:.0%} of the weight-read roofline ({roofline:.0f} tok/s at "
-           f"{bandwidth / 1e9:.0f} GB/s measured)")
+    graph_rate, eager_rate, hf_rate = (batch * new / t for t in (t_graph, t_eager, t_hf))
+    report(f"sampler bf16, batch {batch}, {new} new tokens, CUDA graph",
+           f"ours {graph_rate:.0f} tok/s, transformers {hf_rate:.0f} tok/s, {t_hf / t_graph:.2f}x; "
+           f"{graph_rate / roofline:.0%} of the weight-read roofline ({roofline:.0f} tok/s at "
+           f"{bandwidth / 1e9:.0f} GB/s measured)", ">= 4x transformers, >= 40% of the roofline",
+           None if device.type != "cuda" else t_hf / t_graph >= 4 and graph_rate >= 0.4 * roofline)
+    report(f"sampler bf16, batch {batch}, {new} new tokens, eager",
+           f"ours {eager_rate:.0f} tok/s, {t_hf / t_eager:.2f}x transformers; the graph is {t_eager / t_graph:.2f}x")
+    greedy_graph, greedy_eager = run_ours(new, True, 0.0), run_ours(new, False, 0.0)
+    differ = sum(a != b for a, b in zip(greedy_graph, greedy_eager))
+    differ_sampled = sum(a != b for a, b in zip(sampled_graph, sampled_eager))
+    report("sampler, CUDA graph against eager", f"{differ} of {batch} greedy rows and {differ_sampled} of {batch} "
+           f"sampled rows differ", "token-identical",
+           None if device.type != "cuda" else differ == differ_sampled == 0)  # off CUDA both are the eager path
 
 
 def srl_arguments(device, **flags):
@@ -310,6 +322,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, seconds: checks that the script runs")
     parser.add_argument("--budget-s", type=float, default=450, help="skip the checks still to come after this time")
+    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (a rerun of those that "
+                        "failed): logits sampler srl sft 7b cli")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device; --smoke runs it on CPU with a tiny shape")
@@ -321,11 +335,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         checks = [("logits", lambda: check_kernels(check_logits(size, device), size, device)),
                   ("sampler", lambda: check_sampler(size, device)),
-                  ("SRL step", lambda: check_srl_step(size, device)),
-                  ("SFT step", lambda: check_sft_step(size, device)),
-                  ("Qwen2.5-7B", check_7b),
-                  ("srl.py command line", lambda: check_command_line(size, device, Path(tmp)))]
+                  ("srl", lambda: check_srl_step(size, device)),
+                  ("sft", lambda: check_sft_step(size, device)),
+                  ("7b", check_7b),
+                  ("cli", lambda: check_command_line(size, device, Path(tmp)))]
+        unknown = set(args.only or []) - {name for name, _ in checks}
+        if unknown:
+            parser.error(f"--only: no check named {', '.join(sorted(unknown))}")
         for check, fn in checks:
+            if args.only and check not in args.only:
+                continue
             if time.perf_counter() - started > args.budget_s:
                 report(check, f"skipped: past the {args.budget_s:.0f} s budget", ok=False)
                 continue

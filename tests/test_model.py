@@ -64,11 +64,14 @@ def test_cached_decoding_equals_full_forward(name):
     with torch.no_grad():
         full = ours(ids)
         cache = M.KVCache(ours.config, 2, 20, "cpu", torch.float32)
+        cache.k.fill_(7.0), cache.v.fill_(7.0)  # unwritten columns: the decode mask must hide them
         positions = torch.arange(20).expand(2, 20)
-        step_logits = [ours.forward_cached(ids[:, :8], positions[:, :8], cache, None)]
-        for t in range(8, 20):
-            step_logits.append(ours.forward_cached(ids[:, t:t + 1], positions[:, t:t + 1], cache, None))
-    assert torch.allclose(torch.stack(step_logits, 1), full[:, 7:], atol=1e-4)
+        step_logits = [ours.lm_head(ours.hidden_states(ids[:, :8], positions[:, :8], None, cache)[:, -1])]
+        for t in range(8, 19):
+            mask = (torch.arange(20) <= t).expand(2, 1, 1, 20)
+            step_logits.append(ours.decode_step(ids[:, t:t + 1], positions[:, t:t + 1], cache, torch.tensor([t]),
+                                                mask))
+    assert torch.allclose(torch.stack(step_logits, 1), full[:, 7:19], atol=1e-4)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
