@@ -166,8 +166,8 @@ class Attention(nn.Module):
 
     def decode(self, x, cos, sin, cache_k, cache_v, column, attn_mask):
         """One new token per row: write its key and value at `column` (a one-element tensor) of the layer's cache,
-        then attend over every column, attn_mask [B, 1, 1, capacity] hiding the columns not written yet and the
-        prompts' padding. Every shape is the same at every step, so that a CUDA graph can replay the step."""
+        then attend over every column, attn_mask [B, 1, 1, capacity] (boolean, or added to the scores) hiding the
+        columns not written yet and the prompts' padding. Every shape is the same at every step, so that a CUDA graph can replay the step."""
         B = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
         cache_k.index_copy_(2, column, k)
@@ -387,8 +387,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     all_columns = torch.arange(longest + max_new_tokens, device=device)
 
     def decode_step():
-        mask = (key_is_real & (all_columns <= column))[:, None, None, :]
-        return model.decode_step(token_in, position_in, cache, column, mask)
+        # an additive mask in the model's dtype, made once per step: SDPA would convert a boolean one in every
+        # layer (on an H100 that conversion cost more than the attention itself)
+        visible = key_is_real & (all_columns <= column)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        return model.decode_step(token_in, position_in, cache, column, mask[:, None, None, :])
 
     if device.type == "cuda" if cuda_graph is None else cuda_graph:  # on CUDA unless told otherwise
         decode_step = captured_in_cuda_graph(decode_step)
