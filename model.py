@@ -387,8 +387,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     all_columns = torch.arange(longest + max_new_tokens, device=device)
 
     def decode_step():
-        # an additive mask in the model's dtype, made once per step: SDPA would convert a boolean one in every
-        # layer (on an H100 that conversion cost more than the attention itself)
+        # an additive mask in the model's dtype, made once per step: SDPA would convert a boolean one in every layer
         visible = key_is_real & (all_columns <= column)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
         return model.decode_step(token_in, position_in, cache, column, mask[:, None, None, :])
