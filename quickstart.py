@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole study per seed")
     p.add_argument("--ablations", action="store_true", help="add srl_no_ds and srl_one_step")
     p.add_argument("--tune", action="store_true", help="learning-rate search on the validation problems instead")
+    p.add_argument("--probe", nargs="+", metavar="CHECKPOINT", help="print the per-step skills of these checkpoints "
+                   "on seed 0's validation problems (<out>/seed0/data) instead of running the study")
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
     # the task
     p.add_argument("--hard-steps", type=int, default=6, help="operations per hard problem (the difficulty knob)")
@@ -289,6 +292,10 @@ def main(argv=None):
     default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}
     if args.tune:
         return tune(args, default_lrs)
+    if args.probe:
+        for checkpoint in args.probe:
+            print(checkpoint + ": " + step_skills(checkpoint, out / "seed0" / "data"), flush=True)
+        return
     arms_results, times = {}, {}
     for seed in args.seeds:
         work, seconds = prepare_seed(args, seed)
@@ -308,6 +315,43 @@ def main(argv=None):
     draw(arms_results, out / "study.png",
          f"SRL vs RLVR in miniature: tiny model, {args.hard_steps}-step arithmetic chains, seeds {args.seeds}")
     print(f"total {time.time() - started:.0f} s")
+
+
+def check_steps(problem, solution):
+    """(steps, steps applying the problem's operation of their number, steps with right arithmetic) of a solution."""
+    operations = re.findall(r"\d+\. ((?:Add|Subtract) \d+)\n", problem + "\n")
+    steps = right_operation = right_arithmetic = 0
+    for k, operation, a, sign, n, c in re.findall(r"(\d+)\. ((?:Add|Subtract) \d+): (-?\d+) ([+-]) (\d+) = (-?\d+)",
+                                                   solution):
+        if not 1 <= int(k) <= len(operations):
+            break
+        steps += 1
+        right_operation += operation == operations[int(k) - 1]
+        right_arithmetic += int(c) == int(a) + (int(n) if sign == "+" else -int(n))
+    return steps, right_operation, right_arithmetic
+
+
+def step_skills(checkpoint, data):
+    """What a checkpoint can do one step at a time, on the validation problems (the README's diagnosis): in its own
+    greedy whole solutions, how often step k applies the problem's operation k and how often the step's arithmetic
+    is right; in SRL's format (the expert's steps so far given), how often its greedy next step is the expert's."""
+    import evaluate
+    import model
+    import srl
+    net, tokenizer = model.load_model(checkpoint)
+    problems = [json.loads(line) for line in open(data / "rlvr_val.jsonl")]
+    prompts = [model.encode_chat(tokenizer, evaluate.math_messages(p["problem"])) for p in problems]
+    solutions = model.generate(net, prompts, 150, temperature=0)
+    counts = [check_steps(p["problem"], tokenizer.decode(s, skip_special_tokens=True)) for p, s in zip(problems, solutions)]
+    steps, right_operation, right_arithmetic = (sum(column) for column in zip(*counts))
+    examples = [json.loads(line) for line in open(data / "srl_val.jsonl")]
+    actions = model.generate(net, [model.encode_chat(tokenizer, srl.srl_messages(e)) for e in examples], 64,
+                             temperature=0)
+    exact = sum(srl.srl_reward(tokenizer.decode(a, skip_special_tokens=True), e["target_step"]) == 1.0
+                for a, e in zip(actions, examples))
+    return (f"whole solutions: step k applies operation k {right_operation / max(steps, 1):.0%}, arithmetic right "
+            f"{right_arithmetic / max(steps, 1):.0%} ({steps} steps); SRL format: next step exactly the expert's "
+            f"{exact / max(len(examples), 1):.0%} ({len(examples)} examples)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

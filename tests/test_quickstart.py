@@ -26,6 +26,18 @@ def test_table_reports_mean_std_and_every_seed():
     assert quickstart.mean_std([0.5]) == (0.5, 0.0)
 
 
+def test_check_steps_counts_operations_and_arithmetic():
+    problem = "Start with 6. Then:\n1. Add 8\n2. Subtract 3\n3. Add 12\nWhat number do you end with?"
+    expert = "1. Add 8: 6 + 8 = 14.\n2. Subtract 3: 14 - 3 = 11.\n3. Add 12: 11 + 12 = 23. The answer is \\boxed{23}."
+    assert quickstart.check_steps(problem, expert) == (3, 3, 3)
+    # step 2 takes operation 1 (wrong operation, right arithmetic); step 3 adds wrongly; "Add 1" is not "Add 12"
+    wrong = "1. Add 8: 6 + 8 = 14.\n2. Add 8: 14 + 8 = 22.\n3. Add 1: 22 + 1 = 24. The answer is \\boxed{24}."
+    assert quickstart.check_steps(problem, wrong) == (3, 1, 2)
+    # a step numbered past the problem's operations ends the count; text that is no step counts nothing
+    assert quickstart.check_steps(problem, "1. Add 8: 6 + 8 = 14.\n4. Add 1: 14 + 1 = 15.") == (1, 1, 1)
+    assert quickstart.check_steps(problem, "I think it is 23.") == (0, 0, 0)
+
+
 @pytest.mark.slow
 def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # the text picture, whatever is installed
@@ -65,3 +77,7 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     # the warm start fitted its own tokenizer: the base's vocabulary is not the 259 byte-level tokens
     assert json.loads((out / "seed0" / "base" / "last" / "config.json").read_text())["vocab_size"] != 259
     assert "reward" in printed and "kept groups" in printed  # the text picture
+    quickstart.main(["--out", str(out), "--probe", str(out / "seed0" / "base" / "last")])
+    probe = capsys.readouterr().out
+    srl_val = (out / "seed0" / "data" / "srl_val.jsonl").read_text().splitlines()
+    assert "whole solutions: step k applies operation k" in probe and f"({len(srl_val)} examples)" in probe
