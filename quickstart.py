@@ -1,16 +1,19 @@
 """
 The paper's claim in miniature, on a CPU (Deng et al. 2025, Table 1): on problems a model almost never solves,
 RLVR gets no learning signal (every group of rollouts is all wrong and dynamic sampling drops it), while SRL's
-step-wise reward still tells better rollouts from worse ones, so SRL learns, and SRL then RLVR ends best.
+step-wise reward still tells better rollouts from worse ones, so SRL learns, and SRL then RLVR ends best. This script
+puts that claim to the test; the README's Quickstart section gives what came out (on 2026-11-27: not that) and why.
 
-    python quickstart.py                       # one seed (see the README for the measured time)
-    python quickstart.py --seeds 0 1 2         # the whole study once per seed; mean and std per arm
+    python quickstart.py                       # one seed: about 7 minutes on 2 CPU cores
+    python quickstart.py --seeds 0 1 2         # the whole study once per seed; mean and std per arm (about 22)
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
     python quickstart.py --tune                # the learning-rate search on validation problems (README)
+    python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on seed 0's validation problems
 
-The task is data_prep.py's synthetic arithmetic chains ("Start with 42. Then: (1) add 7, (2) subtract 3, ...").
-One step (find operation k, add or subtract) is within reach of the tiny model after its warm start; a chain of
-six is not, since every step must be right. Per seed:
+The task is data_prep.py's synthetic arithmetic chains ("Start with 6. Then:\n1. Add 8\n2. Subtract 3\n..."). It is
+meant to make one step (find operation k, apply it) within reach of the tiny model after its warm start and a chain
+of six not, since every step must be right; --probe found the first half untrue (the base finds operation k at 39%
+of its steps), which is why the study misses the paper's regime (README). Per seed:
   1. data_prep.py: warm-start problems (1 to 6 operations) and the study's hard problems (6 operations), split into
      training, validation (only for --tune) and held-out test problems.
   2. sft.py --model tiny: the warm start, the base that every arm starts from. It learns both formats: the whole
