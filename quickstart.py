@@ -219,17 +219,21 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def percent(values):
+    """"12.5 ± 3.0" (mean ± std over seeds, in %), or "12.5" for one seed."""
+    mean, std = mean_std(values)
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if len(values) > 1 else "")
+
+
 def table(arms_results, samples):
     """Rows as the paper's Table 1: greedy accuracy and avg@k on the held-out problems (%), mean ± std over seeds,
     and each RL arm's kept-group rate (the share of drawn groups whose rewards differed)."""
     head = f"| arm | held-out greedy (%) | avg@{samples} (%) | kept-group rate | per seed (greedy %) |"
     lines = [head, "| --- | --- | --- | --- | --- |"]
     for arm, r in arms_results.items():
-        acc, avg = mean_std(r["accuracy"]), mean_std(r[f"avg@{samples}"])
         kept = f"{mean_std(r['kept_group_rate'])[0]:.2f}" if "kept_group_rate" in r else ""
         per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy"])
-        lines.append(f"| {arm} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | {100 * avg[0]:.1f} ± {100 * avg[1]:.1f} | "
-                     f"{kept} | {per_seed} |")
+        lines.append(f"| {arm} | {percent(r['accuracy'])} | {percent(r[f'avg@{samples}'])} | {kept} | {per_seed} |")
     return "\n".join(lines)
 
 
