@@ -167,7 +167,8 @@ class Attention(nn.Module):
     def decode(self, x, cos, sin, cache_k, cache_v, column, attn_mask):
         """One new token per row: write its key and value at `column` (a one-element tensor) of the layer's cache,
         then attend over every column, attn_mask [B, 1, 1, capacity] (boolean, or added to the scores) hiding the
-        columns not written yet and the prompts' padding. Every shape is the same at every step, so that a CUDA graph can replay the step."""
+        columns not written yet and the prompts' padding. Every shape is the same at every step, so that a CUDA
+        graph can replay the step."""
         B = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
         cache_k.index_copy_(2, column, k)

@@ -113,7 +113,8 @@ def run_stages(stages, jobs, threads):
                 for other, _, _ in running.values():
                     other.kill()
                 tail = Path(log).read_text(errors="replace")[-3000:]
-                raise SystemExit(f"quickstart.py: stage {name} failed (exit {process.returncode}); end of {log}:\n{tail}")
+                raise SystemExit(f"quickstart.py: stage {name} failed (exit {process.returncode}); "
+                                 f"end of {log}:\n{tail}")
     return seconds
 
 
@@ -196,7 +197,8 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
     seconds = run_stages(logged(arms_dir, first), args.jobs, args.threads)
     second = {**then, **{f"eval_{arm}": evaluate(arm) for arm in ["base", *first]}}
     seconds.update(run_stages(logged(arms_dir, second), args.jobs, args.threads))
-    seconds.update(run_stages(logged(arms_dir, {f"eval_{arm}": evaluate(arm) for arm in then}), args.jobs, args.threads))
+    last = {f"eval_{arm}": evaluate(arm) for arm in then}
+    seconds.update(run_stages(logged(arms_dir, last), args.jobs, args.threads))
 
     results = {}
     for arm in ["base"] + arms:
@@ -349,7 +351,8 @@ def step_skills(checkpoint, data):
     problems = [json.loads(line) for line in open(data / "rlvr_val.jsonl")]
     prompts = [model.encode_chat(tokenizer, evaluate.math_messages(p["problem"])) for p in problems]
     solutions = model.generate(net, prompts, 150, temperature=0)
-    counts = [check_steps(p["problem"], tokenizer.decode(s, skip_special_tokens=True)) for p, s in zip(problems, solutions)]
+    counts = [check_steps(p["problem"], tokenizer.decode(s, skip_special_tokens=True))
+              for p, s in zip(problems, solutions)]
     steps, right_operation, right_arithmetic = (sum(column) for column in zip(*counts))
     examples = [json.loads(line) for line in open(data / "srl_val.jsonl")]
     actions = model.generate(net, [model.encode_chat(tokenizer, srl.srl_messages(e)) for e in examples], 64,

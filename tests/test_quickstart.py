@@ -71,7 +71,8 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     test_ids = {json.loads(line)["id"] for line in (data / "test.jsonl").read_text().splitlines()}
     for name in ("srl_train", "rlvr_train", "sft_train", "srl_val", "rlvr_val"):
         assert not test_ids & {json.loads(line)["id"] for line in (data / f"{name}.jsonl").read_text().splitlines()}
-    one_step = [json.loads(line) for line in (out / "seed0" / "data_one_step" / "srl_train.jsonl").read_text().splitlines()]
+    one_step_file = out / "seed0" / "data_one_step" / "srl_train.jsonl"
+    one_step = [json.loads(line) for line in one_step_file.read_text().splitlines()]
     train_ids = {json.loads(line)["id"] for line in (data / "rlvr_train.jsonl").read_text().splitlines()}
     assert {e["id"] for e in one_step} == train_ids and all(e["previous_steps"] == [] for e in one_step)
     # the warm start fitted its own tokenizer: the base's vocabulary is not the 259 byte-level tokens
