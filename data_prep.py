@@ -287,32 +287,39 @@ def builtin_problems():
 SYNTHETIC_OPS = {"add": ("Add", "+"), "sub": ("Subtract", "-")}  # operation -> (its word, its symbol)
 
 
-def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=30):
-    """count arithmetic chains: a start number and a numbered list of additions and subtractions, one per line,
-    solved one operation per step ("3. Subtract 4: 23 - 4 = 19."), the last step boxing the final number. Each
-    step line starts as the problem's line for that operation does, so a step is within reach of a small model
-    (copy line k of the problem, the number above, one addition); a long chain is not, since every step must be
-    right. Difficulty: steps (an int, or (low, high) for a mix of lengths), max_number (the largest operand) and
-    max_value (every number stays in 0..max_value; a guess is right about once in max_value + 1)."""
+def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=40, slip=0.0):
+    """count arithmetic chains, one operation repeated ("Start with 17. Add 2, 6 times. What number do you end
+    with?"), solved one application per step ("3. Add 2: 21 + 2 = 23."), the last step boxing the final number.
+    A step needs only the number above it and the problem's operation, so it is within reach of a small model; a
+    long chain is not, since every step must be right. Difficulty: steps (an int, or (low, high) for a mix of
+    lengths), max_number (the largest operand) and max_value (every number stays in 0..max_value, slips included).
+
+    slip > 0 writes a sloppy teacher's solutions instead: each step, with probability slip, applies the operation
+    twice ("21 + 2 = 25.") and the chain goes on from there, to the answer it reaches. A model trained on them
+    learns one consistent bad habit, which the correct solutions can then train away (quickstart.py); a slip moves
+    the chain by a whole operand, so slips never cancel into a right answer by luck. The problems do not depend on
+    slip: the same seed gives the same problems, with or without it."""
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
-    if count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value:
-        raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1 (or LOW-HIGH), and "
-                        "1 <= --synthetic-max-number < --synthetic-max-value")
+    if count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value or max_value < 2 * high or not 0 <= slip <= 1:
+        raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1 (or LOW-HIGH), 1 <= --synthetic-max-number "
+                        "< --synthetic-max-value, --synthetic-max-value >= 2 x steps, 0 <= --synthetic-slip <= 1")
     rng = random.Random(seed)
     problems = []
     for index in range(count):
-        value = start = rng.randint(0, max_value)
-        operations, lines = [], []
-        for k in range(1, rng.randint(low, high) + 1):
-            op = rng.choice(["add"] * (value < max_value) + ["sub"] * (value > 0))
-            n = rng.randint(1, min(max_number, max_value - value if op == "add" else value))
-            word, symbol = SYNTHETIC_OPS[op]
-            result = value + n if op == "add" else value - n
-            operations.append(f"{k}. {word} {n}")
+        num_steps = rng.randint(low, high)
+        n = rng.randint(1, min(max_number, max_value // (2 * num_steps)))  # a slip on every step still fits
+        op = rng.choice(["add", "sub"])
+        word, symbol = SYNTHETIC_OPS[op]
+        sign, span = (1 if op == "add" else -1), num_steps * 2 * n
+        value = start = rng.randint(0, max_value - span) if op == "add" else rng.randint(span, max_value)
+        lines = []
+        for k in range(1, num_steps + 1):
+            result = value + sign * n * (1 + (rng.random() < slip))  # a draw per step, slip or not: same problems
             lines.append(f"{k}. {word} {n}: {value} {symbol} {n} = {result}.")
             value = result
         lines[-1] += f" The answer is \\boxed{{{value}}}."
-        problem = f"Start with {start}. Then:\n" + "\n".join(operations) + "\nWhat number do you end with?"
+        times = {1: "once", 2: "twice"}.get(num_steps, f"{num_steps} times")
+        problem = f"Start with {start}. {word} {n}, {times}. What number do you end with?"
         problems.append({"id": f"synthetic-{seed}-{index + 1:05d}", "problem": problem,
                          "solution": "\n".join(lines), "answer": str(value)})
     return problems
@@ -590,8 +597,10 @@ def main(argv=None):
     parser.add_argument("--synthetic-steps", type=step_range, default=4,
                         help="operations per synthetic problem: N, or LOW-HIGH for a mix (default 4)")
     parser.add_argument("--synthetic-max-number", type=int, default=9, help="largest synthetic operand (default 9)")
-    parser.add_argument("--synthetic-max-value", type=int, default=30,
-                        help="synthetic values stay in 0..this (default 30)")
+    parser.add_argument("--synthetic-max-value", type=int, default=40,
+                        help="synthetic values stay in 0..this (default 40; at least 2 x steps)")
+    parser.add_argument("--synthetic-slip", type=float, default=0.0,
+                        help="share of a sloppy teacher's steps that apply the operation twice (default 0: correct solutions)")
     args = parser.parse_args(argv)
 
     def refuse(message):  # a user error: one line in argparse's style, exit status 2, nothing written
@@ -611,6 +620,11 @@ def main(argv=None):
     if args.synthetic_max_value <= args.synthetic_max_number:
         refuse(f"--synthetic-max-value {args.synthetic_max_value}: must be above --synthetic-max-number "
                f"({args.synthetic_max_number})")
+    if args.synthetic_max_value < 2 * high:
+        refuse(f"--synthetic-max-value {args.synthetic_max_value}: must be at least 2 x the steps ({2 * high}), "
+               "so that every step can apply its operation twice")
+    if not 0 <= args.synthetic_slip <= 1:
+        refuse(f"--synthetic-slip {args.synthetic_slip}: must be a share in 0..1")
     if args.hf_file and not args.hf_dataset:
         refuse("--hf-file names a file of --hf-dataset: give the dataset too")
     out_dir = Path(args.out_dir)
@@ -624,7 +638,7 @@ def main(argv=None):
         if args.synthetic is not None:
             source, fields, locations = f"the synthetic generator (seed {args.seed})", BUILTIN_FIELDS, None
             records = synthetic_problems(args.synthetic, args.synthetic_steps, args.synthetic_max_number, args.seed,
-                                         args.synthetic_max_value)
+                                         args.synthetic_max_value, args.synthetic_slip)
         else:
             source = args.input or (download_hf_dataset(args.hf_dataset, args.hf_file) if args.hf_dataset
                                     else BUILTIN_PATH)

@@ -1,23 +1,26 @@
 """
 The paper's claim in miniature, on a CPU (Deng et al. 2025, Table 1): on problems a model almost never solves,
-RLVR gets no learning signal (every group of rollouts is all wrong and dynamic sampling drops it), while SRL's
+RLVR gets little learning signal (most groups of rollouts are all wrong and dynamic sampling drops them), while SRL's
 step-wise reward still tells better rollouts from worse ones, so SRL learns, and SRL then RLVR ends best. This script
-puts that claim to the test; the README's Quickstart section gives what came out (on 2026-11-27: not that) and why.
+puts that claim to the test; the README's Quickstart section gives what came out.
 
     python quickstart.py                       # one seed: about 7 minutes on 2 CPU cores
-    python quickstart.py --seeds 0 1 2         # the whole study once per seed; mean and std per arm (about 22)
+    python quickstart.py --seeds 1 2 3         # the whole study once per seed; mean and std per arm
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
     python quickstart.py --tune                # the learning-rate search on validation problems (README)
     python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on seed 0's validation problems
 
-The task is data_prep.py's synthetic arithmetic chains ("Start with 6. Then:\n1. Add 8\n2. Subtract 3\n..."). It is
-meant to make one step (find operation k, apply it) within reach of the tiny model after its warm start and a chain
-of six not, since every step must be right; --probe found the first half untrue (the base finds operation k at 39%
-of its steps), which is why the study misses the paper's regime (README). Per seed:
+The task is data_prep.py's synthetic chains, one operation repeated ("Start with 17. Add 3, 6 times. What number do
+you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime is built in the warm start:
+it learns from a sloppy teacher whose steps apply the operation twice 60% of the time (--warm-slip), so the base
+writes well-formed steps but slips at most of them, and a six-step chain comes out right almost never (greedy: never).
+The expert solutions the arms train on are correct. A single step is within reach (right or slipped, its arithmetic
+is the model's own), a whole chain is not: the paper's regime, with the base's weakness named. Per seed:
   1. data_prep.py: warm-start problems (1 to 6 operations) and the study's hard problems (6 operations), split into
      training, validation (only for --tune) and held-out test problems.
-  2. sft.py --model tiny: the warm start, the base that every arm starts from. It learns both formats: the whole
-     solution after the evaluation prompt, and SRL's "<think>...</think> + next step" after the SRL prompt.
+  2. sft.py --model tiny: the warm start on the sloppy teacher's solutions, the base that every arm starts from. It
+     learns both formats: the whole solution after the evaluation prompt, and SRL's "<think>...</think> + next
+     step" after the SRL prompt.
   3. The arms, on the same hard training problems:
        sft        sft.py on the expert solutions (the paper's SFT baseline)
        rlvr       rlvr.py: final-answer reward
@@ -61,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
     # the task
     p.add_argument("--hard-steps", type=int, default=6, help="operations per hard problem (the difficulty knob)")
-    p.add_argument("--max-value", type=int, default=30, help="values stay in 0..max-value (a guess is right 1 in 31)")
+    p.add_argument("--max-value", type=int, default=60, help="values stay in 0..max-value")
     p.add_argument("--warm-problems", type=int, default=2000, help="warm-start problems (1..hard-steps operations)")
     p.add_argument("--train-problems", type=int, default=350, help="hard problems the arms train on")
     p.add_argument("--val-problems", type=int, default=50, help="hard problems for --tune")
@@ -69,6 +72,8 @@ def parse_args(argv=None):
     # the warm start
     p.add_argument("--warm-epochs", type=int, default=10)
     p.add_argument("--warm-lr", type=float, default=4e-3)
+    p.add_argument("--warm-slip", type=float, default=0.6,
+                   help="share of the warm start's steps that apply the operation twice (its planted bad habit)")
     p.add_argument("--warm-srl-share", type=float, default=0.5,
                    help="SRL-format examples per whole-solution example in the warm start")
     # the arms
@@ -146,8 +151,8 @@ def prepare_seed(args, seed):
             "--test-problems", args.test_problems, "--seed", 1000 + seed]
     stages = {"data_warm": python("data_prep.py", "--synthetic", args.warm_problems, "--synthetic-steps",
                                   f"1-{args.hard_steps}", "--synthetic-max-value", args.max_value,
-                                  "--include-first-step", "--val-problems", 0, "--seed", seed,
-                                  "--out-dir", work / "data_warm"),
+                                  "--synthetic-slip", args.warm_slip, "--include-first-step", "--val-problems", 0,
+                                  "--seed", seed, "--out-dir", work / "data_warm"),
               "data": python("data_prep.py", *hard, "--out-dir", work / "data")}
     if args.ablations:  # the same problems and split (same seed), each whole solution one step
         stages["data_one_step"] = python("data_prep.py", *hard, "--one-step", "--out-dir", work / "data_one_step")
@@ -327,40 +332,46 @@ def main(argv=None):
 
 
 def check_steps(problem, solution):
-    """(steps, steps applying the problem's operation of their number, steps with right arithmetic) of a solution."""
-    operations = re.findall(r"\d+\. ((?:Add|Subtract) \d+)\n", problem + "\n")
-    steps = right_operation = right_arithmetic = 0
-    for k, operation, a, sign, n, c in re.findall(r"(\d+)\. ((?:Add|Subtract) \d+): (-?\d+) ([+-]) (\d+) = (-?\d+)",
-                                                   solution):
-        if not 1 <= int(k) <= len(operations):
+    """(steps, right steps, slipped steps) of a solution: a step is right when it applies the problem's operation once
+    to the number it starts from (whatever came before), slipped when it applies it twice (the sloppy teacher's
+    habit, data_prep.synthetic_problems)."""
+    word, n = re.search(r"(Add|Subtract) (\d+)", problem).groups()
+    step = int(n) if word == "Add" else -int(n)
+    slip = 2 * step
+    steps = right = slipped = 0
+    for k, a, c in re.findall(rf"(\d+)\. {word} {n}: (\d+) [-+] {n} = (-?\d+)", solution):
+        if int(k) != steps + 1:
             break
         steps += 1
-        right_operation += operation == operations[int(k) - 1]
-        right_arithmetic += int(c) == int(a) + (int(n) if sign == "+" else -int(n))
-    return steps, right_operation, right_arithmetic
+        right += int(c) == int(a) + step
+        slipped += int(c) == int(a) + slip
+    return steps, right, slipped
 
 
 def step_skills(checkpoint, data):
     """What a checkpoint can do one step at a time, on the validation problems (the README's diagnosis): in its own
-    greedy whole solutions, how often step k applies the problem's operation k and how often the step's arithmetic
-    is right; in SRL's format (the expert's steps so far given), how often its greedy next step is the expert's."""
+    whole solutions, greedy and sampled (4 per problem, temperature 1), how often a step is right and how often it
+    makes the sloppy teacher's slip; in SRL's format (the expert's steps so far given), how often its greedy next
+    step is exactly the expert's."""
     import evaluate
     import model
     import srl
     net, tokenizer = model.load_model(checkpoint)
     problems = [json.loads(line) for line in open(data / "rlvr_val.jsonl")]
     prompts = [model.encode_chat(tokenizer, evaluate.math_messages(p["problem"])) for p in problems]
-    solutions = model.generate(net, prompts, 150, temperature=0)
-    counts = [check_steps(p["problem"], tokenizer.decode(s, skip_special_tokens=True))
-              for p, s in zip(problems, solutions)]
-    steps, right_operation, right_arithmetic = (sum(column) for column in zip(*counts))
+    report = []
+    for name, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, 4)):
+        solutions = model.generate(net, prompts * copies, 150, temperature=temperature)
+        counts = [check_steps(p["problem"], tokenizer.decode(s, skip_special_tokens=True))
+                  for p, s in zip(problems * copies, solutions)]
+        steps, right, slipped = (sum(column) for column in zip(*counts))
+        report.append(f"{name} right {right / max(steps, 1):.0%} slip {slipped / max(steps, 1):.0%}")
     examples = [json.loads(line) for line in open(data / "srl_val.jsonl")]
     actions = model.generate(net, [model.encode_chat(tokenizer, srl.srl_messages(e)) for e in examples], 64,
                              temperature=0)
     exact = sum(srl.srl_reward(tokenizer.decode(a, skip_special_tokens=True), e["target_step"]) == 1.0
                 for a, e in zip(actions, examples))
-    return (f"whole solutions: step k applies operation k {right_operation / max(steps, 1):.0%}, arithmetic right "
-            f"{right_arithmetic / max(steps, 1):.0%} ({steps} steps); SRL format: next step exactly the expert's "
+    return (f"steps of whole solutions: {', '.join(report)}; SRL format: greedy next step exactly the expert's "
             f"{exact / max(len(examples), 1):.0%} ({len(examples)} examples)")
 
 

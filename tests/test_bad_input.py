@@ -133,6 +133,8 @@ CASES = [
     ("data_prep", "--synthetic 0", ["--synthetic 0"]),
     ("data_prep", "--synthetic 5 --synthetic-steps 3-1", ["--synthetic-steps 3-1"]),
     ("data_prep", "--synthetic 5 --synthetic-max-value 4", ["--synthetic-max-value"]),
+    ("data_prep", "--synthetic 5 --synthetic-steps 30", ["--synthetic-max-value", "2 x the steps"]),
+    ("data_prep", "--synthetic 5 --synthetic-slip 1.5", ["--synthetic-slip"]),
     ("data_prep", "--context-pairs -1", ["--context-pairs"]),
     ("data_prep", "--max-observation-chars 10", ["--max-observation-chars"]),
     ("data_prep", "--val-problems -1", ["--val-problems"]),

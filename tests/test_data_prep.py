@@ -428,20 +428,18 @@ def test_builtin_problems_are_correct_and_well_formed():
 
 def solve_synthetic(problem):
     """The numbers after each step of a synthetic chain, read from the problem text alone."""
-    value = int(re.match(r"Start with (\d+)\. Then:\n", problem).group(1))
-    operations = re.findall(r"^(\d+)\. (Add|Subtract) (\d+)$", problem, re.MULTILINE)
-    assert [int(k) for k, _, _ in operations] == list(range(1, len(operations) + 1))
-    values = []
-    for _, op, n in operations:
-        value = value + int(n) if op == "Add" else value - int(n)
-        values.append(value)
-    return values
+    start, word, n, times = re.fullmatch(r"Start with (\d+)\. (Add|Subtract) (\d+), (once|twice|\d+ times)\. "
+                                         r"What number do you end with\?", problem).groups()
+    count = {"once": 1, "twice": 2}.get(times) or int(times.split()[0])
+    assert count > 2 or times in ("once", "twice")
+    step = int(n) if word == "Add" else -int(n)
+    return [int(start) + step * k for k in range(1, count + 1)]
 
 
 @pytest.mark.parametrize("steps,max_number,max_value", [(1, 5, 30), (3, 9, 30), ((2, 6), 9, 99), (10, 50, 1000)])
 def test_synthetic_problems_are_exact(steps, max_number, max_value):
     problems = data_prep.synthetic_problems(60, steps, max_number, seed=3, max_value=max_value)
-    assert len({p["problem"] for p in problems}) > 50
+    assert len({p["problem"] for p in problems}) > 30
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
     for p in problems:
         values = solve_synthetic(p["problem"])
@@ -449,10 +447,10 @@ def test_synthetic_problems_are_exact(steps, max_number, max_value):
         solution_steps = split_steps(p["solution"])
         assert len(solution_steps) == len(values)
         value = int(re.match(r"Start with (\d+)", p["problem"]).group(1))
+        operation = re.search(r"(Add|Subtract) \d+", p["problem"]).group(0)
         for k, (step, expected) in enumerate(zip(solution_steps, values), 1):
-            # the step opens as the problem's line k does, then does its arithmetic
-            operation = re.search(rf"^{k}\. (Add|Subtract) \d+$", p["problem"], re.MULTILINE).group(0)
-            assert step.startswith(operation + ": ")
+            # step k: its number, the problem's operation, the number above it, one addition or subtraction
+            assert step.startswith(f"{k}. {operation}: ")
             a, op, b, c = re.search(r": (\d+) ([-+]) (\d+) = (\d+)\.", step).groups()
             assert int(a) == value and 1 <= int(b) <= max_number
             assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) == expected
@@ -465,6 +463,24 @@ def test_synthetic_problems_are_exact(steps, max_number, max_value):
     assert data_prep.synthetic_problems(5, seed=1) != data_prep.synthetic_problems(5, seed=2)
 
 
+@pytest.mark.parametrize("slip", [0.0, 0.5, 1.0])
+def test_synthetic_slip_applies_the_operation_twice(slip):
+    """A sloppy teacher's step applies the operation twice with probability slip; the chain goes on from there."""
+    problems = data_prep.synthetic_problems(300, (1, 6), seed=4, max_value=40, slip=slip)
+    assert [p["problem"] for p in problems] == [p["problem"] for p in data_prep.synthetic_problems(300, (1, 6), seed=4)]
+    steps = slips = 0
+    for p in problems:
+        word, n = re.search(r"(Add|Subtract) (\d+)", p["problem"]).groups()
+        step = int(n) if word == "Add" else -int(n)
+        value = int(re.match(r"Start with (\d+)", p["problem"]).group(1))
+        for line in split_steps(p["solution"]):
+            a, c = map(int, re.search(r": (\d+) [-+] \d+ = (\d+)\.", line).groups())
+            assert a == value and c in (a + step, a + 2 * step) and 0 <= c <= 40
+            steps, slips, value = steps + 1, slips + (c != a + step), c
+        assert p["answer"] == str(value) == last_boxed(p["solution"])
+    assert abs(slips / steps - slip) < 0.05, (slips, steps)
+
+
 def test_synthetic_cli(tmp_path):
     result = run_cli("--synthetic", 200, "--out-dir", tmp_path, "--synthetic-steps", 5)
     assert result.returncode == 0, result.stderr
@@ -473,6 +489,8 @@ def test_synthetic_cli(tmp_path):
     assert run_cli("--synthetic", 0, "--out-dir", tmp_path / "x").returncode != 0
     assert run_cli("--synthetic", 5, "--synthetic-steps", "3-2", "--out-dir", tmp_path / "x").returncode != 0
     assert run_cli("--synthetic", 5, "--synthetic-steps", "2-x", "--out-dir", tmp_path / "x").returncode != 0
+    assert run_cli("--synthetic", 5, "--synthetic-slip", "1.5", "--out-dir", tmp_path / "x").returncode != 0
+    assert run_cli("--synthetic", 5, "--synthetic-steps", 30, "--out-dir", tmp_path / "x").returncode != 0  # > 40 / 2
     result = run_cli("--synthetic", 50, "--synthetic-steps", "1-3", "--out-dir", tmp_path / "mix")
     assert result.returncode == 0, result.stderr
     assert {r["num_steps"] for r in read_jsonl(tmp_path / "mix" / "srl_train.jsonl")} == {2, 3}

@@ -26,16 +26,19 @@ def test_table_reports_mean_std_and_every_seed():
     assert quickstart.mean_std([0.5]) == (0.5, 0.0)
 
 
-def test_check_steps_counts_operations_and_arithmetic():
-    problem = "Start with 6. Then:\n1. Add 8\n2. Subtract 3\n3. Add 12\nWhat number do you end with?"
-    expert = "1. Add 8: 6 + 8 = 14.\n2. Subtract 3: 14 - 3 = 11.\n3. Add 12: 11 + 12 = 23. The answer is \\boxed{23}."
-    assert quickstart.check_steps(problem, expert) == (3, 3, 3)
-    # step 2 takes operation 1 (wrong operation, right arithmetic); step 3 adds wrongly; "Add 1" is not "Add 12"
-    wrong = "1. Add 8: 6 + 8 = 14.\n2. Add 8: 14 + 8 = 22.\n3. Add 1: 22 + 1 = 24. The answer is \\boxed{24}."
-    assert quickstart.check_steps(problem, wrong) == (3, 1, 2)
-    # a step numbered past the problem's operations ends the count; text that is no step counts nothing
-    assert quickstart.check_steps(problem, "1. Add 8: 6 + 8 = 14.\n4. Add 1: 14 + 1 = 15.") == (1, 1, 1)
-    assert quickstart.check_steps(problem, "I think it is 23.") == (0, 0, 0)
+def test_check_steps_counts_right_and_slipped_steps():
+    problem = "Start with 17. Add 3, 3 times. What number do you end with?"
+    expert = "1. Add 3: 17 + 3 = 20.\n2. Add 3: 20 + 3 = 23.\n3. Add 3: 23 + 3 = 26. The answer is \\boxed{26}."
+    assert quickstart.check_steps(problem, expert) == (3, 3, 0)
+    # step 2 applies the operation twice (the slip); step 3 is right from where step 2 left it; the answer is wrong
+    slipped = "1. Add 3: 17 + 3 = 20.\n2. Add 3: 20 + 3 = 26.\n3. Add 3: 26 + 3 = 29. The answer is \\boxed{29}."
+    assert quickstart.check_steps(problem, slipped) == (3, 2, 1)
+    # other arithmetic is neither; a step out of order ends the count; text that is no step counts nothing
+    assert quickstart.check_steps(problem, "1. Add 3: 17 + 3 = 21.\n2. Add 3: 21 + 3 = 24.") == (2, 1, 0)
+    assert quickstart.check_steps(problem, "1. Add 3: 17 + 3 = 20.\n3. Add 3: 20 + 3 = 23.") == (1, 1, 0)
+    assert quickstart.check_steps(problem, "I think it is 26.") == (0, 0, 0)
+    down = "Start with 30. Subtract 4, twice. What number do you end with?"
+    assert quickstart.check_steps(down, "1. Subtract 4: 30 - 4 = 22.\n2. Subtract 4: 22 - 4 = 18.") == (2, 1, 1)
 
 
 @pytest.mark.slow
