@@ -82,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--rl-steps", type=int, default=60, help="optimiser steps of every RL stage")
     p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
-    p.add_argument("--srl-lr", type=float, default=1e-4)
-    p.add_argument("--rlvr-lr", type=float, default=1e-4)
+    p.add_argument("--srl-lr", type=float, default=3e-4)
+    p.add_argument("--rlvr-lr", type=float, default=9e-4)
     p.add_argument("--srl-new-tokens", type=int, default=64, help="an SRL rollout: monologue and one step")
     p.add_argument("--solution-tokens", type=int, default=150, help="a whole solution: RLVR and evaluation")
     p.add_argument("--samples", type=int, default=4, help="k of avg@k in the evaluation")
@@ -379,18 +379,27 @@ def step_skills(checkpoint, data):
 # Tuning: the same learning-rate search for every method, judged on the validation problems only
 
 
-def tune(args, default_lrs, factors=(1 / 3, 1, 3)):
+def tune(args, default_lrs, factors=(1 / 3, 1, 3), max_extensions=3):
     """Each method's learning rate times 1/3, 1 and 3 (the others at their defaults), scored on the validation
     problems only (never the test problems): avg@k first (k samples per problem, less noisy than greedy on a few
-    dozen problems), greedy accuracy second."""
+    dozen problems), greedy accuracy second. While a method's best rate is the highest (lowest) tried, the search
+    goes one factor of 3 further that way, for every method alike, at most max_extensions times."""
     out, rows, k = Path(args.out), [], f"avg@{args.samples}"
     for seed in args.seeds:
         work, _ = prepare_seed(args, seed)
         for method in default_lrs:
-            for factor in factors:
-                lrs = dict(default_lrs, **{method: default_lrs[method] * factor})
+            tried = {}
+            for _ in range(len(factors) + max_extensions):
+                untried = [lr for lr in sorted({default_lrs[method] * f for f in factors}) if lr not in tried]
+                if not untried:
+                    best = max(tried, key=tried.get)
+                    if best not in (min(tried), max(tried)):
+                        break
+                    untried = [best * 3 if best == max(tried) else best / 3]
+                lrs = dict(default_lrs, **{method: untried[0]})
                 results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lrs[method]:.2g}", lrs, [method],
                                       "rlvr_val.jsonl")
+                tried[lrs[method]] = (results[method][k], results[method]["accuracy"])
                 rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"],
                              k: results[method][k], "accuracy": results[method]["accuracy"]})
                 print(rows[-1], flush=True)

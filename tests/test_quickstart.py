@@ -85,3 +85,24 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     probe = capsys.readouterr().out
     srl_val = (out / "seed0" / "data" / "srl_val.jsonl").read_text().splitlines()
     assert "whole solutions: step k applies operation k" in probe and f"({len(srl_val)} examples)" in probe
+
+
+def test_tune_extends_the_grid_while_the_best_rate_is_at_its_edge(tmp_path, monkeypatch, capsys):
+    """The search scores lr x {1/3, 1, 3} per method, then goes a factor of 3 further while the best is at an edge."""
+    peak = {"sft": 3e-3, "rlvr": 9e-4, "srl": 1e-6}  # the validation score is highest at these rates
+    monkeypatch.setattr(quickstart, "prepare_seed", lambda args, seed: (tmp_path, {}))
+
+    def fake_run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
+        assert problems_file == "rlvr_val.jsonl"  # never the held-out test problems
+        method = arms[0]
+        distance = abs(__import__("math").log(lrs[method] / peak[method]))
+        return {"base": {"accuracy": 0.0}, method: {"avg@4": 1 / (1 + distance), "accuracy": 0.5}}, {}
+
+    monkeypatch.setattr(quickstart, "run_arms", fake_run_arms)
+    args = quickstart.parse_args(["--out", str(tmp_path), "--tune"])
+    quickstart.tune(args, {"sft": 3e-3, "rlvr": 1e-4, "srl": 1e-4})
+    rows = json.loads((tmp_path / "tune.json").read_text())
+    tried = {m: [r["lr"] for r in rows if r["method"] == m] for m in peak}
+    assert tried["sft"] == pytest.approx([1e-3, 3e-3, 9e-3])                      # best inside: no extension
+    assert tried["rlvr"] == pytest.approx([1e-4 / 3, 1e-4, 3e-4, 9e-4, 2.7e-3])   # up twice, then inside
+    assert tried["srl"] == pytest.approx([1e-4 / 3, 1e-4, 3e-4, 1e-4 / 9, 1e-4 / 27, 1e-4 / 81])  # at most 3 more
