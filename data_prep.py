@@ -300,7 +300,8 @@ def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=40, slip=
     the chain by a whole operand, so slips never cancel into a right answer by luck. The problems do not depend on
     slip: the same seed gives the same problems, with or without it."""
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
-    if count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value or max_value < 2 * high or not 0 <= slip <= 1:
+    if (count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value or max_value < 2 * high
+            or not 0 <= slip <= 1):
         raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1 (or LOW-HIGH), 1 <= --synthetic-max-number "
                         "< --synthetic-max-value, --synthetic-max-value >= 2 x steps, 0 <= --synthetic-slip <= 1")
     rng = random.Random(seed)

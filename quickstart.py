@@ -8,7 +8,7 @@ puts that claim to the test; the README's Quickstart section gives what came out
     python quickstart.py --seeds 1 2 3         # the whole study once per seed; mean and std per arm
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
     python quickstart.py --tune                # the learning-rate search on validation problems (README)
-    python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on seed 0's validation problems
+    python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on the validation problems
 
 The task is data_prep.py's synthetic chains, one operation repeated ("Start with 17. Add 3, 6 times. What number do
 you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime is built in the warm start:
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--ablations", action="store_true", help="add srl_no_ds and srl_one_step")
     p.add_argument("--tune", action="store_true", help="learning-rate search on the validation problems instead")
     p.add_argument("--probe", nargs="+", metavar="CHECKPOINT", help="print the per-step skills of these checkpoints "
-                   "on seed 0's validation problems (<out>/seed0/data) instead of running the study")
+                   "on the first seed's validation problems (<out>/seed<N>/data) instead of running the study")
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
     # the task
     p.add_argument("--hard-steps", type=int, default=6, help="operations per hard problem (the difficulty knob)")
@@ -204,18 +204,29 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
     seconds.update(run_stages(logged(arms_dir, second), args.jobs, args.threads))
     last = {f"eval_{arm}": evaluate(arm) for arm in then}
     seconds.update(run_stages(logged(arms_dir, last), args.jobs, args.threads))
+    return read_results(arms_dir, ["base"] + arms, problems_file, args.samples), seconds
 
+
+def read_results(arms_dir, arms, problems_file, samples):
+    """{arm: results} from the files the arms and their evaluations wrote under arms_dir."""
     results = {}
-    for arm in ["base"] + arms:
+    for arm in arms:
         summary = json.loads((arms_dir / "eval" / arm / "summary.json").read_text().splitlines()[0])
         metrics = next(iter(summary["results"].values()))
-        results[arm] = {"accuracy": metrics["greedy"], f"avg@{args.samples}": metrics[f"avg@{args.samples}"]}
+        results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"]}
+        # the greedy answers that are right with every step right: a right number reached by wrong steps is not
+        clean = []
+        for record in map(json.loads, (arms_dir / "eval" / arm / problems_file).read_text().splitlines()):
+            greedy = record["temperatures"].index(0.0)
+            clean.append(record["correct"][greedy]
+                         and every_step_right(record["problem"], record["completions"][greedy]))
+        results[arm]["every_step_right"] = statistics.mean(clean)
         if arm in RL_ARMS:
             log = [json.loads(line) for line in (arms_dir / arm / "metrics.jsonl").read_text().splitlines()]
             results[arm].update(reward_curve=[m["reward_mean"] for m in log],
                                 kept_group_curve=[m["kept_group_rate"] for m in log],
                                 kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
-    return results, seconds
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,13 +245,16 @@ def percent(values):
 
 def table(arms_results, samples):
     """Rows as the paper's Table 1: greedy accuracy and avg@k on the held-out problems (%), mean ± std over seeds,
-    and each RL arm's kept-group rate (the share of drawn groups whose rewards differed)."""
-    head = f"| arm | held-out greedy (%) | avg@{samples} (%) | kept-group rate | per seed (greedy %) |"
-    lines = [head, "| --- | --- | --- | --- | --- |"]
+    the greedy answers right with every step right (%), and each RL arm's kept-group rate (the share of drawn groups
+    whose rewards differed)."""
+    head = (f"| arm | held-out greedy (%) | avg@{samples} (%) | greedy, every step right (%) | kept-group rate "
+            "| per seed (greedy %) |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- |"]
     for arm, r in arms_results.items():
         kept = f"{mean_std(r['kept_group_rate'])[0]:.2f}" if "kept_group_rate" in r else ""
         per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy"])
-        lines.append(f"| {arm} | {percent(r['accuracy'])} | {percent(r[f'avg@{samples}'])} | {kept} | {per_seed} |")
+        lines.append(f"| {arm} | {percent(r['accuracy'])} | {percent(r[f'avg@{samples}'])} | "
+                     f"{percent(r['every_step_right'])} | {kept} | {per_seed} |")
     return "\n".join(lines)
 
 
@@ -308,7 +322,7 @@ def main(argv=None):
         return tune(args, default_lrs)
     if args.probe:
         for checkpoint in args.probe:
-            print(checkpoint + ": " + step_skills(checkpoint, out / "seed0" / "data"), flush=True)
+            print(checkpoint + ": " + step_skills(checkpoint, out / f"seed{args.seeds[0]}" / "data"), flush=True)
         return
     arms_results, times = {}, {}
     for seed in args.seeds:
@@ -346,6 +360,12 @@ def check_steps(problem, solution):
         right += int(c) == int(a) + step
         slipped += int(c) == int(a) + slip
     return steps, right, slipped
+
+
+def every_step_right(problem, solution):
+    """True when a solution has steps and each applies the problem's operation once (check_steps)."""
+    steps, right, _ = check_steps(problem, solution)
+    return 0 < steps == right
 
 
 def step_skills(checkpoint, data):

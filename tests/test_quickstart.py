@@ -16,14 +16,23 @@ def test_sparkline():
 
 
 def test_table_reports_mean_std_and_every_seed():
-    results = {"base": {"accuracy": [0.02, 0.04], "avg@4": [0.01, 0.03]},
-               "rlvr": {"accuracy": [0.0, 0.1], "avg@4": [0.0, 0.05], "kept_group_rate": [0.125, 0.375]}}
+    results = {"base": {"accuracy": [0.02, 0.04], "avg@4": [0.01, 0.03], "every_step_right": [0.0, 0.02]},
+               "rlvr": {"accuracy": [0.0, 0.1], "avg@4": [0.0, 0.05], "every_step_right": [0.0, 0.0],
+                        "kept_group_rate": [0.125, 0.375]}}
     rows = quickstart.table(results, 4).splitlines()
-    assert rows[0].startswith("| arm | held-out greedy (%) | avg@4 (%)")
+    assert rows[0].startswith("| arm | held-out greedy (%) | avg@4 (%) | greedy, every step right (%)")
     # mean and sample std over the seeds, in percent: 3.0 +- 1.4 and 5.0 +- 7.1
-    assert rows[2] == "| base | 3.0 ± 1.4 | 2.0 ± 1.4 |  | 2.0, 4.0 |"
-    assert rows[3] == "| rlvr | 5.0 ± 7.1 | 2.5 ± 3.5 | 0.25 | 0.0, 10.0 |"
+    assert rows[2] == "| base | 3.0 ± 1.4 | 2.0 ± 1.4 | 1.0 ± 1.4 |  | 2.0, 4.0 |"
+    assert rows[3] == "| rlvr | 5.0 ± 7.1 | 2.5 ± 3.5 | 0.0 ± 0.0 | 0.25 | 0.0, 10.0 |"
     assert quickstart.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_every_step_right_needs_steps_and_no_wrong_one():
+    problem = "Start with 10. Subtract 2, twice. What number do you end with?"
+    assert quickstart.every_step_right(problem, "1. Subtract 2: 10 - 2 = 8.\n2. Subtract 2: 8 - 2 = 6.")
+    # the right number reached by one slipped step (applied twice) is not a solution with every step right
+    assert not quickstart.every_step_right(problem, "1. Subtract 2: 10 - 2 = 6. The answer is \\boxed{6}.")
+    assert not quickstart.every_step_right(problem, "The answer is \\boxed{6}.")
 
 
 def test_check_steps_counts_right_and_slipped_steps():
@@ -58,6 +67,7 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
         result = summary["arms"][arm]
         assert len(result["accuracy"]) == 1 and 0.0 <= result["accuracy"][0] <= 1.0
         assert 0.0 <= result["avg@2"][0] <= 1.0
+        assert 0.0 <= result["every_step_right"][0] <= result["accuracy"][0]
         eval_summary = json.loads((out / "seed0" / "eval" / arm / "summary.json").read_text().splitlines()[0])
         assert eval_summary["results"]["test"]["problems"] == 3  # the held-out test problems, all of them
         assert f"| {arm} |" in printed
