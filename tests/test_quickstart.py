@@ -94,7 +94,7 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     quickstart.main(["--out", str(out), "--probe", str(out / "seed0" / "base" / "last")])
     probe = capsys.readouterr().out
     srl_val = (out / "seed0" / "data" / "srl_val.jsonl").read_text().splitlines()
-    assert "whole solutions: step k applies operation k" in probe and f"({len(srl_val)} examples)" in probe
+    assert "steps of whole solutions: greedy right" in probe and f"({len(srl_val)} examples)" in probe
 
 
 def test_tune_extends_the_grid_while_the_best_rate_is_at_its_edge(tmp_path, monkeypatch, capsys):
