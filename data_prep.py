@@ -296,9 +296,9 @@ def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=40, slip=
 
     slip > 0 writes a sloppy teacher's solutions instead: each step, with probability slip, applies the operation
     twice ("21 + 2 = 25.") and the chain goes on from there, to the answer it reaches. A model trained on them
-    learns one consistent bad habit, which the correct solutions can then train away (quickstart.py); a slip moves
-    the chain by a whole operand, so slips never cancel into a right answer by luck. The problems do not depend on
-    slip: the same seed gives the same problems, with or without it."""
+    learns one consistent bad habit, which the correct solutions can then train away (quickstart.py). A slipped
+    chain of full length never ends on the right answer (one that stops early can: three slipped steps are six
+    operations). The problems do not depend on slip: the same seed gives the same problems, with or without it."""
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
     if (count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value or max_value < 2 * high
             or not 0 <= slip <= 1):
@@ -601,7 +601,7 @@ def main(argv=None):
     parser.add_argument("--synthetic-max-value", type=int, default=40,
                         help="synthetic values stay in 0..this (default 40; at least 2 x steps)")
     parser.add_argument("--synthetic-slip", type=float, default=0.0,
-                        help="share of a sloppy teacher's steps that apply the operation twice (default 0: correct solutions)")
+                        help="share of a sloppy teacher's steps that apply the operation twice (default 0)")
     args = parser.parse_args(argv)
 
     def refuse(message):  # a user error: one line in argparse's style, exit status 2, nothing written
