@@ -31,7 +31,8 @@ is the model's own), a whole chain is not: the paper's regime, with the base's w
      whole expert solution as the one target: data_prep.py --one-step).
      The budget is counted in rollouts: every RL stage samples --rl-steps x --prompts x --group-size of them.
      Dynamic sampling filters each draw and does not draw again (--max-draws 1), so no arm samples more than another.
-  4. evaluate.py on the held-out test problems: greedy accuracy (the table's main number) and avg@k at temperature 1.
+  4. evaluate.py on the held-out test problems: greedy accuracy (the table's main number) and avg@k at temperature 1;
+     then, from its outputs, the greedy answers that are right with every step right (check_steps).
 Every stage is its ordinary command line, printed as it starts, with its output in <out>/seed<N>/<name>.log; up to
 --jobs of them run at once. At the end: a table shaped like the paper's Table 1, <out>/summary.json and a picture of
 the training curves and held-out accuracies (<out>/study.png with matplotlib, text sparklines without).
