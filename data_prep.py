@@ -8,7 +8,7 @@ answer line after the last step stays with the last step.
 
 Run:
     python data_prep.py                          # the built-in problems (builtin_problems.jsonl) -> data/
-    python data_prep.py --synthetic 200          # 200 generated arithmetic chains (for tiny models)
+    python data_prep.py --synthetic 200          # 200 generated arithmetic chains (synthetic.py, for tiny models)
     python data_prep.py --input s1K-1.1.parquet  # s1K-1.1 columns: question, deepseek_attempt, ...
     python data_prep.py --input s1K-1.1.parquet --correct-only   # experts only from attempts graded correct
     python data_prep.py --input s1k.json --question-field problem --solution-field solution
@@ -64,6 +64,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import synthetic
 import trajectories
 from trajectories import TrajectoryError, text_of
 from grader import last_boxed  # the gold answer of a solution: its last \boxed{}
@@ -276,63 +277,12 @@ def step_title(step):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The project's own data: built-in problems and a synthetic generator
+# The project's own data: the built-in problems (the synthetic chains are synthetic.py's)
 
 def builtin_problems():
     """The built-in sample: 49 hand-written problems (arithmetic, algebra, geometry, counting, number
     theory) with numbered "1. **Title** ..." solutions and boxed answers, in builtin_problems.jsonl."""
     return read_records(BUILTIN_PATH)
-
-
-SYNTHETIC_OPS = {"add": ("Add", "+"), "sub": ("Subtract", "-")}  # operation -> (its word, its symbol)
-
-
-def synthetic_problems(count, steps=4, max_number=9, seed=0, max_value=40, slip=0.0):
-    """count arithmetic chains, one operation repeated ("Start with 17. Add 2, 6 times. What number do you end
-    with?"), solved one application per step ("3. Add 2: 21 + 2 = 23."), the last step boxing the final number.
-    A step needs only the number above it and the problem's operation, so it is within reach of a small model; a
-    long chain is not, since every step must be right. Difficulty: steps (an int, or (low, high) for a mix of
-    lengths), max_number (the largest operand) and max_value (every number stays in 0..max_value, slips included).
-
-    slip > 0 writes a sloppy teacher's solutions instead: each step, with probability slip, applies the operation
-    twice ("21 + 2 = 25.") and the chain goes on from there, to the answer it reaches. A model trained on them
-    learns one consistent bad habit, which the correct solutions can then train away (quickstart.py). A slipped
-    chain of full length never ends on the right answer (one that stops early can: three slipped steps are six
-    operations). The problems do not depend on slip: the same seed gives the same problems, with or without it."""
-    low, high = steps if isinstance(steps, tuple) else (steps, steps)
-    if (count < 1 or not 1 <= low <= high or not 1 <= max_number < max_value or max_value < 2 * high
-            or not 0 <= slip <= 1):
-        raise DataError("--synthetic needs N >= 1, --synthetic-steps >= 1 (or LOW-HIGH), 1 <= --synthetic-max-number "
-                        "< --synthetic-max-value, --synthetic-max-value >= 2 x steps, 0 <= --synthetic-slip <= 1")
-    rng = random.Random(seed)
-    problems = []
-    for index in range(count):
-        num_steps = rng.randint(low, high)
-        n = rng.randint(1, min(max_number, max_value // (2 * num_steps)))  # a slip on every step still fits
-        op = rng.choice(["add", "sub"])
-        word, symbol = SYNTHETIC_OPS[op]
-        sign, span = (1 if op == "add" else -1), num_steps * 2 * n
-        value = start = rng.randint(0, max_value - span) if op == "add" else rng.randint(span, max_value)
-        lines = []
-        for k in range(1, num_steps + 1):
-            result = value + sign * n * (1 + (rng.random() < slip))  # a draw per step, slip or not: same problems
-            lines.append(f"{k}. {word} {n}: {value} {symbol} {n} = {result}.")
-            value = result
-        lines[-1] += f" The answer is \\boxed{{{value}}}."
-        times = {1: "once", 2: "twice"}.get(num_steps, f"{num_steps} times")
-        problem = f"Start with {start}. {word} {n}, {times}. What number do you end with?"
-        problems.append({"id": f"synthetic-{seed}-{index + 1:05d}", "problem": problem,
-                         "solution": "\n".join(lines), "answer": str(value)})
-    return problems
-
-
-def step_range(text):
-    """--synthetic-steps: "8" -> 8, "1-8" -> (1, 8)."""
-    low, _, high = text.partition("-")
-    try:
-        return (int(low), int(high)) if high else int(low)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,16 +455,18 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
 # ----------------------------------------------------------------------------------------------------
 # Writing
 
-def write_outputs(out_dir, outputs):
-    """Write JSONL files ({name: records}) so that either all of them change or none does: each goes to a
-    temporary file first, and they are renamed only when all of them are written."""
+def write_files(out_dir, texts):
+    """Write text files ({name: text}) so that either all of them change or none does: each goes to a temporary
+    file beside it first, and they are renamed into place only when all of them are written. The project's one
+    writer of JSON and JSONL files (write_outputs, write_jsonl and write_json call it): a kill or a full disk
+    never leaves a half-written file."""
     out_dir, temps = Path(out_dir), {}
     try:
-        for name, records in outputs.items():
+        for name, text in texts.items():
             out_dir.mkdir(parents=True, exist_ok=True)
             fd, temps[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+                f.write(text)
             os.chmod(temps[name], 0o644)
     except BaseException:
         for tmp in temps.values():
@@ -524,9 +476,23 @@ def write_outputs(out_dir, outputs):
         os.replace(tmp, out_dir / name)
 
 
+def jsonl_text(records):
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def write_outputs(out_dir, outputs):
+    """Write JSONL files ({name: records}), all of them or none (write_files)."""
+    write_files(out_dir, {name: jsonl_text(records) for name, records in outputs.items()})
+
+
 def write_jsonl(path, records):
-    """Write records as JSONL atomically (a temporary file, then os.replace)."""
-    write_outputs(Path(path).parent, {Path(path).name: records})
+    """Write records as a JSONL file, atomically."""
+    write_files(Path(path).parent, {Path(path).name: jsonl_text(records)})
+
+
+def write_json(path, obj):
+    """Write one JSON value, indented, atomically."""
+    write_files(Path(path).parent, {Path(path).name: json.dumps(obj, indent=1, ensure_ascii=False) + "\n"})
 
 
 def summary(source, problems, outputs, stats, out_dir, seconds, max_observation_chars=4000):
@@ -595,7 +561,7 @@ def main(argv=None):
     parser.add_argument("--one-step", action="store_true",
                         help="the whole solution is one step (the paper's one-step reward ablation)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--synthetic-steps", type=step_range, default=4,
+    parser.add_argument("--synthetic-steps", type=synthetic.step_range, default=4,
                         help="operations per synthetic problem: N, or LOW-HIGH for a mix (default 4)")
     parser.add_argument("--synthetic-max-number", type=int, default=9, help="largest synthetic operand (default 9)")
     parser.add_argument("--synthetic-max-value", type=int, default=40,
@@ -607,25 +573,19 @@ def main(argv=None):
     def refuse(message):  # a user error: one line in argparse's style, exit status 2, nothing written
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
-    lowest = {"synthetic": 1, "synthetic_max_number": 1, "context_pairs": 0, "max_observation_chars": 40,
-              "val_problems": 0, "test_problems": 0}
+    lowest = {"context_pairs": 0, "max_observation_chars": 40, "val_problems": 0, "test_problems": 0}
     for name, low in lowest.items():
         value = getattr(args, name)
         if value is not None and value < low:
             refuse(f"--{name.replace('_', '-')} {value}: must be at least {low}")
-    steps = args.synthetic_steps
-    low, high = steps if isinstance(steps, tuple) else (steps, steps)
-    if not 1 <= low <= high:
-        refuse(f"--synthetic-steps {'-'.join(map(str, steps)) if isinstance(steps, tuple) else steps}: must be N >= 1, "
-               "or LOW-HIGH with 1 <= LOW <= HIGH")
-    if args.synthetic_max_value <= args.synthetic_max_number:
-        refuse(f"--synthetic-max-value {args.synthetic_max_value}: must be above --synthetic-max-number "
-               f"({args.synthetic_max_number})")
-    if args.synthetic_max_value < 2 * high:
-        refuse(f"--synthetic-max-value {args.synthetic_max_value}: must be at least 2 x the steps ({2 * high}), "
-               "so that every step can apply its operation twice")
-    if not 0 <= args.synthetic_slip <= 1:
-        refuse(f"--synthetic-slip {args.synthetic_slip}: must be a share in 0..1")
+    start = time.time()
+    records = None
+    if args.synthetic is not None:  # the generator checks its own flags (synthetic.py)
+        try:
+            records = synthetic.synthetic_problems(args.synthetic, args.synthetic_steps, args.synthetic_max_number,
+                                                   args.seed, args.synthetic_max_value, args.synthetic_slip)
+        except ValueError as e:
+            refuse(str(e))
     if args.hf_file and not args.hf_dataset:
         refuse("--hf-file names a file of --hf-dataset: give the dataset too")
     out_dir = Path(args.out_dir)
@@ -633,13 +593,10 @@ def main(argv=None):
     if not blocking.is_dir():
         refuse(f"--out-dir {out_dir}: {blocking} is a file, not a folder")
 
-    start = time.time()
     skipped = []
     try:
-        if args.synthetic is not None:
+        if records is not None:
             source, fields, locations = f"the synthetic generator (seed {args.seed})", BUILTIN_FIELDS, None
-            records = synthetic_problems(args.synthetic, args.synthetic_steps, args.synthetic_max_number, args.seed,
-                                         args.synthetic_max_value, args.synthetic_slip)
         else:
             source = args.input or (download_hf_dataset(args.hf_dataset, args.hf_file) if args.hf_dataset
                                     else BUILTIN_PATH)

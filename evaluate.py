@@ -36,8 +36,6 @@ import re
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data_prep import write_jsonl
 from grader import answer_to_str, extract_answer, is_equiv  # re-exported: from evaluate import is_equiv works
 
@@ -129,7 +127,8 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
     """Generate for every problem (one greedy completion, then `samples` at temperature 1.0) and grade them.
     Returns (records, metrics): one record per problem, in the order given; metrics as fractions in [0, 1]."""
     from common import gather, get_rank, get_world_size  # here: the grader needs no torch
-    from model import encode_chat, generate
+    from engine import mix_seed, sample_groups
+    from model import encode_chat
 
     runs = ([(0.0, 1)] if greedy else []) + ([(1.0, samples)] if samples > 0 else [])  # (temperature, count)
     if not problems or not runs:
@@ -139,19 +138,13 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
     # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once.
     # Under torchrun each process takes every world-th problem of that order; the records are gathered at the end.
     order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))[get_rank()::get_world_size()]
-    bar = tqdm(total=len(order) * sum(n for _, n in runs), desc=desc, unit="completion",
-               disable=not progress or get_rank() != 0)
     for temperature, n in runs:
-        per_batch = max(1, batch_size // n)
-        for start in range(0, len(order), per_batch):
-            batch = order[start:start + per_batch]
-            # a seed per problem: its samples do not depend on the batch it is in, or on the process
-            completions = generate(model, [prompts[j] for j in batch], max_new_tokens, temperature=temperature,
-                                   num_samples=n, seed=None if seed is None else [seed * 1_000_003 + j for j in batch])
-            for m, j in enumerate(batch):  # back to the problem's own place (completions are prompt-major)
-                outputs[j] += completions[m * n:(m + 1) * n]
-            bar.update(len(completions))
-    bar.close()
+        # a seed per problem: its samples do not depend on the batch it is in, or on the process
+        groups = sample_groups(model, [prompts[j] for j in order], n, max_new_tokens, max(1, batch_size // n),
+                               None if seed is None else [mix_seed(seed, j) for j in order], temperature=temperature,
+                               desc=f"{desc} (t={temperature:g})" if progress and get_rank() == 0 else None)
+        for j, group in zip(order, groups):
+            outputs[j] += group
 
     stop_ids = set(model.stop_token_ids)
     temperatures = [t for t, n in runs for _ in range(n)]
@@ -203,9 +196,9 @@ def summary_table(model_name, results):
 
 def check_arguments(args):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    common.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
+    checks.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
     --overwrite) and the model. Returns ({name: problems}, the result files --overwrite replaces)."""
-    from common import check_device, check_flags, check_folder, read_config, refuse
+    from checks import check_device, check_flags, check_folder, read_config, refuse
     check_flags(args, ["max_new_tokens", "limit", "batch_size"], lambda v: v >= 1, "at least 1")
     check_flags(args, ["samples"], lambda v: v >= 0, "0 or more")
     check_device(args.device)

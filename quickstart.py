@@ -38,16 +38,17 @@ Every stage is its ordinary command line, printed as it starts, with its output 
 the training curves and held-out accuracies (<out>/study.png with matplotlib, text sparklines without).
 """
 import argparse
-import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from data_prep import read_records, write_json, write_jsonl
+from synthetic import check_steps, every_step_right
 
 ROOT = Path(__file__).resolve().parent
 RL_ARMS = ["rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
@@ -131,11 +132,10 @@ def python(script, *args):
 def warm_start_file(data, out_path, srl_share, seed):
     """The warm start's data: every whole solution, plus SRL-format examples (srl_share per solution, drawn at
     random), in one file sft.py reads (it tells the two kinds apart per record)."""
-    read = lambda name: [json.loads(line) for line in (data / name).read_text().splitlines() if line.strip()]
-    solutions, srl_format = read("sft_train.jsonl"), read("sft_srl_train.jsonl")
+    solutions, srl_format = read_records(data / "sft_train.jsonl"), read_records(data / "sft_srl_train.jsonl")
     random.Random(seed).shuffle(srl_format)
     records = solutions + srl_format[:int(srl_share * len(solutions))]
-    out_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(out_path, records)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,18 +212,18 @@ def read_results(arms_dir, arms, problems_file, samples):
     """{arm: results} from the files the arms and their evaluations wrote under arms_dir."""
     results = {}
     for arm in arms:
-        summary = json.loads((arms_dir / "eval" / arm / "summary.json").read_text().splitlines()[0])
+        [summary] = read_records(arms_dir / "eval" / arm / "summary.json")
         metrics = next(iter(summary["results"].values()))
         results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"]}
         # the greedy answers that are right with every step right: a right number reached by wrong steps is not
         clean = []
-        for record in map(json.loads, (arms_dir / "eval" / arm / problems_file).read_text().splitlines()):
+        for record in read_records(arms_dir / "eval" / arm / problems_file):
             greedy = record["temperatures"].index(0.0)
             clean.append(record["correct"][greedy]
                          and every_step_right(record["problem"], record["completions"][greedy]))
         results[arm]["every_step_right"] = statistics.mean(clean)
         if arm in RL_ARMS:
-            log = [json.loads(line) for line in (arms_dir / arm / "metrics.jsonl").read_text().splitlines()]
+            log = read_records(arms_dir / arm / "metrics.jsonl")
             results[arm].update(reward_curve=[m["reward_mean"] for m in log],
                                 kept_group_curve=[m["kept_group_rate"] for m in log],
                                 kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
@@ -336,37 +336,13 @@ def main(argv=None):
                 arms_results.setdefault(arm, {}).setdefault(key, []).append(value)
     rollouts = args.rl_steps * args.prompts * args.group_size
     settings = {**vars(args), "rollouts_per_rl_stage": rollouts, "seconds": round(time.time() - started)}
-    (out / "summary.json").write_text(json.dumps({"settings": settings, "arms": arms_results, "stage_seconds": times},
-                                                 indent=1))
+    write_json(out / "summary.json", {"settings": settings, "arms": arms_results, "stage_seconds": times})
     print(f"\nHeld-out test: {args.test_problems} problems of {args.hard_steps} operations, {len(args.seeds)} seed(s) "
           f"{args.seeds}; every RL stage sampled {rollouts} rollouts (summary: {out / 'summary.json'})")
     print(table(arms_results, args.samples))
     draw(arms_results, out / "study.png",
          f"SRL vs RLVR in miniature: tiny model, {args.hard_steps}-step arithmetic chains, seeds {args.seeds}")
     print(f"total {time.time() - started:.0f} s")
-
-
-def check_steps(problem, solution):
-    """(steps, right steps, slipped steps) of a solution: a step is right when it applies the problem's operation once
-    to the number it starts from (whatever came before), slipped when it applies it twice (the sloppy teacher's
-    habit, data_prep.synthetic_problems)."""
-    word, n = re.search(r"(Add|Subtract) (\d+)", problem).groups()
-    step = int(n) if word == "Add" else -int(n)
-    slip = 2 * step
-    steps = right = slipped = 0
-    for k, a, c in re.findall(rf"(\d+)\. {word} {n}: (\d+) [-+] {n} = (-?\d+)", solution):
-        if int(k) != steps + 1:
-            break
-        steps += 1
-        right += int(c) == int(a) + step
-        slipped += int(c) == int(a) + slip
-    return steps, right, slipped
-
-
-def every_step_right(problem, solution):
-    """True when a solution has steps and each applies the problem's operation once (check_steps)."""
-    steps, right, _ = check_steps(problem, solution)
-    return 0 < steps == right
 
 
 def step_skills(checkpoint, data):
@@ -378,19 +354,19 @@ def step_skills(checkpoint, data):
     import model
     import srl
     net, tokenizer = model.load_model(checkpoint)
-    problems = [json.loads(line) for line in open(data / "rlvr_val.jsonl")]
+    problems = read_records(data / "rlvr_val.jsonl")
     prompts = [model.encode_chat(tokenizer, evaluate.math_messages(p["problem"])) for p in problems]
     report = []
     for name, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, 4)):
         solutions = model.generate(net, prompts * copies, 150, temperature=temperature)
-        counts = [check_steps(p["problem"], tokenizer.decode(s, skip_special_tokens=True))
+        counts = [check_steps(p["problem"], model.decode_text(tokenizer, s))
                   for p, s in zip(problems * copies, solutions)]
         steps, right, slipped = (sum(column) for column in zip(*counts))
         report.append(f"{name} right {right / max(steps, 1):.0%} slip {slipped / max(steps, 1):.0%}")
-    examples = [json.loads(line) for line in open(data / "srl_val.jsonl")]
+    examples = read_records(data / "srl_val.jsonl")
     actions = model.generate(net, [model.encode_chat(tokenizer, srl.srl_messages(e)) for e in examples], 64,
                              temperature=0)
-    exact = sum(srl.srl_reward(tokenizer.decode(a, skip_special_tokens=True), e["target_step"]) == 1.0
+    exact = sum(srl.srl_reward(model.decode_text(tokenizer, a), e["target_step"]) == 1.0
                 for a, e in zip(actions, examples))
     return (f"steps of whole solutions: {', '.join(report)}; SRL format: greedy next step exactly the expert's "
             f"{exact / max(len(examples), 1):.0%} ({len(examples)} examples)")
@@ -424,7 +400,7 @@ def tune(args, default_lrs, factors=(1 / 3, 1, 3), max_extensions=3):
                 rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"],
                              k: results[method][k], "accuracy": results[method]["accuracy"]})
                 print(rows[-1], flush=True)
-    (out / "tune.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "tune.json", rows)
     print(f"| method | lr | validation {k} (%) | validation greedy (%) |\n| --- | --- | --- | --- |")
     for method in default_lrs:
         for lr in sorted({r["lr"] for r in rows if r["method"] == method}):

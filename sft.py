@@ -22,12 +22,12 @@ training state for --resume), <out>/metrics.jsonl (one line per optimiser step),
 format check on held-out SRL prompts at the end (<out>/format_check.json).
 
 Defaults per model (the flags override them):
-  tiny        lr 3e-3, 12 epochs, batch 4, warm-up 0.05 (a random model needs a high learning rate and many small
-              steps). On the built-in data: 312 steps, 21 s on two idle CPU cores (2026-11-27); the 36-sample format
+  small       (under 50M parameters, memory.is_small_model: tiny) lr 3e-3, 12 epochs, batch 4, warm-up 0.05 (a
+              random model needs a high learning rate and many small steps). On the built-in data: 312 steps, 21 s on two idle CPU cores (2026-11-27); the 36-sample format
               check at the end said 75%, 83% and 75% well formed for --seed 0, 1 and 2.
   any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
 A batch runs in micro-batches of at most --micro-batch-tokens padded positions (8,192): Qwen2.5-1.5B with
---target reasoning --max-length 4096 is estimated at 58 GB on a GPU (common.estimate_memory, printed at the start).
+--target reasoning --max-length 4096 is estimated at 58 GB on a GPU (memory.estimate_memory, printed at the start).
 
 Departures from the paper and choices it leaves open:
   - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and
@@ -49,15 +49,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluate import math_messages
-from common import (check_device, check_fields, check_flags, check_run_folder, end_distributed, get_rank,
-                    get_world_size, gpu_memory, init_distributed, plan_memory, print0, read_config, read_jsonl, refuse,
+from checks import check_fields, check_flags, print0, read_jsonl, refuse
+from common import (clip_gradients, end_distributed, get_rank, get_world_size, init_distributed, prepare_run,
                     save_checkpoint, start_run, sum_across, sum_gradients)
-from model import (autocast, build_tiny, completion_logprobs, default_stop_token_ids, encode_chat, generate,
-                   load_model, token_budget_batches)
+from data_prep import write_json
+from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
+from evaluate import math_messages
+from memory import gpu_memory, plan_memory
+from model import autocast, build_tiny, decode_text, default_stop_token_ids, encode_chat, load_model
 from srl import parse_action, srl_fields, srl_messages, srl_reward
 
-TINY_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)
+SMALL_MODEL_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)  # tiny (memory.is_small_model)
 PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, chunk_batches=32):
     """One epoch's batches (lists of example indices): shuffle, sort by length within chunks of chunk_batches
     batches (little padding), then shuffle the batches. The order depends only on (seed, epoch), so --resume
     finds its place again from the epoch and the batch index alone."""
-    rng = random.Random(seed * 1_000_003 + epoch)
+    rng = random.Random(mix_seed(seed, epoch))
     order = list(range(len(lengths)))
     rng.shuffle(order)
     chunk = batch_size * chunk_batches
@@ -190,7 +192,7 @@ def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0
         total += loss.item()
     sum_gradients(model)  # under torchrun: the whole batch's gradient on every process
     total = sum_across([total])[0]
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    grad_norm = clip_gradients(model, clip)
     skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
     if not skipped:  # a non-finite loss or gradient would poison the weights and AdamW's moments: skip the step
         for group in optimizer.param_groups:
@@ -207,14 +209,11 @@ def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0
 def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_tokens=256, seed=0, batch_prompts=8):
     """Sample at temperature 1.0 (as SRL's rollouts do) and score with srl.py. Returns a dict with format_rate
     (fraction that srl.parse_action accepts), reward_mean (srl_reward, -1 for format failures) and a sample."""
-    texts, experts = [], []
-    for start in range(0, len(examples), batch_prompts):
-        part = examples[start:start + batch_prompts]
-        prompts = [encode_chat(tokenizer, srl_messages(ex)) for ex in part]
-        outs = generate(model, prompts, max_new_tokens, temperature=1.0, num_samples=samples_per_prompt,
-                        seed=seed + start)
-        texts += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-        experts += [ex["target_step"] for ex in part for _ in range(samples_per_prompt)]
+    prompts = [encode_chat(tokenizer, srl_messages(example)) for example in examples]
+    groups = sample_groups(model, prompts, samples_per_prompt, max_new_tokens, batch_prompts,
+                           [mix_seed(seed, i) for i in range(len(prompts))], temperature=1.0)
+    texts = [decode_text(tokenizer, c) for group in groups for c in group]
+    experts = [example["target_step"] for example in examples for _ in range(samples_per_prompt)]
     rewards = [srl_reward(t, e) for t, e in zip(texts, experts)]
     well_formed = sum(parse_action(t) is not None for t in texts)
     return {"samples": len(texts), "format_rate": well_formed / len(texts), "reward_mean": sum(rewards) / len(texts),
@@ -225,17 +224,15 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The run: plan, resume, loop, checkpoints
 
-PLAN = ("model", "data", "target", "epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed", "precision")
 STATE_KEYS = ("args", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "skipped_steps")  # what --resume reads
 
 
 def check_arguments(args):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    common.refuse): the device, the run folder, the flags (on --resume after the checkpoint's PLAN has replaced
-    them), every record of the data and of the format check's prompts, and the model. Returns (training state or
-    None, records, format-check examples, model config)."""
-    check_device(args.device)
-    state = check_run_folder(args, STATE_KEYS)  # on --resume the checkpoint's PLAN replaces the flags
+    checks.refuse): the device, the run folder and the model (common.prepare_run, which also fills the flags left
+    at None: tiny's defaults for a small model, else the paper's), the flags, every record of the data and of the
+    format check's prompts. Returns (training state or None, records, format-check examples, model config)."""
+    state, config = prepare_run(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, PAPER_DEFAULTS)
     check_flags(args, ["epochs", "max_steps", "batch_size", "micro_batch_tokens", "max_length", "save_every"],
                 lambda v: v >= 1, "at least 1")
     check_flags(args, ["check_samples"], lambda v: v >= 0, "0 or more")
@@ -252,18 +249,7 @@ def check_arguments(args):
     if args.check_samples > 0 and "completion" in records[0] and (args.val_data or val_path.is_file()):
         args.val_data = str(val_path)
         val_examples = read_jsonl(val_path, srl_fields, flag="--val-data")
-    config = read_config(Path(args.out) / "last" if state else args.model)
     return state, records, val_examples, config
-
-
-def resolve_plan(args, config):
-    """Fill the flags left at None (tiny's defaults, else the paper's) and the precision, then check the GPU memory
-    the plan needs, before any weight loads."""
-    for key, value in (TINY_DEFAULTS if args.model == "tiny" else PAPER_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.precision = args.precision or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
-    plan_memory(config, args, gpu_memory(args.device))
 
 
 def load_model_and_data(args, state, records):
@@ -327,9 +313,8 @@ def train(args, model, tokenizer, examples, state):
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if step % args.save_every == 0 or step == end_step:
-            save_checkpoint(model, tokenizer, out / "last", optimizer, {k: getattr(args, k) for k in PLAN},
-                            step=step, epoch=step // batches_per_epoch, batch_in_epoch=step % batches_per_epoch,
-                            skipped_steps=skipped)
+            save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step, epoch=step // batches_per_epoch,
+                            batch_in_epoch=step % batches_per_epoch, skipped_steps=skipped)
     bar.close()
     metrics.close()
     return step, skipped
@@ -369,7 +354,7 @@ def main(argv=None):
 
     state, records, val_examples, config = check_arguments(args)  # before any process group or weight
     rank, _, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
-    resolve_plan(args, config)
+    plan_memory(config, args, gpu_memory(args.device))  # activation checkpointing if needed; refused if it cannot fit
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, tokenizer, examples = load_model_and_data(args, state, records)
@@ -386,8 +371,7 @@ def main(argv=None):
         longest_target = max(len(t) for _, t in examples)
         check = format_check(model, tokenizer, val_examples, args.check_samples,
                              max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
-        (out / "format_check.json.tmp").write_text(json.dumps(check, indent=1, ensure_ascii=False))
-        (out / "format_check.json.tmp").replace(out / "format_check.json")
+        write_json(out / "format_check.json", check)
         print(f"format check on {args.val_data} ({check['samples']} samples at temperature 1.0): format rate "
               f"{check['format_rate']:.0%}, mean SRL reward {check['reward_mean']:.3f} (format failures count -1; "
               f"{check['reward_mean_well_formed']:.3f} over well-formed samples)")

@@ -17,14 +17,17 @@ Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training
 <out>/best/ (best on validation): Hugging Face folders that `--model` of any stage accepts. Every user error,
 an --out that already holds a run included (unless --resume or --overwrite), is refused before anything loads.
 
-Sections: 1. step_similarity, 2. srl_reward, 3. the GRPO pieces (group_advantages, keep_group, grpo_loss), 4. the
-prompt, 5. the training loop (collect_groups, update_policy, train). rlvr.py imports 3 and 5.
+Sections: 1. step_similarity, 2. srl_reward, 3. the prompt (srl_messages), 4. the run: its command line and the
+loop, rollouts -> advantages -> update -> validation -> checkpoints (train), which rlvr.py imports. The GRPO pieces
+the loop calls (group_advantages, keep_group, grpo_loss, collect_groups, update_policy) are in grpo.py, re-exported
+here; the setup before the first step, checkpoints and torchrun in common.py; the model and sampler in model.py and
+engine.py.
 
 Defaults by model size (flags override them): under 50M parameters (tiny) 4 prompts x G 8, 64 new tokens, lr 3e-5,
 20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch, which one 80 GB GPU turns around
 quickly (the paper: 512 prompts x G 8, lr 5e-7, Qwen2.5-7B on several GPUs). The update runs in micro-batches of
 --micro-batch-tokens positions, so memory does not depend on how long the completions happen to be. On a GPU the
-run first prints common.estimate_memory's estimate (Qwen2.5-1.5B at the defaults: 61 GB of 80), and stops before
+run first prints memory.estimate_memory's estimate (Qwen2.5-1.5B at the defaults: 61 GB of 80), and stops before
 loading any weight if the step cannot fit.
 
 Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
@@ -55,22 +58,20 @@ Departures from the paper and choices it leaves open:
     system prompt, asking for the next command; the target is the command, never the agent's thought.
 """
 import argparse
-import copy
 import json
-import math
-import os
-import random
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from common import (broadcast, check_device, check_flags, check_run_folder, copy_weights, end_distributed, gather,
-                    get_rank, get_world_size, gpu_memory, init_distributed, parameter_count, plan_memory, print0,
-                    read_config, read_jsonl, refuse, save_checkpoint, shard, start_run, sum_across, sum_gradients)
-from model import autocast, completion_logprobs, encode_chat, generate, load_model, token_budget_batches
+from common import (broadcast, check_rl_arguments, copy_weights, drop_long_prompts, end_distributed,
+                    init_distributed, load_for_training, plan_rl_step, planned_steps, prepare_run, print0,
+                    save_checkpoint, start_run, validation_sample)
+from engine import sample_groups
+from grpo import (FORMAT_FAILURE, Group, PromptStream, Rollout, collect_groups, group_advantages,  # noqa: F401
+                  grpo_loss, keep_group, update_policy)  # re-exported: `from srl import grpo_loss` is the public name
+from model import decode_text, encode_chat
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -148,7 +149,6 @@ def step_similarity(a: str, b: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # 2. The SRL reward: only the action after </think> is scored, never the monologue.
 
-FORMAT_FAILURE = -1.0
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -176,78 +176,7 @@ def srl_reward(completion: str, expert_step: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. GRPO pieces: group-relative advantages, dynamic sampling, and the clipped policy-gradient loss.
-
-
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Advantages for rewards [num_groups, G] (G rollouts of one prompt per row): (r - group mean) / (group std + eps).
-
-    The std is the population std (unbiased=False, divide by G). With scale_by_std=False: r - group mean only.
-    """
-    centred = rewards - rewards.mean(dim=-1, keepdim=True)
-    if not scale_by_std:
-        return centred
-    return centred / (rewards.std(dim=-1, keepdim=True, unbiased=False) + eps)
-
-
-def keep_group(rewards: torch.Tensor, std_threshold: float) -> torch.Tensor:
-    """Dynamic sampling: True for the groups (rows of rewards [num_groups, G]; or one group [G]) worth training on.
-
-    A group is kept only if the population std of its rewards is above std_threshold: when all rollouts score
-    (nearly) the same, every advantage is (nearly) zero and the group gives no learning signal.
-    """
-    return rewards.std(dim=-1, unbiased=False) > std_threshold
-
-
-def grpo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, ref_logp=None, beta=0.0,
-              num_tokens=None):
-    """Clipped GRPO surrogate; returns (loss, stats).
-
-    logp      [B, T] log-probs of the sampled tokens under the policy being trained (requires grad)
-    old_logp  [B, T] the same under the policy that sampled them (detached)
-    advantages [B]   one advantage per completion, shared by its tokens
-    mask      [B, T] 1 for completion tokens (stop token included), 0 for prompt and padding
-    ref_logp  [B, T] log-probs under a frozen reference model, needed only when beta > 0
-    num_tokens  the divisor of the token sum; default mask.sum(), the token mean over this batch. When an optimiser
-                step is split into micro-batches, pass the number of completion tokens of the whole step: the
-                micro-batch losses (and gradients) then add up to the loss of the whole step.
-
-    Per token: ratio = exp(logp - old_logp), surrogate = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A),
-    the pessimistic minimum with DAPO's asymmetric clip. With beta > 0 the k3 estimate of KL(policy || reference),
-    kl = exp(ref_logp - logp) - (ref_logp - logp) - 1, is subtracted as beta * kl.
-    loss = -sum over masked tokens of (surrogate - beta * kl) / num_tokens.
-
-    With one optimiser step per rollout batch, logp equals old_logp, the ratio is 1 and the clip does nothing: the
-    gradient is the plain policy gradient. The clip only acts when a rollout batch is reused for several steps.
-    """
-    keep = mask.bool()
-    # Work on the masked tokens only (1-D tensors), in float32: padding never reaches the loss or its gradient.
-    logp, old_logp = logp.float()[keep], old_logp.float()[keep]
-    adv = advantages.float()[:, None].expand_as(mask)[keep]
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = torch.minimum(unclipped, clipped)
-    stats = {}
-    if beta > 0:
-        if ref_logp is None:
-            raise ValueError("grpo_loss: beta > 0 needs ref_logp")
-        log_ref_ratio = ref_logp.float()[keep] - logp
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
-        per_token = per_token - beta * kl
-        stats["kl_mean"] = kl.mean().item() if kl.numel() else 0.0
-    if num_tokens is None:
-        num_tokens = max(int(keep.sum()), 1)
-    loss = -per_token.sum() / num_tokens
-    with torch.no_grad():
-        count = max(ratio.numel(), 1)
-        stats["clip_fraction"] = (clipped < unclipped).sum().item() / count  # the clipped term won the minimum
-        stats["ratio_mean"] = ratio.sum().item() / count
-    return loss, stats
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. The prompt: the problem and the expert's steps so far; the model continues with the next step only.
+# 3. The prompt: the problem and the expert's steps so far; the model continues with the next step only.
 
 SYSTEM_PROMPT = (
     "You are solving a problem one step at a time. You are given the problem and a partial solution. First think "
@@ -264,7 +193,7 @@ AGENT_SYSTEM_PROMPT = (
 
 def srl_fields(example):
     """What srl_messages and the reward read from an example ({field: type}): the command lines check every record
-    for them before training starts (common.check_fields)."""
+    for them before training starts (checks.check_fields)."""
     if "issue" in example:  # an agent step
         return {"issue": str, "previous_pairs": list, "step_index": int, "target_step": str}
     return {"problem": str, "previous_steps": list, "target_step": str}
@@ -296,14 +225,11 @@ def srl_messages(example):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. The training loop (rollouts, rewards, dynamic sampling, updates, validation, checkpoints), shared with rlvr.py.
+# 4. The run: the command line, then the loop (rollouts, advantages, update, validation, checkpoints), shared with
+# rlvr.py
 
 SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr=3e-5, max_steps=20)
 LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
-# flags that --resume takes from the command line (where and how the work runs, how long, how often to save);
-# every other one comes from the checkpoint's plan
-RUNTIME_FLAGS = ("resume", "overwrite", "device", "out", "max_steps", "eval_every", "save_every", "val_limit",
-                 "sample_batch", "micro_batch_tokens", "activation_checkpointing", "fsdp")
 STATE_KEYS = ("args", "optimizer", "rng", "step", "position", "best", "skipped")  # what --resume reads
 
 
@@ -360,309 +286,77 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     return p
 
 
-def drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples):
-    """(examples, val_examples) without those whose prompt exceeds --max-prompt-tokens: agent steps can carry
-    long issues and outputs, and such a prompt would cost memory and time (or overflow the model's context)
-    without teaching more. The count is printed, never silent."""
-    kept = []
-    for name, source in (("training", examples), ("validation", val_examples)):
-        lengths = [len(encode_chat(tokenizer, make_prompt(ex))) for ex in source]
-        short = [ex for ex, n in zip(source, lengths) if n <= args.max_prompt_tokens]
-        if len(short) < len(source):
-            print0(f"dropped {len(source) - len(short)} of {len(source)} {name} examples whose prompt is over "
-                   f"--max-prompt-tokens {args.max_prompt_tokens} (longest: {max(lengths)} tokens)")
-        kept.append(short)
-    if not kept[0]:
-        refuse(f"every training prompt is over --max-prompt-tokens {args.max_prompt_tokens}")
-    return kept[0], kept[1]
-
-
-class PromptStream:
-    """Training examples in a seeded random order, epoch after epoch; its position is part of the checkpoint."""
-
-    def __init__(self, n, seed, position=0):
-        self.n, self.seed, self.position = n, seed, position
-
-    def next(self):
-        epoch, i = divmod(self.position, self.n)
-        order = random.Random(self.seed * 100003 + epoch).sample(range(self.n), self.n)
-        self.position += 1
-        return order[i]
-
-
-class Group(NamedTuple):
-    """The G rollouts of one prompt (a kept group of dynamic sampling)."""
-    prompt: list  # token ids of the chat prompt
-    completions: list  # G lists of sampled token ids, the stop token kept
-    rewards: torch.Tensor  # [G]
-
-
-class Rollout(NamedTuple):
-    """One completion as the update sees it."""
-    prompt: list
-    completion: list
-    advantage: float  # group-relative, shared by every token of the completion
-
-
-def decode(tokenizer, ids):
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def collect_groups(args, policy, tokenizer, examples, stream, make_prompt, reward_fn, stop_ids):
-    """Rollouts with dynamic sampling (paper, SRL section): draw prompts, sample G completions each, score them,
-    keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are kept or
-    max_draws rounds are spent. Returns the kept Groups and counters for the log. Under torchrun each process
-    samples and scores every world-th prompt of a draw, then all groups are gathered: every process keeps the
-    groups that one process would."""
-    kept = []
-    drawn = []  # (completions, rewards) of every group sampled in this step, kept or not: for the log
-    for _ in range(args.max_draws):
-        need = args.batch_prompts - len(kept)
-        if need <= 0:
-            break
-        # each prompt's rollouts draw from its own seed, (run seed, position in the prompt stream): a resumed run,
-        # or another number of processes, samples the same tokens
-        seeds = [args.seed * 1_000_003 + stream.position + i for i in range(need)]
-        batch = [examples[stream.next()] for _ in range(need)]
-        prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in batch]
-        mine = list(range(get_rank(), need, get_world_size()))  # this process's share of the draw
-        scored = {}  # prompt index in the draw -> (completions, rewards)
-        at_once = args.sample_batch or max(len(mine), 1)
-        for s in range(0, len(mine), at_once):
-            part = mine[s:s + at_once]
-            outputs = generate(policy, [prompts[i] for i in part], args.max_new_tokens, temperature=args.temperature,
-                               num_samples=args.group_size, seed=[seeds[i] for i in part])
-            for k, i in enumerate(part):
-                group = outputs[k * args.group_size:(k + 1) * args.group_size]
-                scored[i] = (group, [reward_fn(decode(tokenizer, c), batch[i]) for c in group])
-        scored = {i: v for share in gather(scored) for i, v in share.items()}  # every process's groups
-        for i in range(need):
-            group, rewards = scored[i][0], torch.tensor(scored[i][1])
-            drawn.append((group, rewards))
-            if bool(keep_group(rewards, args.std_threshold)) and len(kept) < args.batch_prompts:
-                kept.append(Group(prompts[i], group, rewards))
-    rewards = torch.cat([r for _, r in drawn])
-    completions = [c for group, _ in drawn for c in group]
-    tokens = sum(map(len, completions))
-    finished = sum(len(c) > 0 and c[-1] in stop_ids for c in completions)  # ended with a stop token
-    return kept, dict(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
-                      format_failure_rate=int((rewards == FORMAT_FAILURE).sum()) / len(rewards),
-                      kept_group_rate=len(kept) / len(drawn), groups_drawn=len(drawn),
-                      response_length=tokens / len(rewards), truncation_rate=1 - finished / len(rewards),
-                      sampled_tokens=tokens)
-
-
-def validation_sample(examples, limit, seed):
-    """The validation examples scored: a seeded sample spread over as many held-out problems as possible (one
-    example of every problem, in a seeded order, before any problem gives a second). The first examples of the
-    file would be consecutive steps of a few problems. It depends only on the file and the seed, so every
-    evaluation of a run, resumed or not, scores the same examples."""
-    rng = random.Random(seed)
-    by_problem = {}
-    for index, example in enumerate(examples):
-        by_problem.setdefault(str(example.get("id", f"#{index}")), []).append(example)
-    groups = list(by_problem.values())
-    rng.shuffle(groups)
-    for group in groups:
-        rng.shuffle(group)
-    rounds = [[group[k] for group in groups if k < len(group)] for k in range(max(map(len, groups), default=0))]
-    return [example for round_ in rounds for example in round_][:limit]
-
-
-def validate(args, policy, tokenizer, examples, make_prompt, reward_fn):
-    """Greedy action of each validation example: mean reward (format failures count 0) and format rate."""
+def validate(args, policy, tokenizer, examples, build_prompt, reward_fn):
+    """The greedy action of each validation example (common.validation_sample): the mean reward, format failures
+    counted as 0, and the format rate."""
     examples = validation_sample(examples, args.val_limit, args.seed)
-    prompts = [encode_chat(tokenizer, make_prompt(ex)) for ex in examples]
-    outputs = generate(policy, prompts, args.max_new_tokens, temperature=0, progress=True)
-    rewards = [reward_fn(decode(tokenizer, c), ex) for c, ex in zip(outputs, examples)]
+    prompts = [encode_chat(tokenizer, build_prompt(example)) for example in examples]
+    groups = sample_groups(policy, prompts, 1, args.max_new_tokens, temperature=0, desc="validate")
+    rewards = [reward_fn(decode_text(tokenizer, c), example) for [c], example in zip(groups, examples)]
     return dict(val_score=sum(max(r, 0.0) for r in rewards) / max(len(rewards), 1),
                 val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1))
 
 
-# an empty micro-batch: a one-token row with advantage 0 (no loss, no gradient) that keeps FSDP's collectives in step
-PADDING = [Rollout([0], [0], 0.0)]
-
-
-def update_policy(model, optimizer, rows, num_tokens, args, reference=None):
-    """The GRPO update on one rollout batch: --updates-per-batch AdamW steps, each a forward and backward over
-    every Rollout in micro-batches whose losses add up to the token mean over the num_tokens completion tokens of
-    the batch. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and counted.
-    Under torchrun, `rows` are this process's share and num_tokens counts the whole batch."""
-    mixed = autocast(args.device, args.precision)
-    chunks = [rows[s] for s in token_budget_batches([r.prompt for r in rows], [r.completion for r in rows],
-                                                    args.micro_batch_tokens)]
-    if args.fsdp:  # each FSDP forward gathers every layer: all processes must run as many micro-batches
-        chunks += [PADDING] * (max(gather(len(chunks))) - len(chunks))
-
-    def logprobs(net, chunk, **kw):
-        return completion_logprobs(net, [r.prompt for r in chunk], [r.completion for r in chunk],
-                                   args.temperature, **kw)
-
-    old_logps = None
-    if args.updates_per_batch > 1:  # the rollout policy's log-probs: the ratio's denominator in later updates
-        with torch.no_grad(), mixed:
-            old_logps = [logprobs(model, chunk)[0] for chunk in chunks]
-    stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
-    for _ in range(args.updates_per_batch):
-        sums = [0.0, 0.0, 0.0]  # loss, clipped tokens, entropy: summed over micro-batches (and processes)
-        for i, chunk in enumerate(chunks):
-            with mixed:
-                logp, mask, entropy = logprobs(model, chunk, with_entropy=True)
-                ref_logp = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_logp = logprobs(reference, chunk)[0]
-            # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
-            old_logp = old_logps[i] if old_logps else logp.detach()
-            advantages = torch.tensor([r.advantage for r in chunk], device=logp.device)
-            loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high,
-                                         ref_logp, args.beta, num_tokens=num_tokens)
-            # FSDP averages the processes' gradients; the sum is wanted, each loss being a share of the mean
-            (loss * get_world_size() if args.fsdp else loss).backward()
-            if chunk is not PADDING:
-                sums = [sums[0] + loss.item(), sums[1] + loss_stats["clip_fraction"] * mask.sum().item(),
-                        sums[2] + entropy.sum().item()]
-        if not args.fsdp:
-            sum_gradients(model)  # under torchrun: the gradient of the whole batch on every process
-        loss_sum, clipped_tokens, entropy_sum = sum_across(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
-            optimizer.step()
-            stats.update(loss=loss_sum, grad_norm=grad_norm.item(), clip_fraction=clipped_tokens / num_tokens,
-                         entropy=entropy_sum / num_tokens)
-        else:  # a non-finite loss would poison the weights and AdamW's moments: skip the step
-            stats["skipped"] += 1
-        optimizer.zero_grad(set_to_none=True)  # no gradient memory held while the next rollouts are sampled
-    return stats
-
-
-def planned_steps(args, num_examples):
-    """--max-steps, or else the steps that make --epochs passes over the training prompts."""
-    return args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
-
-
-def check_arguments(args, fields=None):
-    """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    common.refuse): the device, the run folder, the flags (on --resume after the checkpoint's plan has replaced all
-    but RUNTIME_FLAGS), the data (every record holding fields(record), when given) and the model. Returns
-    (training state or None, examples, validation examples, model config)."""
-    check_device(args.device)
-    if args.fsdp and "RANK" not in os.environ:
-        refuse("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
-    state = check_run_folder(args, STATE_KEYS)  # on --resume the checkpoint's plan replaces the flags
-    check_flags(args, ["batch_prompts", "max_new_tokens", "max_draws", "sample_batch", "updates_per_batch",
-                       "micro_batch_tokens", "max_prompt_tokens", "max_steps", "val_limit", "save_every"],
-                lambda v: v >= 1, "at least 1")
-    check_flags(args, ["group_size"], lambda v: v >= 2, "at least 2 (one rollout alone has no spread: no group would "
-                "ever be kept)")
-    check_flags(args, ["temperature"], lambda v: 0 < v < math.inf, "above 0 (at 0 every rollout of a prompt is the "
-                "same: no group would ever be kept)")
-    check_flags(args, ["lr", "epochs", "grad_clip"], lambda v: 0 < v < math.inf, "above 0")
-    check_flags(args, ["clip_low"], lambda v: 0 <= v < 1, "in [0, 1)")
-    check_flags(args, ["clip_high", "beta", "eval_every"], lambda v: 0 <= v < math.inf, "0 or more")
-    check_flags(args, ["std_threshold"], math.isfinite, "a number")
-    examples = read_jsonl(args.data, fields)
-    if not examples:
-        refuse(f"--data {args.data}: no examples in it")
-    val_path = args.val_data or str(args.data).replace("_train", "_val")
-    val_examples = []
-    if args.val_data or (Path(val_path).exists() and val_path != str(args.data)):
-        val_examples = read_jsonl(val_path, fields, flag="--val-data")
-    config = read_config(Path(args.out) / "last" if state else args.model)
-    return state, examples, val_examples, config
-
-
-def resolve_plan(args, cfg, num_examples):
-    """Fill the flags left at None from the model's size class, check the GPU memory the plan needs, print the
-    plan."""
-    parameters = parameter_count(cfg)
-    small = parameters < 50e6
-    for name, value in (SMALL_MODEL_DEFAULTS if small else LARGE_MODEL_DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    world = get_world_size()
-    prompts_at_once = min(args.sample_batch or args.batch_prompts, math.ceil(args.batch_prompts / world))
-    # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
-    plan_memory(cfg, args, gpu_memory(args.device), prompts_at_once * args.group_size, 1024 + args.max_new_tokens,
-                shards=world if args.fsdp else 1)
-    print0(f"plan: {parameters / 1e6:.1f}M parameters ({'small' if small else 'large'}-model defaults), "
-           f"{planned_steps(args, num_examples)} steps of {args.batch_prompts} prompts x G {args.group_size} = "
-           f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
-           f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed "
-           f"{args.seed}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
-
-
-def train(args, make_prompt, reward_fn, fields=None):
-    """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness). fields:
-    what make_prompt and reward_fn read from an example, checked in every record first (see check_arguments)."""
-    state, examples, val_examples, config = check_arguments(args, fields)  # before any process group or weight
-    rank, world, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
+def train(args, build_prompt, reward_fn, fields=None):
+    """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness).
+    build_prompt(example) -> chat messages; reward_fn(completion text, example) -> float; fields(example): what the
+    two read from an example, checked in every record before anything loads."""
+    # Setup (common.py): every user error refused in one line before any process group forms or any weight loads,
+    # then torchrun, the memory plan, the model (on --resume: where the run stopped)
+    state, config = prepare_run(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, LARGE_MODEL_DEFAULTS)
+    examples, val_examples = check_rl_arguments(args, fields)
+    rank, world, args.device = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    source = str(out / "last" if state else args.model)
-    resolve_plan(args, config, len(examples))
-    model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
-    examples, val_examples = drop_long_prompts(args, tokenizer, make_prompt, examples, val_examples)
+    plan_rl_step(args, config, len(examples))
+    model, tokenizer, policy, reference = load_for_training(args, state, sampling=True)
+    examples, val_examples = drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
-    model.activation_checkpointing = args.activation_checkpointing
-    # fp32 master weights (lr 5e-7 updates vanish in bf16); in bf16 a bf16 copy of them does the sampling, and
-    # under FSDP a whole copy (the trainer's weights are sharded)
-    policy = model
-    if args.precision == "bf16" or args.fsdp:
-        policy = copy.deepcopy(model).to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    reference = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
-    if args.fsdp:
-        shard(model, args.precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
     step = 0  # optimiser steps done
     best = -float("inf")  # best validation score so far
     skipped = 0  # updates skipped for a non-finite loss or gradient
-    any_kept = False  # has any step kept a group? (if not, say why at the end)
+    any_kept = state is not None  # has any step kept a group? (if not, say why at the end)
     if state is not None:
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
-        any_kept = True
-    metrics = start_run(out, model, optimizer, state, args.overwrite)
-    stop_ids = set(policy.stop_token_ids)
+    metrics = start_run(args.out, model, optimizer, state, args.overwrite)
+    out = Path(args.out)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:
-        # 1. rollouts and rewards, with dynamic sampling
-        t0 = time.time()
-        kept, log = collect_groups(args, policy, tokenizer, examples, stream, make_prompt, reward_fn, stop_ids)
-        any_kept = any_kept or bool(kept)
-        t_sample = time.time() - t0
+        # 1. rollouts and rewards, with dynamic sampling: groups whose rewards do not vary are dropped
+        started = time.time()
+        kept_groups, log = collect_groups(args, policy, tokenizer, examples, stream, build_prompt, reward_fn)
+        any_kept = any_kept or bool(kept_groups)
+        sample_seconds = time.time() - started
         # 2. advantages within each group; every completion becomes one Rollout of the update
-        groups = [[Rollout(g.prompt, c, a) for c, a in zip(g.completions, group_advantages(
-            g.rewards, not args.no_std_scale).tolist()) if c] for g in kept]
-        num_tokens = max(sum(len(r.completion) for rows in groups for r in rows), 1)  # the loss: a mean over them
-        mine = [r for rows in groups[rank::world] for r in rows]  # under torchrun: every world-th group
-        stats = update_policy(model, optimizer, mine, num_tokens, args, reference) if kept else {}
+        rollouts = [[Rollout(g.prompt, completion, advantage) for completion, advantage in
+                     zip(g.completions, group_advantages(g.rewards, not args.no_std_scale).tolist()) if completion]
+                    for g in kept_groups]
+        # 3. the clipped GRPO update; then the sampling copy, if there is one, takes the new weights
+        stats = update_policy(model, optimizer, rollouts, args, reference) if kept_groups else {}
         skipped += stats.pop("skipped", 0)
-        if policy is not model and kept:  # the bf16 sampler takes the new fp32 weights
+        if policy is not model and kept_groups:
             copy_weights(policy, model)
-        t_train = time.time() - t0 - t_sample
-        log.update(stats, step=step + 1, kept_groups=len(kept), skipped_steps=skipped, sample_s=round(t_sample, 2),
-                   train_s=round(t_train, 2), tokens_per_s=round(log["sampled_tokens"] / max(t_sample, 1e-9), 1),
-                   world_size=world)
-        # 3. validation (the paper keeps the best checkpoint on validation) and checkpoints; rank 0 validates
-        # and every process learns its result, since saving gathers FSDP's shards from all of them
+        log.update(stats, step=step + 1, kept_groups=len(kept_groups), skipped_steps=skipped,
+                   sample_s=round(sample_seconds, 2), train_s=round(time.time() - started - sample_seconds, 2),
+                   tokens_per_s=round(log["sampled_tokens"] / max(sample_seconds, 1e-9), 1), world_size=world)
+        # 4. validation: the paper keeps the checkpoint that scores best on held-out steps. Rank 0 validates and
+        # every process learns the result, since saving gathers FSDP's shards from all of them
         last_step = step + 1 == total_steps
         if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
-            log.update(broadcast(validate(args, policy, tokenizer, val_examples, make_prompt, reward_fn)
+            log.update(broadcast(validate(args, policy, tokenizer, val_examples, build_prompt, reward_fn)
                                  if rank == 0 else None))
             if log["val_score"] > best:
                 best = log["val_score"]
                 save_checkpoint(model, tokenizer, out / "best")
         elif last_step and not val_examples:
             save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
+        # 5. the log line and the checkpoint that --resume continues from
         metrics.write(json.dumps(log) + "\n")
         metrics.flush()
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:
-            plan = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
-            save_checkpoint(model, tokenizer, out / "last", optimizer, plan, step=step + 1, position=stream.position,
+            save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step + 1, position=stream.position,
                             best=best, skipped=skipped)
     metrics.close()
     if not any_kept:

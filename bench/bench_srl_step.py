@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import data_prep  # noqa: E402
 import srl  # noqa: E402
-from model import completion_logprobs, encode_chat, generate, load_model  # noqa: E402
+from model import completion_logprobs, decode_text, encode_chat, generate, load_model  # noqa: E402
 from smollm2 import smollm2_folder  # noqa: E402
 
 S1K = ROOT.parent / "shared" / "data" / "trajectories" / "s1k_problems_solutions.json"
@@ -90,7 +90,7 @@ def run_ours(args, folder, examples):
 
         start = time.perf_counter()
         G = args.group_size
-        rewards = torch.tensor([[srl.srl_reward(srl.decode(tokenizer, c), ex["target_step"])
+        rewards = torch.tensor([[srl.srl_reward(decode_text(tokenizer, c), ex["target_step"])
                                  for c in outputs[i * G:(i + 1) * G]] for i, ex in enumerate(batch)])
         t["reward"] = time.perf_counter() - start
 

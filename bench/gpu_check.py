@@ -15,7 +15,7 @@ published shape (written below), which costs the same time and memory as the tra
      from a CUDA graph (the default) and without, and whether the two give the same tokens;
   4. one SRL step at qwen-1.5b's defaults (16 prompts x G 8, 1,024 new tokens, 512-token prompts, every group kept,
      every completion full length: the worst case): time of sampling, update and sampler refresh, and the peak
-     memory of each phase against common.estimate_memory;
+     memory of each phase against memory.estimate_memory;
   5. one SFT step at the README's SFT settings (16 examples of 4,096 tokens, --target reasoning): peak memory
      against the estimate;
   6. Qwen2.5-7B: the estimate's verdict for one card, and per GPU with torchrun on 8 GPUs and --fsdp;
@@ -39,6 +39,8 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import grpo  # noqa: E402
+import memory  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 import srl  # noqa: E402
@@ -209,7 +211,7 @@ def check_sampler(size, device):
     sampled_eager, t_eager = timed(device, lambda: run_ours(new, False))
     _, t_hf = timed(device, lambda: run_hf(new))
     bandwidth = measure_bandwidth(device)
-    weight_bytes = 2 * common.parameter_count(ours.config)
+    weight_bytes = 2 * memory.parameter_count(ours.config)
     roofline = batch * bandwidth / weight_bytes  # tokens/s if each decode step only read the weights once
     graph_rate, eager_rate, hf_rate = (batch * new / t for t in (t_graph, t_eager, t_hf))
     report(f"sampler bf16, batch {batch}, {new} new tokens, CUDA graph",
@@ -241,19 +243,20 @@ def check_srl_step(size, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     prompts = random_prompts(prompts_n, size["srl_prompt"], shape["vocab_size"])
     # a first small update creates AdamW's states, as every later step finds them
-    srl.update_policy(model, optimizer, [srl.Rollout(prompts[0], [1, 2, 3], 1.0)], 3, args)
+    grpo.update_policy(model, optimizer, [[grpo.Rollout(prompts[0], [1, 2, 3], 1.0)]], args)
     reset_peak(device)
     outputs, t_sample = timed(device, lambda: M.generate(policy, prompts, args.max_new_tokens, num_samples=group,
                                                          stop_token_ids=[], seed=0))
     peak_sample = peak_gb(device)
     advantages = torch.randn(prompts_n * group, generator=torch.Generator().manual_seed(0)).tolist()  # all kept
-    rows = [srl.Rollout(prompts[i // group], c, a) for i, (c, a) in enumerate(zip(outputs, advantages))]
+    rows = [grpo.Rollout(prompts[i // group], c, a) for i, (c, a) in enumerate(zip(outputs, advantages))]
+    groups = [rows[i:i + group] for i in range(0, len(rows), group)]
     num_tokens = sum(len(r.completion) for r in rows)
     reset_peak(device)
-    stats, t_update = timed(device, lambda: srl.update_policy(model, optimizer, rows, num_tokens, args))
+    stats, t_update = timed(device, lambda: grpo.update_policy(model, optimizer, groups, args))
     peak_update = peak_gb(device)
     _, t_refresh = timed(device, lambda: common.copy_weights(policy, model))
-    estimate = common.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
+    estimate = memory.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
                                       size["srl_prompt"] + args.max_new_tokens)
     fixed = estimate["peak"] - max(estimate["kv_cache"], estimate["activations"] + estimate["logits"])
     expected_update = (fixed + estimate["activations"] + estimate["logits"]) / 1e9
@@ -279,7 +282,7 @@ def check_sft_step(size, device):
     reset_peak(device)
     (loss, _, skipped), seconds = timed(device, lambda: sft.train_step(model, optimizer, batch, budget, 5e-6, device,
                                                                        precision="bf16"))
-    estimate = common.estimate_memory(model.config, "bf16", budget)["peak"] / 1e9
+    estimate = memory.estimate_memory(model.config, "bf16", budget)["peak"] / 1e9
     peak = peak_gb(device)
     report(f"SFT step, {n} examples x {length} tokens, micro-batches of {budget}",
            f"{seconds:.1f} s, loss {loss:.3g}, peak {peak:.1f} GB (estimate {estimate:.1f})",
@@ -288,10 +291,10 @@ def check_sft_step(size, device):
 
 def check_7b():
     cfg = M.ModelConfig.from_hf(QWEN_7B)
-    one = common.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / 1e9
+    one = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / 1e9
     # the README's command: torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512
     # --sample-batch 16: each GPU samples 16 prompts x G 8 at a time
-    eight = common.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / 1e9
+    eight = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / 1e9
     report("Qwen2.5-7B SRL memory (estimate)", f"one card {one:.0f} GB: needs several GPUs; with --fsdp on 8: "
            f"{eight:.0f} GB per GPU", "per GPU <= 68 GB (85% of 80)", eight <= 68)
 

@@ -15,6 +15,7 @@ import pytest
 import sympy
 
 import data_prep
+import synthetic
 from data_prep import DataError, last_boxed, read_records, split_paragraphs, split_steps, step_title
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,7 +439,7 @@ def solve_synthetic(problem):
 
 @pytest.mark.parametrize("steps,max_number,max_value", [(1, 5, 30), (3, 9, 30), ((2, 6), 9, 99), (10, 50, 1000)])
 def test_synthetic_problems_are_exact(steps, max_number, max_value):
-    problems = data_prep.synthetic_problems(60, steps, max_number, seed=3, max_value=max_value)
+    problems = synthetic.synthetic_problems(60, steps, max_number, seed=3, max_value=max_value)
     assert len({p["problem"] for p in problems}) > 30
     low, high = steps if isinstance(steps, tuple) else (steps, steps)
     for p in problems:
@@ -459,15 +460,15 @@ def test_synthetic_problems_are_exact(steps, max_number, max_value):
         assert last_boxed(solution_steps[-1]) == p["answer"]
     if low < high:  # a mix of lengths covers the range
         assert {len(solve_synthetic(p["problem"])) for p in problems} == set(range(low, high + 1))
-    assert data_prep.synthetic_problems(5, seed=1) == data_prep.synthetic_problems(5, seed=1)
-    assert data_prep.synthetic_problems(5, seed=1) != data_prep.synthetic_problems(5, seed=2)
+    assert synthetic.synthetic_problems(5, seed=1) == synthetic.synthetic_problems(5, seed=1)
+    assert synthetic.synthetic_problems(5, seed=1) != synthetic.synthetic_problems(5, seed=2)
 
 
 @pytest.mark.parametrize("slip", [0.0, 0.5, 1.0])
 def test_synthetic_slip_applies_the_operation_twice(slip):
     """A sloppy teacher's step applies the operation twice with probability slip; the chain goes on from there."""
-    problems = data_prep.synthetic_problems(300, (1, 6), seed=4, max_value=40, slip=slip)
-    assert [p["problem"] for p in problems] == [p["problem"] for p in data_prep.synthetic_problems(300, (1, 6), seed=4)]
+    problems = synthetic.synthetic_problems(300, (1, 6), seed=4, max_value=40, slip=slip)
+    assert [p["problem"] for p in problems] == [p["problem"] for p in synthetic.synthetic_problems(300, (1, 6), seed=4)]
     steps = slips = 0
     for p in problems:
         word, n = re.search(r"(Add|Subtract) (\d+)", p["problem"]).groups()

@@ -359,7 +359,7 @@ def tiny():
 def test_evaluate_benchmark_grades_and_restores_order(tiny, monkeypatch):
     # generate is replaced by a scripted one (boxes the right answer for even problem numbers), so that grading,
     # metrics and the restoring of the order after sorting by prompt length are checked against known answers
-    import model
+    import engine
 
     model_, tokenizer = tiny
     problems = [{"id": i, "problem": "Q%d: %s" % (i, "long " * (7 * i % 5)), "answer": str(i * 11)}
@@ -375,7 +375,7 @@ def test_evaluate_benchmark_grades_and_restores_order(tiny, monkeypatch):
                 out.append(tokenizer.encode(text, add_special_tokens=False) + m.stop_token_ids[:1])
         return out
 
-    monkeypatch.setattr(model, "generate", scripted_generate)
+    monkeypatch.setattr(engine, "generate", scripted_generate)
     records, metrics = evaluate.evaluate_benchmark(model_, tokenizer, problems, samples=3, max_new_tokens=16,
                                                    batch_size=4)
     assert [r["id"] for r in records] == list(range(7))

@@ -1,4 +1,4 @@
-"""The GPU memory estimate of common.py: its activation part against what autograd really keeps (saved-tensor
+"""The GPU memory estimate of memory.py: its activation part against what autograd really keeps (saved-tensor
 hooks, on CPU), and the defaults of srl.py, rlvr.py and sft.py for Qwen2.5-1.5B against one 80 GB card."""
 import re
 import sys
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import memory
 import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -52,9 +53,9 @@ def test_activation_estimate_matches_what_autograd_saves(precision, masked, chec
     model = M.Decoder(SMALL).train()
     per_token = (saved_bytes(model, 96, precision, masked, checkpointing)
                  - saved_bytes(model, 32, precision, masked, checkpointing)) / 64
-    estimate = common.activation_bytes_per_token(SMALL, precision, masked, checkpointing)
+    estimate = memory.activation_bytes_per_token(SMALL, precision, masked, checkpointing)
     if checkpointing:  # less the layer rebuilt in backward: (all layers - the final norm's 8h) / layers
-        estimate -= (common.activation_bytes_per_token(SMALL, precision, masked) - 8 * SMALL.hidden_size) / 3
+        estimate -= (memory.activation_bytes_per_token(SMALL, precision, masked) - 8 * SMALL.hidden_size) / 3
     print(f"{precision} masked={masked} checkpointing={checkpointing}: {per_token:.0f} B/token saved, "
           f"estimate {estimate:.0f}")
     assert abs(estimate - per_token) <= 0.25 * per_token
@@ -65,9 +66,9 @@ def test_parameter_count():
                                        num_attention_heads=8, num_key_value_heads=2, intermediate_size=80,
                                        attention_bias=True, tie_word_embeddings=False))
     for cfg in (SMALL, llama):
-        assert common.parameter_count(cfg) == sum(p.numel() for p in M.Decoder(cfg).parameters())
-    assert round(common.parameter_count(M.ModelConfig.from_hf(QWEN_1_5B)) / 1e6) == 1544  # Qwen2.5-1.5B: 1.54B
-    assert round(common.parameter_count(M.ModelConfig.from_hf(QWEN_7B)) / 1e6) == 7616  # Qwen2.5-7B: 7.62B
+        assert memory.parameter_count(cfg) == sum(p.numel() for p in M.Decoder(cfg).parameters())
+    assert round(memory.parameter_count(M.ModelConfig.from_hf(QWEN_1_5B)) / 1e6) == 1544  # Qwen2.5-1.5B: 1.54B
+    assert round(memory.parameter_count(M.ModelConfig.from_hf(QWEN_7B)) / 1e6) == 7616  # Qwen2.5-7B: 7.62B
 
 
 CARD = 80e9  # an 80 GB card
@@ -78,19 +79,21 @@ class LoadedWeights(Exception):
 
 
 def start_on_a_gpu(monkeypatch, module, config):
-    """Run a stage up to its memory plan as if on an 80 GB GPU with `config`'s shape: loading weights raises."""
-    monkeypatch.setattr(module, "gpu_memory", lambda device: CARD)
-    monkeypatch.setattr(module, "read_config", lambda source: M.ModelConfig.from_hf(config))
-
+    """Run a stage up to its memory plan as if on an 80 GB GPU with `config`'s shape: loading weights raises. (The
+    setup lives in common.py; a stage may call these itself.)"""
     def load_model(*args, **kwargs):
         raise LoadedWeights
 
-    monkeypatch.setattr(module, "load_model", load_model)
+    for place in (common, module):
+        for name, value in (("gpu_memory", lambda device: CARD), ("load_model", load_model),
+                            ("read_config", lambda source: M.ModelConfig.from_hf(config))):
+            if hasattr(place, name):
+                monkeypatch.setattr(place, name, value)
 
 
 def estimate_printed(out):
     line = next(line for line in out.splitlines() if line.startswith("GPU memory estimate:"))
-    return float(line.split()[3]) * common.GiB
+    return float(line.split()[3]) * memory.GiB
 
 
 @pytest.mark.parametrize("stage", ["srl", "rlvr", "sft"])
@@ -119,7 +122,7 @@ def test_qwen_1_5b_defaults_fit_an_80gb_card_with_15_percent_to_spare(stage, tmp
     peak = estimate_printed(capsys.readouterr().out)
     print(f"{stage}: {peak / 1e9:.1f} GB, {peak / CARD:.0%} of 80 GB")
     assert peak <= 0.85 * CARD
-    assert common.estimate_memory(M.ModelConfig.from_hf(QWEN_1_5B))["activations"] > 0.25 * CARD  # not a trivial fit
+    assert memory.estimate_memory(M.ModelConfig.from_hf(QWEN_1_5B))["activations"] > 0.25 * CARD  # not a trivial fit
 
 
 def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatch, capsys):
@@ -146,12 +149,13 @@ def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatc
 
 
 def test_the_packing_mask_is_kept_once_not_once_per_layer():
-    """Under bf16 autocast, a mask in the autocast dtype (as completion_logprobs builds it) is saved for backward
-    once for all layers; an fp32 mask would be cast to bf16 in every layer and each copy kept."""
+    """Under bf16 autocast, a mask in the autocast dtype, or a boolean one (which hidden_states turns into that once,
+    as completion_logprobs passes it), is saved for backward once for all layers; an fp32 mask would be cast to
+    bf16 in every layer and each copy kept."""
     model = M.Decoder(SMALL).train()
     ids = torch.randint(0, 300, (1, 40))
     copies = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32, torch.bool):
         squares = set()
 
         def keep(t):
@@ -159,8 +163,9 @@ def test_the_packing_mask_is_kept_once_not_once_per_layer():
                 squares.add(t.untyped_storage().data_ptr())
             return t
 
-        mask = torch.full((40, 40), float("-inf"), dtype=dtype).triu(1)[None, None]
+        mask = torch.full((40, 40), float("-inf")).triu(1)[None, None]
+        mask = mask == 0 if dtype == torch.bool else mask.to(dtype)
         with M.autocast("cpu", "bf16"), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             model.hidden_states(ids, attn_mask=mask)
         copies[dtype] = len(squares)
-    assert copies == {torch.bfloat16: 1, torch.float32: SMALL.num_layers}, copies
+    assert copies == {torch.bfloat16: 1, torch.float32: SMALL.num_layers, torch.bool: 1}, copies

@@ -1,4 +1,4 @@
-"""model.py against transformers (the oracle): logits, cached decoding, greedy generation, sampling, save/load."""
+"""model.py and engine.py against transformers (the oracle): logits, cached decoding, generation, save/load."""
 import sys
 from pathlib import Path
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+import engine
 import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -63,7 +64,7 @@ def test_cached_decoding_equals_full_forward(name):
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full = ours(ids)
-        cache = M.KVCache(ours.config, 2, 20, "cpu", torch.float32)
+        cache = engine.KVCache(ours.config, 2, 20, "cpu", torch.float32)
         cache.k.fill_(7.0), cache.v.fill_(7.0)  # unwritten columns: the decode mask must hide them
         positions = torch.arange(20).expand(2, 20)
         step_logits = [ours.lm_head(ours.hidden_states(ids[:, :8], positions[:, :8], None, cache)[:, -1])]
@@ -148,7 +149,7 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
     for _ in range(200):
-        tokens = M.sample_next_token(logits, 1.0, 5, 1.0, torch.rand(4, 1, generator=g, dtype=torch.float64))
+        tokens = engine.sample_next_token(logits, 1.0, 5, 1.0, torch.rand(4, 1, generator=g, dtype=torch.float64))
         allowed = torch.topk(logits, 5, -1).indices
         assert all(t in allowed[i] for i, t in enumerate(tokens.tolist()))
     sampled_several = False
@@ -165,7 +166,7 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
         seen = [set() for _ in range(4)]
         for _ in range(300):
             uniform = torch.rand(4, 1, generator=g, dtype=torch.float64)
-            for i, t in enumerate(M.sample_next_token(logits, 1.0, 0, top_p, uniform).tolist()):
+            for i, t in enumerate(engine.sample_next_token(logits, 1.0, 0, top_p, uniform).tolist()):
                 assert t in nucleus[i]
                 seen[i].add(t)
         sampled_several |= any(len(s) > 1 for s in seen)
@@ -230,7 +231,7 @@ def test_packed_logprobs_equal_the_unpacked_reference_with_gradients():
     completions[4] = []
     weights = torch.randn(6, 8, generator=torch.Generator().manual_seed(11))
     grads = []
-    for fn in (M.completion_logprobs, M.completion_logprobs_reference):
+    for fn in (M.completion_logprobs, engine.completion_logprobs_reference):
         ours.zero_grad()
         logp, mask = fn(ours, prompts, completions, 0.9)
         (logp * weights[:, :logp.shape[1]]).sum().backward()
@@ -329,16 +330,16 @@ def test_token_budget_batches_bound_the_packed_positions():
             completions.append([1] * int(torch.randint(0, 30, (1,), generator=g)))
 
     def positions(rows):
-        packs = M.pack_rows([prompts[i] for i in rows], [completions[i] for i in rows])
+        packs = engine.pack_rows([prompts[i] for i in rows], [completions[i] for i in rows])
         return len(packs) * max(n for _, _, n in packs)
 
     for budget in (20, 64, 150, 10_000):
-        batches = M.token_budget_batches(prompts, completions, budget)
+        batches = engine.token_budget_batches(prompts, completions, budget)
         assert [i for b in batches for i in range(len(prompts))[b]] == list(range(len(prompts)))
         for b in batches:
             rows = range(len(prompts))[b]
             assert positions(rows) <= budget or len(rows) == 1
             if b.stop < len(prompts):
                 assert positions(range(b.start, b.stop + 1)) > budget
-    assert len(M.token_budget_batches(prompts, completions, 10_000)) == 1
-    assert M.token_budget_batches([], [], 100) == []
+    assert len(engine.token_budget_batches(prompts, completions, 10_000)) == 1
+    assert engine.token_budget_batches([], [], 100) == []

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import common
+import engine
+import grpo
 import model as M
 import sft
 import srl
@@ -35,7 +37,7 @@ def test_packed_logprobs_under_autocast(name, monkeypatch):
     monkeypatch.setattr(M, "attention", spy)
     with M.autocast("cpu", "bf16"):
         packed, mask = M.completion_logprobs(ours, prompts, completions, 0.9)
-        reference, _ = M.completion_logprobs_reference(ours, prompts, completions, 0.9)
+        reference, _ = engine.completion_logprobs_reference(ours, prompts, completions, 0.9)
     assert dtypes == {torch.bfloat16}
     full, _ = M.completion_logprobs(ours, prompts, completions, 0.9)
     assert packed.dtype == torch.float32 and mask.sum().item() == sum(map(len, completions))
@@ -47,13 +49,13 @@ def test_packed_logprobs_under_autocast(name, monkeypatch):
 def spy_on_sampling(monkeypatch):
     """Record the dtype and the weights of every model that srl.py samples from."""
     calls = []
-    generate = srl.generate
+    generate = engine.generate
 
     def spy(policy, *args, **kwargs):
         calls.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
         return generate(policy, *args, **kwargs)
 
-    monkeypatch.setattr(srl, "generate", spy)
+    monkeypatch.setattr(engine, "generate", spy)
     return calls
 
 
@@ -63,13 +65,13 @@ def test_srl_and_rlvr_steps_under_bf16(tmp_path, monkeypatch):
     trained fp32 weights rounded to bf16."""
     calls = spy_on_sampling(monkeypatch)
     autocast_seen = []
-    logprobs = srl.completion_logprobs
+    logprobs = grpo.completion_logprobs
 
     def logprobs_spy(model, *args, **kwargs):
         autocast_seen.append((torch.is_autocast_enabled("cpu"), model.lm_head.weight.dtype))
         return logprobs(model, *args, **kwargs)
 
-    monkeypatch.setattr(srl, "completion_logprobs", logprobs_spy)
+    monkeypatch.setattr(grpo, "completion_logprobs", logprobs_spy)
 
     def varied(completion, example):  # rewards that vary within every group, so each step updates
         return (sum(map(ord, completion)) % 97) / 97

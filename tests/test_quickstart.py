@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import quickstart
+import synthetic
 
 
 def test_sparkline():
@@ -29,25 +30,25 @@ def test_table_reports_mean_std_and_every_seed():
 
 def test_every_step_right_needs_steps_and_no_wrong_one():
     problem = "Start with 10. Subtract 2, twice. What number do you end with?"
-    assert quickstart.every_step_right(problem, "1. Subtract 2: 10 - 2 = 8.\n2. Subtract 2: 8 - 2 = 6.")
+    assert synthetic.every_step_right(problem, "1. Subtract 2: 10 - 2 = 8.\n2. Subtract 2: 8 - 2 = 6.")
     # the right number reached by one slipped step (applied twice) is not a solution with every step right
-    assert not quickstart.every_step_right(problem, "1. Subtract 2: 10 - 2 = 6. The answer is \\boxed{6}.")
-    assert not quickstart.every_step_right(problem, "The answer is \\boxed{6}.")
+    assert not synthetic.every_step_right(problem, "1. Subtract 2: 10 - 2 = 6. The answer is \\boxed{6}.")
+    assert not synthetic.every_step_right(problem, "The answer is \\boxed{6}.")
 
 
 def test_check_steps_counts_right_and_slipped_steps():
     problem = "Start with 17. Add 3, 3 times. What number do you end with?"
     expert = "1. Add 3: 17 + 3 = 20.\n2. Add 3: 20 + 3 = 23.\n3. Add 3: 23 + 3 = 26. The answer is \\boxed{26}."
-    assert quickstart.check_steps(problem, expert) == (3, 3, 0)
+    assert synthetic.check_steps(problem, expert) == (3, 3, 0)
     # step 2 applies the operation twice (the slip); step 3 is right from where step 2 left it; the answer is wrong
     slipped = "1. Add 3: 17 + 3 = 20.\n2. Add 3: 20 + 3 = 26.\n3. Add 3: 26 + 3 = 29. The answer is \\boxed{29}."
-    assert quickstart.check_steps(problem, slipped) == (3, 2, 1)
+    assert synthetic.check_steps(problem, slipped) == (3, 2, 1)
     # other arithmetic is neither; a step out of order ends the count; text that is no step counts nothing
-    assert quickstart.check_steps(problem, "1. Add 3: 17 + 3 = 21.\n2. Add 3: 21 + 3 = 24.") == (2, 1, 0)
-    assert quickstart.check_steps(problem, "1. Add 3: 17 + 3 = 20.\n3. Add 3: 20 + 3 = 23.") == (1, 1, 0)
-    assert quickstart.check_steps(problem, "I think it is 26.") == (0, 0, 0)
+    assert synthetic.check_steps(problem, "1. Add 3: 17 + 3 = 21.\n2. Add 3: 21 + 3 = 24.") == (2, 1, 0)
+    assert synthetic.check_steps(problem, "1. Add 3: 17 + 3 = 20.\n3. Add 3: 20 + 3 = 23.") == (1, 1, 0)
+    assert synthetic.check_steps(problem, "I think it is 26.") == (0, 0, 0)
     down = "Start with 30. Subtract 4, twice. What number do you end with?"
-    assert quickstart.check_steps(down, "1. Subtract 4: 30 - 4 = 22.\n2. Subtract 4: 22 - 4 = 18.") == (2, 1, 1)
+    assert synthetic.check_steps(down, "1. Subtract 4: 30 - 4 = 22.\n2. Subtract 4: 22 - 4 = 18.") == (2, 1, 1)
 
 
 @pytest.mark.slow

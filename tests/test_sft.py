@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import sft
 from evaluate import math_messages
-from model import encode_chat, load_model, token_budget_batches
+from engine import token_budget_batches
+from model import encode_chat, load_model
 from srl import srl_messages
 
 SRL_RECORD = {"id": "p1", "problem": "Ana has 3 apples and buys 4 more. How many?", "previous_steps": [
@@ -210,8 +211,9 @@ def test_fitted_tiny_tokenizer_survives_save_and_load(tmp_path):
     same ids after save_model, through load_model and through transformers' AutoTokenizer."""
     from transformers import AutoTokenizer
     import data_prep
+    import synthetic
     from model import encode_chat, load_model, save_model
-    problems = data_prep.normalize(data_prep.synthetic_problems(30, 3, seed=1), data_prep.BUILTIN_FIELDS)
+    problems = data_prep.normalize(synthetic.synthetic_problems(30, 3, seed=1), data_prep.BUILTIN_FIELDS)
     records = data_prep.prepare(problems, val_problems=0)[0]["sft_srl_train.jsonl"]
     model, tokenizer = sft.fitted_tiny(records)
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" 23", add_special_tokens=False)) == ["Ġ23"]

@@ -51,8 +51,7 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary(tmp_path):
 
     args = loop_args(tmp_path, examples, batch_prompts=3, max_draws=2)
     stream = srl.PromptStream(len(examples), seed=0)
-    kept, log = srl.collect_groups(args, model, tokenizer, examples, stream, short_prompt, reward,
-                                   set(model.stop_token_ids))
+    kept, log = srl.collect_groups(args, model, tokenizer, examples, stream, short_prompt, reward)
     assert 1 <= len(kept) <= 2  # "varied" is drawn once or twice in two rounds
     for prompt, group, rewards in kept:
         assert rewards.std(unbiased=False) > 0.01 and len(group) == 4

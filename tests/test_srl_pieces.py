@@ -352,8 +352,8 @@ def test_validation_sample_covers_the_held_out_s1k_problems(shared_data):
 def test_validate_scores_the_validation_sample(monkeypatch):
     examples = [{"id": pid, "target_step": f"{pid}{k}"} for pid in "abcdef" for k in range(3)]
     monkeypatch.setattr(srl, "encode_chat", lambda tokenizer, messages: [1])
-    monkeypatch.setattr(srl, "generate", lambda policy, prompts, *a, **kw: [[] for _ in prompts])
-    monkeypatch.setattr(srl, "decode", lambda tokenizer, ids: "")
+    monkeypatch.setattr(srl, "sample_groups", lambda policy, prompts, n, *a, **kw: [[[]] for _ in prompts])
+    monkeypatch.setattr(srl, "decode_text", lambda tokenizer, ids: "")
     scored = []
     args = types.SimpleNamespace(val_limit=8, seed=5, max_new_tokens=4)
     srl.validate(args, None, None, examples, lambda ex: [], lambda text, ex: scored.append(ex) or 0.5)
