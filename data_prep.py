@@ -52,6 +52,11 @@ Choices the paper does not state, and departures from it:
 - sft_srl_train's monologue is a template ("Steps 1-2 are done. Next:\n3. <title>"), not real
   reasoning: it only teaches a small model the <think>...</think> + step format before SRL. An agent step
   uses the agent's own recorded thought when it has one.
+
+Sections: reading; splitting a solution into its numbered steps (split_steps: the part of the paper); the
+built-in problems; records -> problems -> examples (prepare); writing (write_files, the project's one atomic
+writer of JSON and JSONL). Agent trajectories are read by trajectories.py, the synthetic chains made by
+synthetic.py. Next: sft.py or srl.py, which read these files.
 """
 import argparse
 import json

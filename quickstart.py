@@ -10,7 +10,7 @@ puts that claim to the test; the README's Quickstart section gives what came out
     python quickstart.py --tune                # the learning-rate search on validation problems (README)
     python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on the validation problems
 
-The task is data_prep.py's synthetic chains, one operation repeated ("Start with 17. Add 3, 6 times. What number do
+The task is synthetic.py's chains (written by data_prep.py --synthetic), one operation repeated ("Start with 17. Add 3, 6 times. What number do
 you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime is built in the warm start:
 it learns from a sloppy teacher whose steps apply the operation twice 60% of the time (--warm-slip), so the base
 writes well-formed steps but slips at most of them, and a six-step chain comes out right almost never.
@@ -32,7 +32,7 @@ is the model's own), a whole chain is not: the paper's regime, with the base's w
      The budget is counted in rollouts: every RL stage samples --rl-steps x --prompts x --group-size of them.
      Dynamic sampling filters each draw and does not draw again (--max-draws 1), so no arm samples more than another.
   4. evaluate.py on the held-out test problems: greedy accuracy (the table's main number) and avg@k at temperature 1;
-     then, from its outputs, the greedy answers that are right with every step right (check_steps).
+     then, from its outputs, the greedy answers that are right with every step right (synthetic.check_steps).
 Every stage is its ordinary command line, printed as it starts, with its output in <out>/seed<N>/<name>.log; up to
 --jobs of them run at once. At the end: a table shaped like the paper's Table 1, <out>/summary.json and a picture of
 the training curves and held-out accuracies (<out>/study.png with matplotlib, text sparklines without).

@@ -19,6 +19,8 @@ Defaults and departures from the paper:
   - A tiny or untrained model rarely produces a correct boxed answer: every group is then all wrong, dropped,
     and no update happens. That is the failure of RLVR the paper starts from (see kept_group_rate in
     metrics.jsonl); start from an SRL or SFT checkpoint instead.
+
+The loop and every flag are srl.py's (train, training_arguments), the GRPO pieces grpo.py's, the grader grader.py's.
 """
 from evaluate import extract_answer, is_equiv, math_messages
 from srl import train, training_arguments

@@ -38,6 +38,11 @@ Departures from the paper and choices it leaves open:
     bf16); with float32 AdamW a 1.5B model needs about 28 GB before activations, a 7B model more than one 80 GB GPU.
   - Batches group examples of similar length (sorted within shuffled chunks, then the batches shuffled), which
     changes the order the examples are seen in, not the loss.
+
+Sections: 1. data (records -> prompt and target ids), 2. the learning-rate schedule, 3. one optimiser step
+(train_step), 4. the format check, 5. the run. The setup before the first step, checkpoints and torchrun are
+common.py's; the log-probs engine.py's; the prompts srl.py's and evaluate.py's. Next: srl.py, which starts from
+the checkpoint this writes.
 """
 import argparse
 import json
