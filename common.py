@@ -30,44 +30,83 @@ import torch.distributed as dist
 from checks import check_device, check_flags, check_folder, first_line, print0, read_config, read_jsonl, refuse
 from data_prep import write_jsonl
 from memory import gpu_memory, is_small_model, parameter_count, plan_memory
-from model import encode_chat, load_model, save_model
+from model import ALIASES, encode_chat, load_adapter, load_model, save_model
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. The setup: everything a training stage does before its first step
 
 
+# LoRA's learning rate is about 10 times full fine-tuning's best, at every size ("LoRA Without Regret", Schulman et
+# al., Thinking Machines Lab, 2025): a stage's default learning rate is multiplied by this under --lora-rank
+LORA_LR_SCALE = 10
+
+
 def prepare_run(args, state_keys, small_defaults, large_defaults):
     """The start of every training stage, before any process group forms or any weight loads: the device; --out,
     --resume and --overwrite (on --resume the checkpoint's plan replaces the flags, each change printed); the model's
-    configuration, its files checked whole; the flags left at None, from the model's size class (is_small_model);
-    the precision (bf16 on a GPU, fp32 on CPU). Returns (training state or None, model config). Each user error
-    ends the program in one line (checks.refuse)."""
+    configuration, its files checked whole (under LoRA the base's: --model, on --resume too); the flags left at
+    None, from the model's size class (is_small_model); the precision (bf16 on a GPU, fp32 on CPU). Returns
+    (training state or None, model config). Each user error ends the program in one line (checks.refuse)."""
     check_device(args.device)
-    if getattr(args, "fsdp", False) and "RANK" not in os.environ:
+    fsdp = getattr(args, "fsdp", False)
+    if fsdp and "RANK" not in os.environ:
         refuse("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
     state = check_run_folder(args, state_keys)
-    config = read_config(Path(args.out) / "last" if state else args.model)
-    for name, value in (small_defaults if is_small_model(config) else large_defaults).items():
+    lora_rank = getattr(args, "lora_rank", 0) or 0  # (on --resume, the checkpoint's)
+    check_flags(args, ["lora_rank"], lambda v: v >= 0, "0 (full fine-tuning) or more")
+    check_flags(args, ["lora_alpha"], lambda v: 0 < v < math.inf, "above 0")
+    if lora_rank and fsdp:
+        refuse("--lora-rank with --fsdp: LoRA trains on one GPU (its frozen base is not sharded); leave out --fsdp")
+    if lora_rank and state:
+        adapter = Path(args.out) / "last" / "adapter" / "adapter_model.safetensors"
+        if not adapter.is_file():
+            refuse(f"--resume: {adapter} not found: {Path(args.out) / 'last'} holds no LoRA adapters to continue")
+        if not Path(str(args.model)).exists() and str(args.model) not in ALIASES and str(args.model).count("/") != 1:
+            refuse(f"--resume: the base model of this LoRA run, {args.model}, is gone (its adapters in {adapter.parent} "
+                   "train on it); put it back where it was")
+    config = read_config(Path(args.out) / "last" if state and not lora_rank else args.model)
+    defaults = small_defaults if is_small_model(config) else large_defaults
+    if lora_rank:
+        defaults = dict(defaults, lr=defaults["lr"] * LORA_LR_SCALE)
+        args.lora_alpha = args.lora_alpha or 2.0 * lora_rank
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.precision = args.precision or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
     return state, config
 
 
-def load_for_training(args, state, sampling=False):
-    """(model, tokenizer, policy, reference), ready for the first step. model: fp32 master weights (AdamW's updates
-    of lr 5e-7 would vanish in bf16) from --model, or on --resume from <out>/last, with activation checkpointing as
-    planned, sharded under --fsdp. With sampling (RL), policy is what samples: the model itself in fp32, else a copy
-    (bf16 under --precision bf16, whole under FSDP, whose trainer holds shards) that copy_weights refreshes after
-    each update; with --beta > 0, reference is a frozen copy of the starting model (None otherwise)."""
-    source = Path(args.out) / "last" if state else args.model
-    model, tokenizer = load_model(str(source), device=args.device, dtype=torch.float32)
+def load_for_training(args, state, sampling=False, base=None):
+    """(model, tokenizer, policy, reference), ready for the first step. Full fine-tuning: fp32 master weights
+    (AdamW's updates of lr 5e-7 would vanish in bf16) from --model, or on --resume from <out>/last, sharded under
+    --fsdp. LoRA (--lora-rank): the frozen base from --model on every start (bf16 under --precision bf16), fp32
+    adapters on every block's linear layers, on --resume read from <out>/last/adapter. base: (model, tokenizer) to
+    start from instead of loading --model (sft.py's fitted tiny). Activation checkpointing as planned.
+    With sampling (RL), policy is what samples: the model itself in fp32 or under LoRA (the bf16 base reads the
+    adapters in place), else a copy (bf16 under --precision bf16, whole under FSDP, whose trainer holds shards) that
+    copy_weights refreshes after each update. With --beta > 0, reference is the frozen starting model: under LoRA the
+    model itself, its adapters switched off for the KL term (model.adapters_off); else a frozen copy."""
+    lora = getattr(args, "lora_rank", 0) > 0
+    if lora:
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        model, tokenizer = base or load_model(str(args.model), device=args.device, dtype=dtype)
+        model.to(device=args.device, dtype=dtype).add_lora(args.lora_rank, args.lora_alpha, base=str(args.model))
+        if state:
+            load_adapter(model, Path(args.out) / "last" / "adapter")
+    elif base is not None and state is None:
+        model, tokenizer = base
+        model.to(device=args.device, dtype=torch.float32)
+    else:
+        source = Path(args.out) / "last" if state else args.model
+        model, tokenizer = load_model(str(source), device=args.device, dtype=torch.float32)
     model.activation_checkpointing = args.activation_checkpointing
     fsdp = getattr(args, "fsdp", False)
     policy = model
-    if sampling and (args.precision == "bf16" or fsdp):
+    if sampling and not lora and (args.precision == "bf16" or fsdp):
         policy = copy_model(model, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    reference = copy_model(model, torch.float32).requires_grad_(False) if getattr(args, "beta", 0) > 0 else None
+    reference = None
+    if getattr(args, "beta", 0) > 0:
+        reference = model if lora else copy_model(model, torch.float32).requires_grad_(False)
     if fsdp:
         shard(model, args.precision)
     return model, tokenizer, policy, reference
@@ -168,7 +207,7 @@ RUN_PIECES = ("last", "best", "metrics.jsonl", "format_check.json")  # what a tr
 # The one rule of --resume: a checkpoint stores every resolved flag of its run, and --resume restores all of them
 # but these, which say where and how the work runs, how long and how often it saves, not what it computes.
 RUNTIME_FLAGS = ("resume", "overwrite", "device", "out", "max_steps", "eval_every", "save_every", "val_limit",
-                 "sample_batch", "micro_batch_tokens", "activation_checkpointing", "fsdp")
+                 "sample_batch", "micro_batch_tokens", "activation_checkpointing", "fsdp", "gpu_memory", "plan_only")
 
 
 def check_run_folder(args, state_keys):

@@ -21,7 +21,7 @@ import torch
 
 from common import clip_gradients, gather, get_rank, get_world_size, sum_across, sum_gradients
 from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
-from model import autocast, decode_text, encode_chat
+from model import adapters_off, autocast, decode_text, encode_chat
 
 FORMAT_FAILURE = -1.0  # the reward of a completion that breaks the output format (the paper's SRL reward: -1)
 
@@ -207,8 +207,8 @@ def update_policy(model, optimizer, groups, args, reference=None):
             with mixed:
                 logp, mask, entropy = logprobs(model, batch, with_entropy=True)
                 ref_logp = None
-                if reference is not None:
-                    with torch.no_grad():
+                if reference is not None:  # under LoRA the reference is the model itself, its adapters off
+                    with torch.no_grad(), adapters_off(reference):
                         ref_logp = logprobs(reference, batch)[0]
             # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
             old_logp = old_logps[i] if old_logps else logp.detach()

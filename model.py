@@ -26,8 +26,10 @@ Two forwards, kept apart on purpose (as in nanoGPT / nanochat):
 Sections: the configuration; the network; the chat template, loading and saving.
 """
 import json
+import math
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,14 +144,49 @@ def attention(q, k, v, attn_mask=None, is_causal=False):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can carry a LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+    Models"): y = x W^T + b + (alpha / r) (x A^T) B^T, where W and b stay frozen and only A [r, in] and B [out, r]
+    train. Without an adapter it is nn.Linear, and its own parameters keep their names."""
+    lora_scale = 0.0  # alpha / r once an adapter is added; 0 means no adapter (or adapters_off)
+
+    def add_lora(self, rank, alpha):
+        # A as PEFT (and nn.Linear for its own weight) initialises it, B zero: the adapted layer starts as the base
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        self.lora_scale = alpha / rank
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_scale:  # the fp32 adapters are read in x's dtype (bf16 when a bf16 base samples)
+            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
+        return y
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside, the model is its frozen base (every adapter's scale 0): with LoRA, the KL term's reference model is
+    the policy itself with its adapters switched off, not a copy."""
+    adapted = [m for m in model.modules() if isinstance(m, Linear) and m.lora_scale]
+    scales = [m.lora_scale for m in adapted]
+    for m in adapted:
+        m.lora_scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(adapted, scales):
+            m.lora_scale = scale
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
@@ -187,9 +224,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -227,6 +264,18 @@ class Decoder(nn.Module):
         eos = cfg.eos_token_id
         self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
+        self.lora = None  # {"rank", "alpha", "base"} once add_lora has run
+
+    def add_lora(self, rank, alpha, base=None):
+        """LoRA on every linear layer of every block (q, k, v, o, gate, up, down: PEFT's "all-linear", the output
+        layer left out), and every other parameter frozen: only the adapters train. base: where the frozen weights
+        come from (an alias, hub id or folder), written into the adapter's config."""
+        self.requires_grad_(False)
+        for module in self.model.layers.modules():
+            if isinstance(module, Linear):
+                module.add_lora(rank, alpha)
+        self.lora = dict(rank=rank, alpha=alpha, base=base)
+        return self
 
     def hidden_states(self, ids, positions=None, attn_mask=None, cache=None):
         """Training forward up to the final norm: [B, T] ids -> [B, T, hidden]. By default every row is one
@@ -421,7 +470,9 @@ def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     model.safetensors and the tokenizer files with the chat template; plus training_state.pt when given (optimizer,
     RNG states, step, data position: what --resume needs). Written beside and renamed into place, so an
     interrupted save never leaves a half-written checkpoint. state_dict: the weights to write, if not the
-    model's own (common.save_checkpoint passes FSDP's gathered ones)."""
+    model's own (common.save_checkpoint passes FSDP's gathered ones). A model with LoRA adapters is written with
+    them merged into its weights, so that every tool loads it as an ordinary checkpoint, and the adapters alone go
+    to adapter/ beside them in PEFT's format (save_adapter)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -432,6 +483,9 @@ def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     hf_config = dict(model.config.hf, torch_dtype=str(dtype).removeprefix("torch."))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    if model.lora:
+        save_adapter(model, state, tmp / "adapter")
+        state = merge_adapters(model, state)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -444,3 +498,56 @@ def save_model(model, tokenizer, path, training_state=None, state_dict=None):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LoRA checkpoints: the adapters merged into the weights, and the adapters alone in PEFT's format
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def merge_adapters(model, state):
+    """The state dict with each adapter folded into its layer's weight, W + (alpha / r) B A (computed in fp32, stored
+    in W's dtype), and the adapters themselves left out: the weights of an ordinary checkpoint."""
+    scale = model.lora["alpha"] / model.lora["rank"]
+    merged = {name: value for name, value in state.items() if ".lora_" not in name}
+    for name in state:
+        if name.endswith(".lora_A"):
+            layer = name.removesuffix(".lora_A")
+            weight = merged[layer + ".weight"]
+            delta = state[layer + ".lora_B"].float() @ state[name].float()
+            merged[layer + ".weight"] = (weight.float() + scale * delta).to(weight.dtype)
+    return merged
+
+
+def peft_name(name):
+    """PEFT's key of one of our adapters: model.layers.0.self_attn.q_proj.lora_A ->
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"base_model.model.{name}.weight"
+
+
+def save_adapter(model, state, folder):
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them, so that
+    peft.PeftModel.from_pretrained(<the base model>, folder) is the trained model."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=model.lora["rank"], lora_alpha=model.lora["alpha"],
+                  target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                  init_lora_weights=True, use_rslora=False, use_dora=False, inference_mode=True,
+                  base_model_name_or_path=ALIASES.get(model.lora["base"], model.lora["base"]))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    adapters = {peft_name(name): value.contiguous() for name, value in state.items() if ".lora_" in name}
+    save_file(adapters, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_adapter(model, folder):
+    """Read adapter/ (save_adapter's files) into a model that has added adapters of the same rank."""
+    from safetensors.torch import load_file
+    stored = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    ours = {peft_name(name): p for name, p in model.named_parameters() if ".lora_" in name}
+    if stored.keys() != ours.keys() or any(stored[k].shape != p.shape for k, p in ours.items()):
+        raise ValueError(f"{folder}: the adapters do not match the model's (rank {model.lora['rank']})")
+    with torch.no_grad():
+        for key, p in ours.items():
+            p.copy_(stored[key])
+

@@ -10,10 +10,11 @@ puts that claim to the test; the README's Quickstart section gives what came out
     python quickstart.py --tune                # the learning-rate search on validation problems (README)
     python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on the validation problems
 
-The task is synthetic.py's chains (written by data_prep.py --synthetic), one operation repeated ("Start with 17. Add 3, 6 times. What number do
-you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime is built in the warm start:
-it learns from a sloppy teacher whose steps apply the operation twice 60% of the time (--warm-slip), so the base
-writes well-formed steps but slips at most of them, and a six-step chain comes out right almost never.
+The task is synthetic.py's chains (written by data_prep.py --synthetic), one operation repeated ("Start with 17. Add
+3, 6 times. What number do you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime
+is built in the warm start: it learns from a sloppy teacher whose steps apply the operation twice 60% of the time
+(--warm-slip), so the base writes well-formed steps but slips at most of them, and a six-step chain comes out right
+almost never.
 The expert solutions the arms train on are correct. A single step is within reach (right or slipped, its arithmetic
 is the model's own), a whole chain is not: the paper's regime, with the base's weakness named. Per seed:
   1. data_prep.py: warm-start problems (1 to 6 operations) and the study's hard problems (6 operations), split into

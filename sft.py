@@ -55,13 +55,13 @@ import torch
 from tqdm import tqdm
 
 from checks import check_fields, check_flags, print0, read_jsonl, refuse
-from common import (clip_gradients, end_distributed, get_rank, get_world_size, init_distributed, prepare_run,
-                    save_checkpoint, start_run, sum_across, sum_gradients)
+from common import (clip_gradients, end_distributed, get_rank, get_world_size, init_distributed, load_for_training,
+                    prepare_run, save_checkpoint, start_run, sum_across, sum_gradients)
 from data_prep import write_json
 from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
 from evaluate import math_messages
 from memory import gpu_memory, plan_memory
-from model import autocast, build_tiny, decode_text, default_stop_token_ids, encode_chat, load_model
+from model import autocast, build_tiny, decode_text, default_stop_token_ids, encode_chat
 from srl import parse_action, srl_fields, srl_messages, srl_reward
 
 SMALL_MODEL_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)  # tiny (memory.is_small_model)
@@ -258,15 +258,10 @@ def check_arguments(args):
 
 
 def load_model_and_data(args, state, records):
-    """The model (a fresh tiny one gets a tokenizer fitted to this data; --resume continues <out>/last) and the
-    examples as token ids, whose lengths and what --max-length cuts from them are printed."""
-    if args.model == "tiny" and state is None:
-        model, tokenizer = fitted_tiny(records, args.target)
-        model.to(args.device)
-    else:
-        source = str(Path(args.out) / "last") if state else args.model
-        model, tokenizer = load_model(source, device=args.device, dtype=torch.float32)
-    model.activation_checkpointing = args.activation_checkpointing
+    """The model (common.load_for_training; a fresh tiny one gets a tokenizer fitted to this data) and the examples
+    as token ids, whose lengths and what --max-length cuts from them are printed."""
+    fitted = fitted_tiny(records, args.target) if args.model == "tiny" and (state is None or args.lora_rank) else None
+    model, tokenizer, _, _ = load_for_training(args, state, base=fitted)
     examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
     if not examples:
         refuse(f"every example of {args.data} is longer than --max-length {args.max_length}")
@@ -286,7 +281,8 @@ def train(args, model, tokenizer, examples, state):
     batches_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
     end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.0)
     step = 0  # optimiser steps done
     skipped = 0  # steps skipped for a non-finite loss or gradient
     if state is not None:
@@ -344,6 +340,9 @@ def main(argv=None):
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when "
                              "needed)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on every linear "
+                        "layer of every block, the base frozen (0: full fine-tuning, as the paper)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default: 2 x rank)")
     parser.add_argument("--save-every", type=int, default=100, help="write <out>/last every N steps and at the end")
     parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
                                            "beside --data)")

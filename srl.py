@@ -271,6 +271,9 @@ def training_arguments(description, data_default, out_default, std_threshold_def
         help="positions per forward/backward pass; a group's prompt counts once (its completions share it)")
     arg("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
         help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when needed)")
+    arg("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on every linear layer of every "
+        "block, the base frozen (0: full fine-tuning, as the paper)")
+    arg("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default alpha: 2 x rank)")
     # Validation and checkpoints
     arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
     arg("--val-limit", type=int, default=64, help="validation examples used")
@@ -311,7 +314,7 @@ def train(args, build_prompt, reward_fn, fields=None):
     model, tokenizer, policy, reference = load_for_training(args, state, sampling=True)
     examples, val_examples = drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
     step = 0  # optimiser steps done
     best = -float("inf")  # best validation score so far
