@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 from checks import check_device, check_flags, check_folder, first_line, print0, read_config, read_jsonl, refuse
-from data_prep import write_jsonl
-from memory import gpu_memory, is_small_model, parameter_count, plan_memory
-from model import ALIASES, encode_chat, load_adapter, load_model, save_model
+from data_prep import write_json, write_jsonl
+from memory import GB, PUBLISHED_SHAPES, gpu_memory, is_small_model, parameter_count, plan_memory
+from model import ALIASES, ModelConfig, encode_chat, load_adapter, load_model, save_model
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. The setup: everything a training stage does before its first step
@@ -62,9 +62,13 @@ def prepare_run(args, state_keys, small_defaults, large_defaults):
         if not adapter.is_file():
             refuse(f"--resume: {adapter} not found: {Path(args.out) / 'last'} holds no LoRA adapters to continue")
         if not Path(str(args.model)).exists() and str(args.model) not in ALIASES and str(args.model).count("/") != 1:
-            refuse(f"--resume: the base model of this LoRA run, {args.model}, is gone (its adapters in {adapter.parent} "
-                   "train on it); put it back where it was")
-    config = read_config(Path(args.out) / "last" if state and not lora_rank else args.model)
+            refuse(f"--resume: the base model of this LoRA run, {args.model}, is gone (its adapters in "
+                   f"{adapter.parent} train on it); put it back where it was")
+    check_flags(args, ["gpu_memory"], lambda v: 0 < v < math.inf, "above 0 (GB)")
+    if getattr(args, "plan_only", False) and str(args.model) in PUBLISHED_SHAPES:  # a plan needs no weights, no hub
+        config = ModelConfig.from_hf(PUBLISHED_SHAPES[str(args.model)])
+    else:
+        config = read_config(Path(args.out) / "last" if state and not lora_rank else args.model)
     defaults = small_defaults if is_small_model(config) else large_defaults
     if lora_rank:
         defaults = dict(defaults, lr=defaults["lr"] * LORA_LR_SCALE)
@@ -72,7 +76,8 @@ def prepare_run(args, state_keys, small_defaults, large_defaults):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.precision = args.precision or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    on_a_card = torch.device(args.device).type == "cuda" or getattr(args, "gpu_memory", None)
+    args.precision = args.precision or ("bf16" if on_a_card else "fp32")
     return state, config
 
 
@@ -124,7 +129,8 @@ RL_COUNTS = ["batch_prompts", "max_new_tokens", "max_draws", "sample_batch", "up
 
 def check_rl_arguments(args, fields=None):
     """The GRPO loop's flags and data, after prepare_run: every record of --data and of the validation file holding
-    fields(record), when fields is given. Returns (examples, validation examples)."""
+    fields(record), when fields is given (under --plan-only a missing --data is no error: the plan does not need
+    it). Returns (examples, validation examples)."""
     check_flags(args, RL_COUNTS, lambda v: v >= 1, "at least 1")
     check_flags(args, ["group_size"], lambda v: v >= 2, "at least 2 (one rollout alone has no spread: no group would "
                 "ever be kept)")
@@ -134,6 +140,8 @@ def check_rl_arguments(args, fields=None):
     check_flags(args, ["clip_low"], lambda v: 0 <= v < 1, "in [0, 1)")
     check_flags(args, ["clip_high", "beta", "eval_every"], lambda v: 0 <= v < math.inf, "0 or more")
     check_flags(args, ["std_threshold"], math.isfinite, "a number")
+    if args.plan_only and not Path(args.data).is_file():
+        return [], []
     examples = read_jsonl(args.data, fields)
     if not examples:
         refuse(f"--data {args.data}: no examples in it")
@@ -149,20 +157,26 @@ def planned_steps(args, num_examples):
     return args.max_steps or math.ceil(args.epochs * num_examples / args.batch_prompts)
 
 
+def card_memory(args):
+    """The bytes of the card a run plans for: --gpu-memory GB, else the card of --device (None on CPU)."""
+    return args.gpu_memory * GB if getattr(args, "gpu_memory", None) else gpu_memory(args.device)
+
+
 def plan_rl_step(args, cfg, num_examples):
-    """The GPU memory a step of the GRPO loop needs (memory.plan_memory: activation checkpointing switched on if
-    needed, a step that cannot fit refused), then the plan in one line."""
+    """The run in one line, then the memory plan of a step of the GRPO loop (memory.plan_memory: the settings that
+    fit the card, or the flag to change). Returns the plan."""
     world = get_world_size()
-    prompts_at_once = min(args.sample_batch or args.batch_prompts, math.ceil(args.batch_prompts / world))
-    # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
-    plan_memory(cfg, args, gpu_memory(args.device), prompts_at_once * args.group_size, 1024 + args.max_new_tokens,
-                shards=world if args.fsdp else 1)
     size = "small" if is_small_model(cfg) else "large"
-    print0(f"plan: {parameter_count(cfg) / 1e6:.1f}M parameters ({size}-model defaults), "
-           f"{planned_steps(args, num_examples)} steps of {args.batch_prompts} prompts x G {args.group_size} = "
-           f"{args.batch_prompts * args.group_size} completions of at most {args.max_new_tokens} tokens, "
-           f"micro-batches of {args.micro_batch_tokens} positions, lr {args.lr:g}, {args.precision}, seed "
-           f"{args.seed}, {world} process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
+    steps = planned_steps(args, num_examples) if num_examples else "(by the data's length)"
+    what = f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g})" if args.lora_rank else "full fine-tuning"
+    print0(f"plan: {parameter_count(cfg) / 1e6:.1f}M parameters ({size}-model defaults), {what}, {steps} steps of "
+           f"{args.batch_prompts} prompts x G {args.group_size} = {args.batch_prompts * args.group_size} completions "
+           f"of at most {args.max_new_tokens} tokens, lr {args.lr:g}, {args.precision}, seed {args.seed}, {world} "
+           f"process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
+    # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
+    row = 1024 + args.max_new_tokens
+    return plan_memory(cfg, args, card_memory(args), args.group_size, math.ceil(args.batch_prompts / world), row,
+                       longest_row=row, shards=world if args.fsdp else 1)
 
 
 def drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples):
@@ -203,7 +217,7 @@ def validation_sample(examples, limit, seed):
 # 2. The run folder, checkpoints and --resume. A training stage writes last/ (weights plus training_state.pt, all
 # that --resume needs to continue exactly), best/ and metrics.jsonl in --out.
 
-RUN_PIECES = ("last", "best", "metrics.jsonl", "format_check.json")  # what a training stage writes in --out
+RUN_PIECES = ("last", "best", "metrics.jsonl", "plan.json", "format_check.json")  # what a stage writes in --out
 # The one rule of --resume: a checkpoint stores every resolved flag of its run, and --resume restores all of them
 # but these, which say where and how the work runs, how long and how often it saves, not what it computes.
 RUNTIME_FLAGS = ("resume", "overwrite", "device", "out", "max_steps", "eval_every", "save_every", "val_limit",
@@ -225,7 +239,7 @@ def check_run_folder(args, state_keys):
         metrics = out / "metrics.jsonl"
         held = [name for name in ("last", "best") if (out / name).exists()]
         held += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else []
-        if held and not args.overwrite:
+        if held and not args.overwrite and not getattr(args, "plan_only", False):
             refuse(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
                    f"--overwrite to start again (deletes it)")
         return None
@@ -255,12 +269,13 @@ def load_training_state(path):
     return torch.load(file, weights_only=True) if file.exists() else None
 
 
-def start_run(out, model, optimizer, state, overwrite):
+def start_run(out, model, optimizer, state, overwrite, plan=None):
     """The moment a run starts to write, once its model has loaded. On --resume the optimizer (sharded again under
     FSDP) and every random generator continue from the training state; under --overwrite the earlier run goes
-    (RUN_PIECES, nothing else in the folder). Returns metrics.jsonl open for appending, emptied for a new run and on
-    --resume cut back to the checkpoint's step (the steps after it are redone); on ranks other than 0, os.devnull,
-    so that every process may write its line and rank 0's alone is kept."""
+    (RUN_PIECES, nothing else in the folder). The memory plan goes to plan.json. Returns metrics.jsonl open for
+    appending, emptied for a new run and on --resume cut back to the checkpoint's step (the steps after it are
+    redone); on ranks other than 0, os.devnull, so that every process may write its line and rank 0's alone is
+    kept."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -278,6 +293,8 @@ def start_run(out, model, optimizer, state, overwrite):
             elif path.exists():
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    if plan is not None:
+        write_json(out / "plan.json", plan)
     metrics = out / "metrics.jsonl"
     kept = []
     if state is not None and metrics.exists():

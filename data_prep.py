@@ -318,8 +318,9 @@ def graded_answer(record, fields):
 
 def normalize(records, fields, locations=None, correct_only=False):
     """Map raw records to {"id", "problem", "solution", "answer", "reasoning", "correct"}. fields: question,
-    solution, answer (None: see the module docstring), reasoning and grade (optional). "correct" is the expert attempt's grade (True / False), None on ungraded data;
-    correct_only makes a record without the grade column an error."""
+    solution, answer (None: see the module docstring), reasoning and grade (optional). "correct" is the expert
+    attempt's grade (True / False), None on ungraded data; correct_only makes a record without the grade column an
+    error."""
     locations = locations or [f"record {i + 1}" for i in range(len(records))]
     problems, seen = [], set()
     for index, (record, where) in enumerate(zip(records, locations)):

@@ -9,6 +9,7 @@ puts that claim to the test; the README's Quickstart section gives what came out
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
     python quickstart.py --tune                # the learning-rate search on validation problems (README)
     python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on the validation problems
+    python quickstart.py --arms srl --lora-rank 8 --srl-lr 3e-3   # the SRL arm alone, with LoRA adapters
 
 The task is synthetic.py's chains (written by data_prep.py --synthetic), one operation repeated ("Start with 17. Add
 3, 6 times. What number do you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime
@@ -52,7 +53,8 @@ from data_prep import read_records, write_json, write_jsonl
 from synthetic import check_steps, every_step_right
 
 ROOT = Path(__file__).resolve().parent
-RL_ARMS = ["rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
+ARMS = ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
+RL_ARMS = ARMS[1:]
 
 
 def parse_args(argv=None):
@@ -61,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/quickstart", help="study folder (a seed's folder is emptied first)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole study per seed")
     p.add_argument("--ablations", action="store_true", help="add srl_no_ds and srl_one_step")
+    p.add_argument("--arms", nargs="+", choices=ARMS, help="train and evaluate only these arms (a chained arm needs "
+                   "its first stage); with --tune: tune only these methods")
+    p.add_argument("--lora-rank", type=int, default=0, help="every arm trains LoRA adapters of this rank instead of "
+                   "every weight (the warm start stays full fine-tuning)")
     p.add_argument("--tune", action="store_true", help="learning-rate search on the validation problems instead")
     p.add_argument("--probe", nargs="+", metavar="CHECKPOINT", help="print the per-step skills of these checkpoints "
                    "on the first seed's validation problems (<out>/seed<N>/data) instead of running the study")
@@ -176,14 +182,15 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
     """Train the arms from work/base into arms_dir and evaluate them (and the base) on problems_file;
     returns ({arm: results}, {stage: seconds})."""
     data, base = work / "data", work / "base" / "last"
-    rl = ["--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
+    lora = ["--lora-rank", args.lora_rank] if args.lora_rank else []
+    rl = [*lora, "--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
           "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--seed", seed, "--device", args.device]
     rlvr = lambda start, out: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out", out,
                                      "--lr", lrs["rlvr"], "--max-new-tokens", args.solution_tokens, *rl)
     srl = lambda out, data_dir, *extra: python("srl.py", "--model", base, "--data", data_dir / "srl_train.jsonl",
                                                "--out", out, "--lr", lrs["srl"], *extra, *rl)
     first = {
-        "sft": python("sft.py", "--model", base, "--data", data / "sft_train.jsonl", "--out", arms_dir / "sft",
+        "sft": python("sft.py", *lora, "--model", base, "--data", data / "sft_train.jsonl", "--out", arms_dir / "sft",
                       "--lr", lrs["sft"], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
                       "--check-samples", 0, "--seed", seed, "--device", args.device),
         "rlvr": rlvr(base, arms_dir / "rlvr"),
@@ -315,11 +322,16 @@ def draw(arms_results, png_path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    arms = ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr"] + (["srl_no_ds", "srl_one_step"] if args.ablations else [])
+    arms = args.arms or ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr"] + (["srl_no_ds", "srl_one_step"]
+                                                                          if args.ablations else [])
+    for arm, first in (("sft_rlvr", "sft"), ("srl_rlvr", "srl")):
+        if arm in arms and first not in arms:
+            raise SystemExit(f"quickstart.py: error: --arms {arm} starts from {first}: add {first}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}
+    default_lrs = {m: lr for m, lr in {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}.items()
+                   if not args.arms or m in args.arms}
     if args.tune:
         return tune(args, default_lrs)
     if args.probe:

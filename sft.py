@@ -11,6 +11,7 @@ Two kinds of data, told apart per record by a "completion" field:
 
     python data_prep.py && python sft.py                     # tiny warm start on the built-in data (CPU, ~30 s)
     python sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning --out runs/sft_r1
+    python sft.py --model qwen-1.5b --data data/sft_train.jsonl --lora-rank 32 --out runs/sft_lora   # a 16 GB GPU
     python sft.py --resume                                   # continue runs/sft/last exactly where it stopped
     python sft.py --overwrite                                # start again (a folder holding a run is refused)
     torchrun --nproc_per_node 8 sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning   # DDP
@@ -23,11 +24,13 @@ format check on held-out SRL prompts at the end (<out>/format_check.json).
 
 Defaults per model (the flags override them):
   small       (under 50M parameters, memory.is_small_model: tiny) lr 3e-3, 12 epochs, batch 4, warm-up 0.05 (a
-              random model needs a high learning rate and many small steps). On the built-in data: 312 steps, 21 s on two idle CPU cores (2026-11-27); the 36-sample format
-              check at the end said 75%, 83% and 75% well formed for --seed 0, 1 and 2.
+              random model needs a high learning rate and many small steps). On the built-in data: 312 steps, 31-34 s
+              on the 2-core machine, one thread each, with other work beside it (2026-12-01); the 36-sample format
+              check at the end said 81%, 86% and 78% well formed for --seed 0, 1 and 2.
   any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
-A batch runs in micro-batches of at most --micro-batch-tokens padded positions (8,192): Qwen2.5-1.5B with
---target reasoning --max-length 4096 is estimated at 58 GB on a GPU (memory.estimate_memory, printed at the start).
+A batch runs in micro-batches of at most --micro-batch-tokens padded positions, which the memory plan (memory.py)
+picks with activation checkpointing to fit the card before any weight loads: Qwen2.5-1.5B with --target reasoning
+--max-length 4096 is estimated at 53 GB, 7 GB with --lora-rank 32 (--plan-only prints the plan and stops).
 
 Departures from the paper and choices it leaves open:
   - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and
@@ -38,6 +41,8 @@ Departures from the paper and choices it leaves open:
     bf16); with float32 AdamW a 1.5B model needs about 28 GB before activations, a 7B model more than one 80 GB GPU.
   - Batches group examples of similar length (sorted within shuffled chunks, then the batches shuffled), which
     changes the order the examples are seen in, not the loss.
+  - --lora-rank R trains LoRA adapters instead of every weight (srl.py's docstring says how; the paper fine-tunes
+    fully); the default learning rate is then 10x the full one.
 
 Sections: 1. data (records -> prompt and target ids), 2. the learning-rate schedule, 3. one optimiser step
 (train_step), 4. the format check, 5. the run. The setup before the first step, checkpoints and torchrun are
@@ -55,12 +60,12 @@ import torch
 from tqdm import tqdm
 
 from checks import check_fields, check_flags, print0, read_jsonl, refuse
-from common import (clip_gradients, end_distributed, get_rank, get_world_size, init_distributed, load_for_training,
-                    prepare_run, save_checkpoint, start_run, sum_across, sum_gradients)
+from common import (card_memory, clip_gradients, end_distributed, get_rank, get_world_size, init_distributed,
+                    load_for_training, prepare_run, save_checkpoint, start_run, sum_across, sum_gradients)
 from data_prep import write_json
 from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
 from evaluate import math_messages
-from memory import gpu_memory, plan_memory
+from memory import plan_memory
 from model import autocast, build_tiny, decode_text, default_stop_token_ids, encode_chat
 from srl import parse_action, srl_fields, srl_messages, srl_reward
 
@@ -243,6 +248,8 @@ def check_arguments(args):
     check_flags(args, ["check_samples"], lambda v: v >= 0, "0 or more")
     check_flags(args, ["lr"], lambda v: 0 < v < math.inf, "above 0")
     check_flags(args, ["warmup_ratio"], lambda v: 0 <= v <= 1, "in [0, 1]")
+    if args.plan_only and not Path(args.data).is_file():
+        return state, [], [], config  # the memory plan does not need the data
     records = read_jsonl(args.data)
     if not records:
         refuse(f"--data {args.data}: no records in it")
@@ -272,7 +279,7 @@ def load_model_and_data(args, state, records):
     return model, tokenizer, examples
 
 
-def train(args, model, tokenizer, examples, state):
+def train(args, model, tokenizer, examples, state, plan=None):
     """The loop: batches of similar length, the learning-rate schedule of the whole plan, a line of metrics.jsonl per
     optimiser step and <out>/last every --save-every steps. Returns (steps done, steps skipped)."""
     rank, world = get_rank(), get_world_size()
@@ -288,7 +295,7 @@ def train(args, model, tokenizer, examples, state):
     if state is not None:
         step, skipped = state["step"], state["skipped_steps"]
         print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    metrics = start_run(out, model, optimizer, state, args.overwrite)
+    metrics = start_run(out, model, optimizer, state, args.overwrite, plan)
     model.train()
     bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None  # the batches of one epoch, and which epoch they are
@@ -334,19 +341,24 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, help="peak learning rate (tiny: 3e-3, otherwise the paper's 5e-6)")
     parser.add_argument("--warmup-ratio", type=float, help="warm-up fraction of the plan (tiny: 0.05, otherwise 0.3)")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step (tiny: 4, otherwise 16)")
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192,
-                        help="padded positions per forward/backward; an example longer than this is one on its own")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None, help="padded positions per forward/backward; "
+                        "an example longer than this is one on its own (default: the memory plan's, 8192 on CPU)")
     parser.add_argument("--max-length", type=int, default=4096, help="longer examples lose the end of their target")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when "
-                             "needed)")
+                        help="recompute layers in backward: less memory, ~30%% more time (default: the memory "
+                             "plan's)")
     parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on every linear "
                         "layer of every block, the base frozen (0: full fine-tuning, as the paper)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default: 2 x rank)")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="LoRA's scale is alpha / rank (default: 2 x rank)")
     parser.add_argument("--save-every", type=int, default=100, help="write <out>/last every N steps and at the end")
     parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
                                            "beside --data)")
     parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
+    parser.add_argument("--gpu-memory", type=float, help="plan for a card of this many GB (2^30 bytes; default: the "
+                        "card present)")
+    parser.add_argument("--plan-only", action="store_true", help="print the memory plan and stop before any weight "
+                        "loads (works offline, without a GPU, for the aliases)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data order and the format check's samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
@@ -358,11 +370,15 @@ def main(argv=None):
 
     state, records, val_examples, config = check_arguments(args)  # before any process group or weight
     rank, _, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
-    plan_memory(config, args, gpu_memory(args.device))  # activation checkpointing if needed; refused if it cannot fit
+    # the memory plan (memory.py): the micro-batch and activation checkpointing that fit the card, or a refusal
+    plan = plan_memory(config, args, card_memory(args), longest_row=args.max_length)
+    if args.plan_only:
+        end_distributed()
+        return
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, tokenizer, examples = load_model_and_data(args, state, records)
-    step, skipped = train(args, model, tokenizer, examples, state)
+    step, skipped = train(args, model, tokenizer, examples, state, plan)
     end_distributed()  # what follows (the format check) is rank 0's alone
     if rank != 0:
         return

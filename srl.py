@@ -9,6 +9,8 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
 
     python data_prep.py && python sft.py && python srl.py    # tiny model on the built-in data, a few CPU minutes
     python srl.py --model qwen-1.5b --data data/srl_train.jsonl --out runs/srl     # one 80 GB GPU
+    python srl.py --model qwen-1.5b --lora-rank 32 --out runs/srl_lora            # LoRA: one 8-24 GB GPU
+    python srl.py --model qwen-7b --lora-rank 32 --gpu-memory 24 --plan-only      # will it fit? (any machine)
     python srl.py --resume --out runs/srl                                           # continue a stopped run
     python srl.py --overwrite --out runs/srl                                        # start it again instead
     torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
@@ -26,9 +28,11 @@ engine.py.
 Defaults by model size (flags override them): under 50M parameters (tiny) 4 prompts x G 8, 64 new tokens, lr 3e-5,
 20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch, which one 80 GB GPU turns around
 quickly (the paper: 512 prompts x G 8, lr 5e-7, Qwen2.5-7B on several GPUs). The update runs in micro-batches of
---micro-batch-tokens positions, so memory does not depend on how long the completions happen to be. On a GPU the
-run first prints memory.estimate_memory's estimate (Qwen2.5-1.5B at the defaults: 61 GB of 80), and stops before
-loading any weight if the step cannot fit.
+--micro-batch-tokens positions, so memory does not depend on how long the completions happen to be. Before any
+weight loads, a memory plan (memory.py) picks the prompts sampled at once, the micro-batch size and activation
+checkpointing that fit the card (or --gpu-memory GB), prints the estimate by part (Qwen2.5-1.5B at the defaults:
+57 GB, full fine-tuning; 16 GB with --lora-rank 32 on a 24 GB card) and stores it in <out>/plan.json, or stops
+naming the flag to change.
 
 Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
 and scores its share of every draw, the groups are gathered so that dynamic sampling keeps what one process would,
@@ -56,6 +60,12 @@ Departures from the paper and choices it leaves open:
     training and validation examples are loaded, and the count is printed (drop_long_prompts).
   - Agent steps (data_prep.py on agent trajectories: the paper's software-engineering setting) get their own
     system prompt, asking for the next command; the target is the command, never the agent's thought.
+  - --lora-rank R (off by default) trains LoRA adapters (Hu et al. 2021) on every linear layer of every block
+    instead of every weight, which the paper fine-tunes: one 8-24 GB card then runs SRL, as most people's is. The
+    base stays frozen (bf16 on a GPU), the adapters fp32; alpha defaults to 2R, the common choice; the default
+    learning rate is 10x full fine-tuning's ("LoRA Without Regret", Thinking Machines 2025). The policy that trains
+    also samples (no copy), and with --beta > 0 the reference is the base, the adapters switched off. Checkpoints
+    hold the merged weights and the adapters alone in PEFT's format (adapter/).
 """
 import argparse
 import json
@@ -254,8 +264,8 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--std-threshold", type=float, default=std_threshold_default,
         help="dynamic sampling: keep a group only if the std of its rewards is above this")
     arg("--max-draws", type=int, default=4, help="sampling rounds per step before training on fewer groups")
-    arg("--sample-batch", type=int, default=None,
-        help="prompts each process samples at once, G completions each (default: its whole share of a draw)")
+    arg("--sample-batch", type=int, default=None, help="prompts each process samples at once, G completions each "
+        "(default: the memory plan's; its whole share of a draw when that fits)")
     # GRPO loss
     arg("--no-std-scale", action="store_true", help="advantage r - mean, without dividing by the group's std")
     arg("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low (not in the paper; DAPO)")
@@ -267,10 +277,10 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--epochs", type=float, default=1.0, help="passes over the training prompts when --max-steps is not set")
     arg("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch (paper: 1)")
     arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper: 1.0)")
-    arg("--micro-batch-tokens", type=int, default=8192,
-        help="positions per forward/backward pass; a group's prompt counts once (its completions share it)")
+    arg("--micro-batch-tokens", type=int, default=None, help="positions per forward/backward pass; a group's "
+        "prompt counts once (its completions share it). Default: the memory plan's (8192 on CPU)")
     arg("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-        help="recompute layers in backward: less memory, ~30%% more time (default: on a GPU, when needed)")
+        help="recompute layers in backward: less memory, ~30%% more time (default: the memory plan's)")
     arg("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on every linear layer of every "
         "block, the base frozen (0: full fine-tuning, as the paper)")
     arg("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default alpha: 2 x rank)")
@@ -281,6 +291,10 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--resume", action="store_true", help="continue from <out>/last, with the plan stored there")
     arg("--overwrite", action="store_true", help="start again in an --out that holds a run, deleting it")
     # Runtime
+    arg("--gpu-memory", type=float, default=None, help="plan for a card of this many GB (2^30 bytes; default: the "
+        "card present)")
+    arg("--plan-only", action="store_true", help="print the memory plan and its estimate by part, and stop before "
+        "any weight loads (works offline, without a GPU, for the aliases)")
     arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     arg("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW states (FSDP2)")
@@ -310,7 +324,10 @@ def train(args, build_prompt, reward_fn, fields=None):
     examples, val_examples = check_rl_arguments(args, fields)
     rank, world, args.device = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    plan_rl_step(args, config, len(examples))
+    plan = plan_rl_step(args, config, len(examples))
+    if args.plan_only:
+        end_distributed()
+        return None
     model, tokenizer, policy, reference = load_for_training(args, state, sampling=True)
     examples, val_examples = drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
@@ -322,7 +339,7 @@ def train(args, build_prompt, reward_fn, fields=None):
     any_kept = state is not None  # has any step kept a group? (if not, say why at the end)
     if state is not None:
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
-    metrics = start_run(args.out, model, optimizer, state, args.overwrite)
+    metrics = start_run(args.out, model, optimizer, state, args.overwrite, plan)
     out = Path(args.out)
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:

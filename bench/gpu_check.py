@@ -19,8 +19,12 @@ published shape (written below), which costs the same time and memory as the tra
   5. one SFT step at the README's SFT settings (16 examples of 4,096 tokens, --target reasoning): peak memory
      against the estimate;
   6. Qwen2.5-7B: the estimate's verdict for one card, and per GPU with torchrun on 8 GPUs and --fsdp;
-  7. srl.py's own command line on the card for 2 steps, then --resume for a third (Qwen2.5-0.5B's shape).
+  7. srl.py's own command line on the card for 2 steps, then --resume for a third (Qwen2.5-0.5B's shape);
+  8. LoRA: one SRL step of the qwen-1.5b shape with --lora-rank 32 at the settings the memory plan picks for a 24 GB
+     card, the process capped at 24 GB (torch.cuda.set_per_process_memory_fraction): time, and each phase's peak
+     against the estimate; then Qwen2.5-7B with LoRA on the whole card, one step.
 A check that fails prints its error in the table and the others still run. The last line is the total time.
+GB here is 2^30 bytes, as memory.py counts.
 """
 import argparse
 import copy
@@ -39,24 +43,16 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import engine  # noqa: E402
 import grpo  # noqa: E402
 import memory  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 import srl  # noqa: E402
 
-QWEN_1_5B = dict(  # Qwen/Qwen2.5-1.5B-Instruct's config.json (the fields the decoder reads)
-    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=1536,
-    intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    eos_token_id=151645)
-QWEN_7B = dict(  # Qwen/Qwen2.5-7B-Instruct's config.json
-    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
-    intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    eos_token_id=151645)
-QWEN_0_5B = dict(QWEN_1_5B, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,  # Qwen2.5-0.5B-Instruct
-                 num_attention_heads=14, num_key_value_heads=2)
+QWEN_1_5B = memory.PUBLISHED_SHAPES["qwen-1.5b"]  # the published config.json shapes (memory.py)
+QWEN_7B = memory.PUBLISHED_SHAPES["qwen-7b"]
+QWEN_0_5B = memory.PUBLISHED_SHAPES["qwen-0.5b"]
 SMOKE_SHAPE = dict(QWEN_1_5B, vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 
@@ -64,11 +60,11 @@ SMOKE_SHAPE = dict(QWEN_1_5B, vocab_size=300, hidden_size=64, intermediate_size=
 FULL = dict(shape=QWEN_1_5B, logits_tokens=256, sampler_batch=64, sampler_new=512, sampler_prompt=128,
             srl_prompts=16, srl_group=8, srl_new=1024, srl_prompt=512, sft_examples=16, sft_length=4096,
             cli_shape=QWEN_0_5B, cli=["--batch-prompts", "4", "--group-size", "4", "--max-new-tokens", "64",
-                                      "--val-limit", "4"])
+                                      "--val-limit", "4"], lora7b_shape=QWEN_7B)
 SMOKE = dict(shape=SMOKE_SHAPE, logits_tokens=16, sampler_batch=4, sampler_new=8, sampler_prompt=8,
              srl_prompts=2, srl_group=2, srl_new=8, srl_prompt=16, sft_examples=2, sft_length=64,
              cli_shape=SMOKE_SHAPE, cli=["--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "8",
-                                         "--val-limit", "2"])
+                                         "--val-limit", "2"], lora7b_shape=SMOKE_SHAPE)
 ROWS = []  # (check, result, target, verdict)
 
 
@@ -98,7 +94,7 @@ def reset_peak(device):
 
 def peak_gb(device):
     """Peak memory allocated by torch since reset_peak, GB (0 off CUDA: the smoke run measures nothing)."""
-    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+    return torch.cuda.max_memory_allocated(device) / memory.GB if device.type == "cuda" else 0.0
 
 
 def free(device):
@@ -231,7 +227,8 @@ def check_sampler(size, device):
 
 def srl_arguments(device, **flags):
     args = srl.training_arguments("", "", "", 0.01).parse_args(["--device", str(device)])
-    vars(args).update(srl.LARGE_MODEL_DEFAULTS, precision="bf16", activation_checkpointing=False, **flags)
+    vars(args).update(srl.LARGE_MODEL_DEFAULTS, **dict(dict(precision="bf16", activation_checkpointing=False,
+                                                            micro_batch_tokens=8192), **flags))
     return args
 
 
@@ -258,13 +255,12 @@ def check_srl_step(size, device):
     _, t_refresh = timed(device, lambda: common.copy_weights(policy, model))
     estimate = memory.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
                                       size["srl_prompt"] + args.max_new_tokens)
-    fixed = estimate["peak"] - max(estimate["kv_cache"], estimate["activations"] + estimate["logits"])
-    expected_update = (fixed + estimate["activations"] + estimate["logits"]) / 1e9
-    expected_sample = (fixed + estimate["kv_cache"]) / 1e9
+    expected_update = memory.held_plus(estimate, "update") / memory.GB
+    expected_sample = memory.held_plus(estimate, "sampling") / memory.GB
     report(f"SRL step, {prompts_n} prompts x G {group}, {args.max_new_tokens} new tokens",
            f"{t_sample + t_update + t_refresh:.1f} s: sampling {t_sample:.1f}, update {t_update:.1f} "
            f"({num_tokens} completion tokens, loss {stats['loss']:.3g}), refresh {t_refresh:.2f}")
-    ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / 1e9
+    ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / memory.GB
     report("SRL step peak memory" + (" (not measured off CUDA)" if device.type != "cuda" else ""),
            f"sampling {peak_sample:.1f} GB (estimate {expected_sample:.1f}), update "
            f"{peak_update:.1f} GB (estimate {expected_update:.1f})", "measured <= 1.1 x estimate", ok)
@@ -282,7 +278,7 @@ def check_sft_step(size, device):
     reset_peak(device)
     (loss, _, skipped), seconds = timed(device, lambda: sft.train_step(model, optimizer, batch, budget, 5e-6, device,
                                                                        precision="bf16"))
-    estimate = memory.estimate_memory(model.config, "bf16", budget)["peak"] / 1e9
+    estimate = memory.estimate_memory(model.config, "bf16", budget, masked=False)["peak"] / memory.GB
     peak = peak_gb(device)
     report(f"SFT step, {n} examples x {length} tokens, micro-batches of {budget}",
            f"{seconds:.1f} s, loss {loss:.3g}, peak {peak:.1f} GB (estimate {estimate:.1f})",
@@ -291,12 +287,58 @@ def check_sft_step(size, device):
 
 def check_7b():
     cfg = M.ModelConfig.from_hf(QWEN_7B)
-    one = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / 1e9
+    one = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048)["peak"] / memory.GB
     # the README's command: torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512
     # --sample-batch 16: each GPU samples 16 prompts x G 8 at a time
-    eight = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / 1e9
+    eight = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / memory.GB
     report("Qwen2.5-7B SRL memory (estimate)", f"one card {one:.0f} GB: needs several GPUs; with --fsdp on 8: "
            f"{eight:.0f} GB per GPU", "per GPU <= 68 GB (85% of 80)", eight <= 68)
+
+
+def check_lora_step(size, device, shape, card_gb):
+    """One SRL step with LoRA rank 32, at the settings memory.plan_memory picks for a card of card_gb GB (None: the
+    card present), with the process capped at that size: the time, and each phase's measured peak against the
+    estimate for the prompts used here."""
+    prompts_n, group, new = size["srl_prompts"], size["srl_group"], size["srl_new"]
+    args = srl_arguments(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=new, lora_rank=32,
+                         lora_alpha=64.0, micro_batch_tokens=None, activation_checkpointing=None)
+    cfg = M.ModelConfig.from_hf(shape)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    card = card_gb * memory.GB if card_gb else total
+    memory.plan_memory(cfg, args, card, group, prompts_n, 1024 + new, longest_row=1024 + new)  # sets the picks
+    if card_gb and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), device)
+    try:
+        model = random_decoder(shape, device).to(torch.bfloat16).add_lora(32, 64.0).train()
+        model.activation_checkpointing = args.activation_checkpointing
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+        prompts = random_prompts(prompts_n, size["srl_prompt"], shape["vocab_size"])
+        grpo.update_policy(model, optimizer, [[grpo.Rollout(prompts[0], [1, 2, 3], 1.0)]], args)  # AdamW's states
+        reset_peak(device)
+        groups, t_sample = timed(device, lambda: engine.sample_groups(
+            model, prompts, group, new, args.sample_batch, list(range(prompts_n)), stop_token_ids=[]))
+        peak_sample = peak_gb(device)
+        g = torch.Generator().manual_seed(0)
+        rollouts = [[grpo.Rollout(p, c, a) for c, a in zip(completions, torch.randn(group, generator=g).tolist())]
+                    for p, completions in zip(prompts, groups)]
+        reset_peak(device)
+        _, t_update = timed(device, lambda: grpo.update_policy(model, optimizer, rollouts, args))
+        peak_update = peak_gb(device)
+    finally:
+        if card_gb and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    estimate = memory.estimate_memory(cfg, "bf16", args.micro_batch_tokens, args.activation_checkpointing,
+                                      args.sample_batch * group, size["srl_prompt"] + new, lora_rank=32)
+    where = f"capped at {card_gb:g} GB" if card_gb else "the whole card"
+    picks = (f"{args.sample_batch} prompts at once, micro-batches of {args.micro_batch_tokens}, checkpointing "
+             f"{'on' if args.activation_checkpointing else 'off'}")
+    report(f"SRL step, LoRA 32, {memory.parameter_count(cfg) / 1e9:.1f}B shape, {where}",
+           f"{t_sample + t_update:.1f} s: sampling {t_sample:.1f}, update {t_update:.1f} ({picks})")
+    ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / memory.GB
+    report("  its peak memory" + (" (not measured off CUDA)" if device.type != "cuda" else ""),
+           f"sampling {peak_sample:.1f} GB (estimate {memory.held_plus(estimate, 'sampling') / memory.GB:.1f}), "
+           f"update {peak_update:.1f} GB (estimate {memory.held_plus(estimate, 'update') / memory.GB:.1f})",
+           "measured <= 1.1 x estimate", ok)
 
 
 def check_command_line(size, device, tmp):
@@ -316,7 +358,7 @@ def check_command_line(size, device, tmp):
     subprocess.run(command + ["--max-steps", "3", "--resume"], **run)
     steps = [json.loads(line)["step"] for line in open(tmp / "run" / "metrics.jsonl")]
     state = common.load_training_state(tmp / "run" / "last")
-    estimate = [line for line in first.stdout.splitlines() if line.startswith("GPU memory estimate")]
+    estimate = [line for line in first.stdout.splitlines() if line.startswith("fits: peak")]
     report("srl.py command line: 2 steps, then --resume", f"steps logged {steps}, checkpoint at step "
            f"{state['step']}, {time.perf_counter() - started:.0f} s" + (f"; {estimate[0]}" if estimate else ""),
            "steps [1, 2, 3]", steps == [1, 2, 3] and state["step"] == 3)
@@ -327,7 +369,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, seconds: checks that the script runs")
     parser.add_argument("--budget-s", type=float, default=450, help="skip the checks still to come after this time")
     parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (a rerun of those that "
-                        "failed): logits sampler srl sft 7b cli")
+                        "failed): logits sampler srl sft 7b cli lora lora7b")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device; --smoke runs it on CPU with a tiny shape")
@@ -342,7 +384,9 @@ def main():
                   ("srl", lambda: check_srl_step(size, device)),
                   ("sft", lambda: check_sft_step(size, device)),
                   ("7b", check_7b),
-                  ("cli", lambda: check_command_line(size, device, Path(tmp)))]
+                  ("cli", lambda: check_command_line(size, device, Path(tmp))),
+                  ("lora", lambda: check_lora_step(size, device, size["shape"], None if args.smoke else 24)),
+                  ("lora7b", lambda: check_lora_step(size, device, size["lora7b_shape"], None))]
         unknown = set(args.only or []) - {name for name, _ in checks}
         if unknown:
             parser.error(f"--only: no check named {', '.join(sorted(unknown))}")

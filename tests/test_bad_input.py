@@ -208,6 +208,11 @@ CASES = [
     ("srl", "--eval-every -1", ["--eval-every -1"]),
     ("srl", "--max-prompt-tokens 0", ["--max-prompt-tokens 0"]),
     ("srl", "--fsdp", ["--fsdp", "torchrun"]),
+    ("srl", "--lora-rank -1", ["--lora-rank -1"]),
+    ("srl", "--lora-rank 4 --lora-alpha 0", ["--lora-alpha 0"]),
+    ("srl", "--gpu-memory 0", ["--gpu-memory 0"]),
+    ("sft", "--lora-rank -2", ["--lora-rank -2"]),
+    ("sft", "--gpu-memory -8", ["--gpu-memory -8"]),
     ("srl", "--device cuda:99", ["--device cuda:99"]),
     # srl.py: data, model, run folder
     ("srl", "--data data/srl_no_target.jsonl", ["data/srl_no_target.jsonl:2", "'target_step'", "previous_steps"]),
@@ -226,6 +231,7 @@ CASES = [
     ("srl", "--out runs/no_tokenizer --resume", ["runs/no_tokenizer/last", "tokenizer"]),
     ("srl", "--out runs/no_config --resume", ["runs/no_config/last", "config.json"]),
     ("srl", "--out runs/sft_done --resume", ["runs/sft_done/last/training_state.pt", "position"]),
+    ("srl", "--out runs/srl_done --resume --lora-rank 4", ["runs/srl_done/last/adapter", "no LoRA adapters"]),
     # rlvr.py
     ("rlvr", "--lr -1", ["--lr -1"]),
     ("rlvr", "--group-size 1", ["--group-size 1"]),

@@ -183,3 +183,11 @@ def test_prompts_sampled_by_the_lora_policy_match_the_model():
     assert M.generate(model, prompts, 12, temperature=0, stop_token_ids=[]) == before  # B = 0
     random_adapters(model, seed=3)
     assert M.generate(model, prompts, 12, temperature=0, stop_token_ids=[]) != before
+
+
+def test_lora_under_fsdp_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")  # as under torchrun: the check comes before any process group forms
+    with pytest.raises(SystemExit) as stop:
+        srl.main(["--lora-rank", "8", "--fsdp", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--lora-rank with --fsdp" in err[0]

@@ -61,6 +61,31 @@ def test_activation_estimate_matches_what_autograd_saves(precision, masked, chec
     assert abs(estimate - per_token) <= 0.25 * per_token
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_activation_estimate_matches_what_autograd_saves(precision, masked, checkpointing):
+    """The same measure under LoRA (rank 8): the base frozen in the run's dtype, so that its layers keep no input
+    for their own weights' gradients; the adapters keep theirs."""
+    torch.manual_seed(0)
+    model = M.Decoder(SMALL).to(torch.bfloat16 if precision == "bf16" else torch.float32).add_lora(8, 16).train()
+    per_token = (saved_bytes(model, 96, precision, masked, checkpointing)
+                 - saved_bytes(model, 32, precision, masked, checkpointing)) / 64
+    estimate = memory.activation_bytes_per_token(SMALL, precision, masked, checkpointing, lora_rank=8)
+    if checkpointing:
+        full = memory.activation_bytes_per_token(SMALL, precision, masked, lora_rank=8)
+        final_norm = 4 * SMALL.hidden_size + 4 + 2 * (2 if precision == "bf16" else 4) * SMALL.head_dim
+        estimate -= (full - final_norm) / 3  # less the layer rebuilt in backward
+    print(f"LoRA {precision} masked={masked} checkpointing={checkpointing}: {per_token:.0f} B/token saved, "
+          f"estimate {estimate:.0f}")
+    assert abs(estimate - per_token) <= 0.05 * per_token
+
+
+def test_lora_parameter_count():
+    model = M.Decoder(SMALL).add_lora(8, 16)
+    assert memory.lora_parameter_count(SMALL, 8) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def test_parameter_count():
     llama = M.ModelConfig.from_hf(dict(model_type="llama", vocab_size=97, hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=8, num_key_value_heads=2, intermediate_size=80,
@@ -92,8 +117,9 @@ def start_on_a_gpu(monkeypatch, module, config):
 
 
 def estimate_printed(out):
-    line = next(line for line in out.splitlines() if line.startswith("GPU memory estimate:"))
-    return float(line.split()[3]) * memory.GiB
+    """The peak of the plan's last line, "fits: peak N.N GB of M.M GB", in bytes."""
+    line = next(line for line in out.splitlines() if line.startswith("fits: peak"))
+    return float(line.split()[2]) * memory.GB
 
 
 @pytest.mark.parametrize("stage", ["srl", "rlvr", "sft"])
@@ -169,3 +195,79 @@ def test_the_packing_mask_is_kept_once_not_once_per_layer():
             model.hidden_states(ids, attn_mask=mask)
         copies[dtype] = len(squares)
     assert copies == {torch.bfloat16: 1, torch.float32: SMALL.num_layers, torch.bool: 1}, copies
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The plan: --gpu-memory and --plan-only, before any weight loads, offline, without a GPU
+
+
+def plan_lines(stage, argv, capsys, tmp_path, monkeypatch):
+    """Run a stage's command line with --plan-only in an empty folder (no data, no hub, no GPU); its output lines
+    and exit status."""
+    import sft
+    import srl
+    from huggingface_hub import constants
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    status = 0
+    try:
+        (sft if stage == "sft" else srl).main(argv + ["--plan-only", "--device", "cpu"])
+    except SystemExit as e:
+        status = e.code
+    captured = capsys.readouterr()
+    return (captured.out + captured.err).strip().splitlines(), status
+
+
+@pytest.mark.parametrize("alias", list(memory.PUBLISHED_SHAPES))
+def test_plan_only_works_offline_for_every_alias(alias, tmp_path, monkeypatch, capsys):
+    lines, status = plan_lines("srl", ["--model", alias, "--lora-rank", "32", "--gpu-memory", "24"], capsys,
+                               tmp_path, monkeypatch)
+    assert lines[-1].startswith("fits: peak") and status == 0, lines
+    assert any(line.startswith("memory plan:") for line in lines) and not (tmp_path / "runs").exists()
+    lines, status = plan_lines("sft", ["--model", alias, "--gpu-memory", "80"], capsys, tmp_path, monkeypatch)
+    assert lines[-1].startswith(("fits: peak", "does not fit:")) and status in (0, 1), lines
+
+
+# the targets of the plan (the README's table "which card runs what"): the estimate must fit them within 85%
+FITS = [("srl", "qwen-1.5b", 8, ["--lora-rank", "32"]), ("srl", "qwen-1.5b", 16, ["--lora-rank", "32"]),
+        ("srl", "qwen-3b", 16, ["--lora-rank", "32"]), ("srl", "qwen-7b", 24, ["--lora-rank", "32"]),
+        ("srl", "qwen-0.5b", 24, []), ("sft", "qwen-1.5b", 16, ["--lora-rank", "32", "--max-length", "4096"])]
+
+
+@pytest.mark.parametrize("stage, alias, card, flags", FITS)
+def test_the_plan_fits_the_cards_people_have(stage, alias, card, flags, tmp_path, monkeypatch, capsys):
+    lines, status = plan_lines(stage, ["--model", alias, "--gpu-memory", str(card)] + flags, capsys, tmp_path,
+                               monkeypatch)
+    assert status == 0 and lines[-1].startswith("fits: peak"), lines
+    peak, of = float(lines[-1].split()[2]), float(lines[-1].split()[5])
+    assert of == card and peak <= 0.85 * card
+
+
+def test_a_plan_that_cannot_fit_names_the_flag(tmp_path, monkeypatch, capsys):
+    """Full fine-tuning of Qwen2.5-7B on 24 GB: the weights alone do not fit, and the plan names --lora-rank; with
+    LoRA on 8 GB even the frozen base does not, and it names a smaller model. Settings given on the command line are
+    kept, not re-picked: --micro-batch-tokens 16384 without checkpointing does not fit 16 GB."""
+    lines, status = plan_lines("srl", ["--model", "qwen-7b", "--gpu-memory", "24"], capsys, tmp_path, monkeypatch)
+    assert status == 1 and lines[-1].startswith("does not fit:") and "--lora-rank" in lines[-1]
+    lines, status = plan_lines("srl", ["--model", "qwen-7b", "--lora-rank", "16", "--gpu-memory", "8"], capsys,
+                               tmp_path, monkeypatch)
+    assert status == 1 and "smaller model" in lines[-1]
+    lines, status = plan_lines("srl", ["--model", "qwen-1.5b", "--lora-rank", "32", "--gpu-memory", "16",
+                                       "--micro-batch-tokens", "16384", "--no-activation-checkpointing"], capsys,
+                               tmp_path, monkeypatch)
+    assert status == 1 and "--micro-batch-tokens" in lines[-1]
+    lines, status = plan_lines("srl", ["--model", "qwen-1.5b", "--lora-rank", "32", "--gpu-memory", "16"], capsys,
+                               tmp_path, monkeypatch)
+    assert status == 0 and "activation checkpointing" in lines[-5]
+
+
+def test_the_plan_is_stored_with_the_run(tmp_path):
+    """A run writes what its plan picked, with the estimate by part, to plan.json."""
+    import json
+    import srl
+    from test_srl_loop import EXAMPLE, loop_args
+    args = loop_args(tmp_path, [EXAMPLE], max_steps=1, gpu_memory=8, precision="fp32")
+    srl.train(args, lambda ex: [{"role": "user", "content": ex["problem"]}], lambda text, ex: len(text) % 3 / 2)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["card_gb"] == 8 and plan["micro_batch_tokens"] == 8192 and plan["activation_checkpointing"] is False
+    assert plan["sample_batch"] == 2 and plan["parts_gb"]["weights"] > 0 and plan["peak_gb"] < 8
