@@ -5,12 +5,11 @@ the paper's ideas: the setup every stage starts with, the run folder with its ch
     1. The setup. prepare_run: the device, the run folder, the model's configuration and the flags its size class
        fills in, before any weight loads. load_for_training: the model, the policy that samples and the frozen
        reference, placed for the precision and for FSDP. For srl.py and rlvr.py also check_rl_arguments (flags and
-       data), plan_rl_step (the memory plan and the line that states the run), drop_long_prompts and
-       validation_sample.
+       data), start_rl_run (torchrun, the seed, the memory plan), drop_long_prompts and validation_sample.
     2. The run folder, checkpoints and --resume. One rule says what --resume restores: every flag of the
        interrupted run except RUNTIME_FLAGS. start_run restores the optimizer and the random generators and opens
-       metrics.jsonl; save_checkpoint writes last/ or best/.
-    3. Several processes (torchrun): init_distributed, gather, broadcast, sum_across, sum_gradients, shard,
+       metrics.jsonl (Metrics); save_checkpoint writes last/ or best/.
+    3. Several processes (torchrun): init_distributed, gather, on_rank_zero, sum_across, sum_gradients, shard,
        copy_weights. Without torchrun's variables each is the single-process identity.
 
 Below it: checks.py (refusing bad input), memory.py (the memory estimate and the plan), model.py, engine.py; the
@@ -162,10 +161,13 @@ def card_memory(args):
     return args.gpu_memory * GB if getattr(args, "gpu_memory", None) else gpu_memory(args.device)
 
 
-def plan_rl_step(args, cfg, num_examples):
-    """The run in one line, then the memory plan of a step of the GRPO loop (memory.plan_memory: the settings that
-    fit the card, or the flag to change). Returns the plan."""
-    world = get_world_size()
+def start_rl_run(args, cfg, num_examples):
+    """What the GRPO loop does once its input is checked and before any weight loads: torchrun's process group
+    (init_distributed), the seed, the run in one line, then the memory plan of a step (memory.plan_memory: the
+    settings that fit the card, or the flag to change). Under --plan-only the program ends here. Returns (rank,
+    world size, the plan)."""
+    rank, world, args.device = init_distributed(args.device)
+    torch.manual_seed(args.seed)
     size = "small" if is_small_model(cfg) else "large"
     steps = planned_steps(args, num_examples) if num_examples else "(by the data's length)"
     what = f"LoRA rank {args.lora_rank} (alpha {args.lora_alpha:g})" if args.lora_rank else "full fine-tuning"
@@ -175,8 +177,12 @@ def plan_rl_step(args, cfg, num_examples):
            f"process{'es' if world > 1 else ''}{' (FSDP)' if args.fsdp else ''}")
     # the sampler's cache holds prompt + completion; s1K's SRL prompts are ~550 tokens at the median, ~1k at p90
     row = 1024 + args.max_new_tokens
-    return plan_memory(cfg, args, card_memory(args), args.group_size, math.ceil(args.batch_prompts / world), row,
+    plan = plan_memory(cfg, args, card_memory(args), args.group_size, math.ceil(args.batch_prompts / world), row,
                        longest_row=row, shards=world if args.fsdp else 1)
+    if args.plan_only:
+        end_distributed()
+        raise SystemExit(0)
+    return rank, world, plan
 
 
 def drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples):
@@ -272,10 +278,9 @@ def load_training_state(path):
 def start_run(out, model, optimizer, state, overwrite, plan=None):
     """The moment a run starts to write, once its model has loaded. On --resume the optimizer (sharded again under
     FSDP) and every random generator continue from the training state; under --overwrite the earlier run goes
-    (RUN_PIECES, nothing else in the folder). The memory plan goes to plan.json. Returns metrics.jsonl open for
-    appending, emptied for a new run and on --resume cut back to the checkpoint's step (the steps after it are
-    redone); on ranks other than 0, os.devnull, so that every process may write its line and rank 0's alone is
-    kept."""
+    (RUN_PIECES, nothing else in the folder). The memory plan goes to plan.json. Returns the run's Metrics:
+    metrics.jsonl, emptied for a new run and on --resume cut back to the checkpoint's step (the steps after it are
+    redone)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -283,9 +288,9 @@ def start_run(out, model, optimizer, state, overwrite, plan=None):
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if get_rank() != 0:
-        return open(os.devnull, "w")
     out = Path(out)
+    if get_rank() != 0:  # every process logs its line, and rank 0's alone is kept
+        return Metrics(os.devnull)
     if overwrite:  # the earlier run goes only now, when the new one has loaded and is about to write
         for path in [out / name for name in RUN_PIECES]:
             if path.is_dir():
@@ -295,13 +300,26 @@ def start_run(out, model, optimizer, state, overwrite, plan=None):
     out.mkdir(parents=True, exist_ok=True)
     if plan is not None:
         write_json(out / "plan.json", plan)
-    metrics = out / "metrics.jsonl"
     kept = []
-    if state is not None and metrics.exists():
-        kept = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    if state is not None and (out / "metrics.jsonl").exists():
+        kept = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         kept = [record for record in kept if record["step"] <= state["step"]]
-    write_jsonl(metrics, kept)
-    return open(metrics, "a", encoding="utf-8")
+    write_jsonl(out / "metrics.jsonl", kept)
+    return Metrics(out / "metrics.jsonl")
+
+
+class Metrics:
+    """metrics.jsonl, a line per step, each written whole and flushed at once, with the number of processes."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, record):
+        self.file.write(json.dumps(dict(record, world_size=get_world_size())) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
 
 
 def save_checkpoint(model, tokenizer, folder, optimizer=None, args=None, **progress):
@@ -374,6 +392,11 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank_zero(fn, *args):
+    """fn(*args) computed by rank 0 alone (validation), its result received by every process."""
+    return broadcast(fn(*args) if get_rank() == 0 else None)
 
 
 def sum_across(values):

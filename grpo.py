@@ -184,11 +184,11 @@ def update_policy(model, optimizer, groups, args, reference=None):
     completion token of the step. groups: the kept groups as lists of Rollouts. Returns the stats of the log; a step
     whose loss or gradient is not finite is skipped and counted."""
     num_tokens = max(sum(len(r.completion) for group in groups for r in group), 1)  # the loss's divisor
-    # torchrun: this process trains on every world-th group; the gradients are summed below
+    # torchrun: this process trains on every world-th group (the gradients are summed below), in as many forward
+    # passes as every other process (under FSDP each pass gathers the weights from all of them)
     rollouts = [r for group in groups[get_rank()::get_world_size()] for r in group]
     micro_batches = [rollouts[part] for part in token_budget_batches(
         [r.prompt for r in rollouts], [r.completion for r in rollouts], args.micro_batch_tokens)]
-    # torchrun: every process runs as many forward passes (under FSDP each gathers weights from all of them)
     micro_batches += [PADDING] * (max(gather(len(micro_batches))) - len(micro_batches))
     mixed = autocast(args.device, args.precision)
 
@@ -216,11 +216,12 @@ def update_policy(model, optimizer, groups, args, reference=None):
             loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high, ref_logp,
                                          args.beta, num_tokens=num_tokens)
             loss.backward()
-            if batch is not PADDING:
+            if batch is not PADDING:  # (a padding pass adds no loss, but its one token has an entropy)
                 sums = [sums[0] + loss.item(), sums[1] + loss_stats["clip_fraction"] * mask.sum().item(),
                         sums[2] + entropy.sum().item()]
-        sum_gradients(model)  # torchrun: the gradient of the whole step on every process
-        loss_sum, clipped_tokens, entropy_sum = sum_across(sums)  # torchrun: the logged sums of every process
+        # torchrun: the gradient of the whole step on every process, and the logged sums of every process
+        sum_gradients(model)
+        loss_sum, clipped_tokens, entropy_sum = sum_across(sums)
         grad_norm = clip_gradients(model, args.grad_clip)
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             optimizer.step()

@@ -50,7 +50,6 @@ common.py's; the log-probs engine.py's; the prompts srl.py's and evaluate.py's. 
 the checkpoint this writes.
 """
 import argparse
-import json
 import math
 import random
 import time
@@ -312,12 +311,11 @@ def train(args, model, tokenizer, examples, state, plan=None):
                                                   args.device, precision=args.precision, step_tokens=step_tokens)
         seconds = time.time() - started
         step, skipped = step + 1, skipped + was_skipped
-        metrics.write(json.dumps({
+        metrics.log({
             "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": step_tokens,  # trained (target) tokens of this step
             "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
-            "skipped": was_skipped, "skipped_total": skipped, "world_size": world}) + "\n")
-        metrics.flush()
+            "skipped": was_skipped, "skipped_total": skipped})
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if step % args.save_every == 0 or step == end_step:

@@ -68,16 +68,15 @@ Departures from the paper and choices it leaves open:
     hold the merged weights and the adapters alone in PEFT's format (adapter/).
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common import (broadcast, check_rl_arguments, copy_weights, drop_long_prompts, end_distributed,
-                    init_distributed, load_for_training, plan_rl_step, planned_steps, prepare_run, print0,
-                    save_checkpoint, start_run, validation_sample)
+from common import (check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, load_for_training,
+                    on_rank_zero, planned_steps, prepare_run, print0, save_checkpoint, start_rl_run, start_run,
+                    validation_sample)
 from engine import sample_groups
 from grpo import (FORMAT_FAILURE, Group, PromptStream, Rollout, collect_groups, group_advantages,  # noqa: F401
                   grpo_loss, keep_group, update_policy)  # re-exported: `from srl import grpo_loss` is the public name
@@ -322,12 +321,7 @@ def train(args, build_prompt, reward_fn, fields=None):
     # then torchrun, the memory plan, the model (on --resume: where the run stopped)
     state, config = prepare_run(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, LARGE_MODEL_DEFAULTS)
     examples, val_examples = check_rl_arguments(args, fields)
-    rank, world, args.device = init_distributed(args.device)
-    torch.manual_seed(args.seed)
-    plan = plan_rl_step(args, config, len(examples))
-    if args.plan_only:
-        end_distributed()
-        return None
+    rank, world, plan = start_rl_run(args, config, len(examples))
     model, tokenizer, policy, reference = load_for_training(args, state, sampling=True)
     examples, val_examples = drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
@@ -359,21 +353,19 @@ def train(args, build_prompt, reward_fn, fields=None):
             copy_weights(policy, model)
         log.update(stats, step=step + 1, kept_groups=len(kept_groups), skipped_steps=skipped,
                    sample_s=round(sample_seconds, 2), train_s=round(time.time() - started - sample_seconds, 2),
-                   tokens_per_s=round(log["sampled_tokens"] / max(sample_seconds, 1e-9), 1), world_size=world)
-        # 4. validation: the paper keeps the checkpoint that scores best on held-out steps. Rank 0 validates and
-        # every process learns the result, since saving gathers FSDP's shards from all of them
+                   tokens_per_s=round(log["sampled_tokens"] / max(sample_seconds, 1e-9), 1))
+        # 4. validation: the paper keeps the checkpoint that scores best on held-out steps. Under torchrun rank 0
+        # validates and every process learns the result, since saving gathers FSDP's shards from all of them
         last_step = step + 1 == total_steps
         if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
-            log.update(broadcast(validate(args, policy, tokenizer, val_examples, build_prompt, reward_fn)
-                                 if rank == 0 else None))
+            log.update(on_rank_zero(validate, args, policy, tokenizer, val_examples, build_prompt, reward_fn))
             if log["val_score"] > best:
                 best = log["val_score"]
                 save_checkpoint(model, tokenizer, out / "best")
         elif last_step and not val_examples:
             save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
         # 5. the log line and the checkpoint that --resume continues from
-        metrics.write(json.dumps(log) + "\n")
-        metrics.flush()
+        metrics.log(log)
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         if (step + 1) % args.save_every == 0 or last_step:
             save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step + 1, position=stream.position,
