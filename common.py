@@ -21,6 +21,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -29,7 +32,7 @@ import torch.distributed as dist
 from checks import check_device, check_flags, check_folder, first_line, print0, read_config, read_jsonl, refuse
 from data_prep import write_json, write_jsonl
 from memory import GB, PUBLISHED_SHAPES, gpu_memory, is_small_model, parameter_count, plan_memory
-from model import ALIASES, ModelConfig, encode_chat, load_adapter, load_model, save_model
+from model import ALIASES, ModelConfig, encode_chat, load_adapter, load_model, recover_checkpoint, save_model
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. The setup: everything a training stage does before its first step
@@ -241,6 +244,10 @@ def check_run_folder(args, state_keys):
     if args.resume and args.overwrite:
         refuse("--resume continues the run in --out and --overwrite starts it again: give one of them")
     check_folder(out)
+    for name in ("last", "best"):  # a kill in the middle of a save: the newest whole checkpoint back in place
+        note = recover_checkpoint(out / name) if out.is_dir() else None
+        if note:
+            print0(f"{out}: {note}")
     if not args.resume:
         metrics = out / "metrics.jsonl"
         held = [name for name in ("last", "best") if (out / name).exists()]
@@ -251,9 +258,15 @@ def check_run_folder(args, state_keys):
         return None
     file = out / "last" / "training_state.pt"
     if not file.is_file():
-        refuse(f"--resume: {file} not found: no run to continue in {out} ("
-               + ("--overwrite starts again)" if any((out / name).exists() for name in RUN_PIECES) else
-                  "leave out --resume to start one)"))
+        if not any((out / name).exists() for name in RUN_PIECES):
+            refuse(f"--resume: {file} not found: no run to continue in {out} (leave out --resume to start one)")
+        if (out / "last").exists():
+            refuse(f"--resume: {out / 'last'} holds no training state ({file.name}): it is not a checkpoint this "
+                   "stage wrote, and nothing in it can be continued")
+        # stopped before its first save of last/: nothing was kept to continue from, so the run starts again
+        print0(f"--resume: {out} holds no last/ yet (the run stopped before its first save): it starts again from "
+               "step 0, with the flags given")
+        return None
     try:
         state = load_training_state(out / "last")
     except Exception as e:  # truncated or damaged: torch raises RuntimeError, EOFError, pickle's errors, ...
@@ -302,8 +315,15 @@ def start_run(out, model, optimizer, state, overwrite, plan=None):
         write_json(out / "plan.json", plan)
     kept = []
     if state is not None and (out / "metrics.jsonl").exists():
-        kept = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        kept = [record for record in kept if record["step"] <= state["step"]]
+        kept, torn = [], 0
+        for line in (out / "metrics.jsonl").read_text(errors="replace").splitlines():
+            try:
+                kept.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+                torn += bool(line.strip())
+        if torn:
+            print0(f"{out / 'metrics.jsonl'}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut short)")
+        kept = [record for record in kept if isinstance(record, dict) and record.get("step", 0) <= state["step"]]
     write_jsonl(out / "metrics.jsonl", kept)
     return Metrics(out / "metrics.jsonl")
 
@@ -340,7 +360,58 @@ def save_checkpoint(model, tokenizer, folder, optimizer=None, args=None, **progr
         plan = {name: value for name, value in vars(args).items() if name not in RUNTIME_FLAGS}
         state = dict(progress, optimizer=get_optimizer_state_dict(model, optimizer, options=whole), rng=rng, args=plan)
     if get_rank() == 0:
-        save_model(model, tokenizer, folder, training_state=state, state_dict=weights)
+        try:
+            save_model(model, tokenizer, folder, training_state=state, state_dict=weights)
+        except OSError as e:  # a full disk, a quota: save_model left the previous checkpoint as it was
+            refuse(f"could not write {folder} ({e.strerror or first_line(e)}); the previous checkpoint there is "
+                   f"intact: free some space, then --resume continues from it")
+
+
+class Stop:
+    """What ends a training run before its last step, other than a kill. SIGTERM (how SLURM and Kubernetes preempt a
+    job) and SIGINT (Ctrl-C) ask the run to stop at its next safe point instead of dying: the loop asks requested()
+    between its phases, writes last/ and calls preempted(), which exits with 128 + the signal's number. A second
+    signal ends the program at once. Under torchrun every process learns of a signal any of them received, so all
+    stop at the same step. And after max_skipped updates in a row skipped for a non-finite loss or gradient,
+    diverged() stops the run: it would otherwise train nothing, silently, for as long as it is left running."""
+
+    def __init__(self, max_skipped):
+        self.signum, self.max_skipped, self.skipped_in_a_row = 0, max_skipped, 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum:  # the second signal: at once, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+        print0(f"\n{signal.Signals(signum).name}: stopping after the step in progress (a second one stops at once)",
+               flush=True)
+
+    def requested(self):
+        return sum_across([float(self.signum)])[0] > 0
+
+    def preempted(self, step):
+        self.release()
+        print0(f"stopped at step {step}: --resume continues", flush=True)
+        raise SystemExit(128 + (self.signum or signal.SIGTERM))
+
+    def count(self, skipped, step):
+        """After a step: stop the run if its updates were skipped max_skipped times in a row."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if self.max_skipped and self.skipped_in_a_row >= self.max_skipped:
+            self.release()
+            print0(f"stopped at step {step}: the last {self.skipped_in_a_row} steps were all skipped for a non-finite "
+                   "loss or gradient. Likely causes: a learning rate too high (--lr); the attention kernel (run "
+                   "bench/gpu_check.py); bf16 overflow (try --precision fp32). --max-skipped-steps 0 never stops",
+                   file=sys.stderr, flush=True)
+            raise SystemExit(1)
+
+    def release(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import completion_logprobs, generate  # noqa: F401  (re-exported: `from model import generate`)
 
@@ -133,13 +134,25 @@ def apply_rotary(x, cos, sin):  # x: [B, heads, T, head_dim]; cos, sin: [B, T, h
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+# The attention kernels a masked training forward may use: every one but cuDNN's. With an explicit mask, cuDNN's
+# backward returns NaN gradients for q on H100/H200 when the sequence length is 64 mod 128 and a row's log-sum-exp
+# is below about -88.7, which Qwen2.5's "massive activation" heads reach (pytorch/pytorch#196678, since torch 2.11);
+# the packed training forward (completion_logprobs) is exactly that case. Memory-efficient attention takes the mask
+# on CUDA, flash attention on CPU.
+MASKED_TRAINING_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attention(q, k, v, attn_mask=None, is_causal=False):
     """scaled_dot_product_attention with grouped-query attention: q has a whole multiple of k's and v's heads.
     With a mask the KV heads are repeated rather than passing enable_gqa, because CUDA's fused kernels refuse
-    enable_gqa together with a mask and fall back to the math kernel, which holds every [T, T] score in fp32."""
+    enable_gqa together with a mask and fall back to the math kernel, which holds every [T, T] score in fp32; and
+    a masked forward that will be differentiated never runs on cuDNN (MASKED_TRAINING_KERNELS)."""
     group = q.shape[1] // k.shape[1]
     if attn_mask is not None and group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if attn_mask is not None and torch.is_grad_enabled():
+        with sdpa_kernel(MASKED_TRAINING_KERNELS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -476,28 +489,58 @@ def save_model(model, tokenizer, path, training_state=None, state_dict=None):
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dtype = model.lm_head.weight.dtype
-    hf_config = dict(model.config.hf, torch_dtype=str(dtype).removeprefix("torch."))
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    if model.lora:
-        save_adapter(model, state, tmp / "adapter")
-        state = merge_adapters(model, state)
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(tmp))
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
-    old = path.with_name(path.name + ".old")  # a folder cannot be replaced in one step: the old one steps aside
+    try:
+        tmp.mkdir(parents=True)
+        dtype = model.lm_head.weight.dtype
+        hf_config = dict(model.config.hf, torch_dtype=str(dtype).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+        if model.lora:
+            save_adapter(model, state, tmp / "adapter")
+            state = merge_adapters(model, state)
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)  # the same tensor as the embedding: stored once
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+        (tmp / COMPLETE).touch()  # last: every file before it is whole
+    except BaseException:  # a full disk, a kill: the previous checkpoint stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # A folder cannot be replaced in one step: the old one steps aside, the new one takes its name. A kill between
+    # the two renames leaves both whole, and recover_checkpoint finishes the swap.
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+COMPLETE = ".complete"  # save_model writes it last into a checkpoint folder: the files before it are whole
+
+
+def recover_checkpoint(path):
+    """After a kill in save_model, put the newest whole checkpoint back at `path` (a folder only ever takes that
+    name whole, by a rename): the new one if it was written to the end (path.tmp holds COMPLETE), else the previous
+    one (path, or path.old between the renames). Removes the leftovers; returns what it did, in words, or None."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    done = None
+    if (tmp / COMPLETE).is_file():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        done = f"finished the save of {path} that a stop interrupted"
+    elif not path.exists() and old.is_dir():
+        os.replace(old, path)
+        done = f"put back {path}, which a stop during a save had moved aside"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return done
 
 
 # -----------------------------------------------------------------------------------------------------------------

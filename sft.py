@@ -59,7 +59,7 @@ import torch
 from tqdm import tqdm
 
 from checks import check_fields, check_flags, print0, read_jsonl, refuse
-from common import (card_memory, clip_gradients, end_distributed, get_rank, get_world_size, init_distributed,
+from common import (Stop, card_memory, clip_gradients, end_distributed, get_rank, get_world_size, init_distributed,
                     load_for_training, prepare_run, save_checkpoint, start_run, sum_across, sum_gradients)
 from data_prep import write_json
 from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
@@ -295,6 +295,9 @@ def train(args, model, tokenizer, examples, state, plan=None):
         step, skipped = state["step"], state["skipped_steps"]
         print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
     metrics = start_run(out, model, optimizer, state, args.overwrite, plan)
+    stop = Stop(args.max_skipped_steps)  # SIGTERM / Ctrl-C, and a run whose steps are all skipped
+    if step >= end_step:
+        print0(f"nothing left to do: {out} finished its {end_step} steps (its model: {out / 'last'})")
     model.train()
     bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None  # the batches of one epoch, and which epoch they are
@@ -318,11 +321,17 @@ def train(args, model, tokenizer, examples, state, plan=None):
             "skipped": was_skipped, "skipped_total": skipped})
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update()
-        if step % args.save_every == 0 or step == end_step:
+        stopping = stop.requested()  # a signal: this step is finished, and the run stops after it
+        if step % args.save_every == 0 or step == end_step or stopping:
             save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step, epoch=step // batches_per_epoch,
                             batch_in_epoch=step % batches_per_epoch, skipped_steps=skipped)
+        if stopping and step < end_step:
+            metrics.close()
+            stop.preempted(step)
+        stop.count(was_skipped, step)
     bar.close()
     metrics.close()
+    stop.release()
     return step, skipped
 
 
@@ -361,6 +370,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="bf16: fp32 master weights with bf16 autocast (default on cuda); fp32 (default on cpu)")
+    parser.add_argument("--max-skipped-steps", type=int, default=3, help="stop after this many steps in a row "
+                        "skipped for a non-finite loss or gradient (0: never)")
     parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
     parser.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run, "
                                                                   "deleting it")
@@ -381,7 +392,9 @@ def main(argv=None):
     if rank != 0:
         return
     out = Path(args.out)
-    print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); checkpoint in {out / 'last'}")
+    following = "srl.py" if "completion" in records[0] else "evaluate.py"  # after a warm start, SRL
+    print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); the model: {out / 'last'}; next: "
+          f"python {following} --model {out / 'last'}")
 
     # The warm start's purpose: a format SRL can reward. Check it on held-out prompts (read by check_arguments).
     if val_examples:

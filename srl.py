@@ -18,6 +18,7 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
 Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
 <out>/best/ (best on validation): Hugging Face folders that `--model` of any stage accepts. Every user error,
 an --out that already holds a run included (unless --resume or --overwrite), is refused before anything loads.
+SIGTERM or Ctrl-C stop the run after the step in progress, with last/ written; --resume continues any stopped run.
 
 Sections: 1. step_similarity, 2. srl_reward, 3. the prompt (srl_messages), 4. the run: its command line and the
 loop, rollouts -> advantages -> update -> validation -> checkpoints (train), which rlvr.py imports. The GRPO pieces
@@ -74,7 +75,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, load_for_training,
+from common import (Stop, check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, load_for_training,
                     on_rank_zero, planned_steps, prepare_run, print0, save_checkpoint, start_rl_run, start_run,
                     validation_sample)
 from engine import sample_groups
@@ -287,6 +288,8 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
     arg("--val-limit", type=int, default=64, help="validation examples used")
     arg("--save-every", type=int, default=10, help="write <out>/last every N steps and at the end")
+    arg("--max-skipped-steps", type=int, default=3, help="stop the run after this many steps in a row whose "
+        "updates were all skipped for a non-finite loss or gradient (0: never)")
     arg("--resume", action="store_true", help="continue from <out>/last, with the plan stored there")
     arg("--overwrite", action="store_true", help="start again in an --out that holds a run, deleting it")
     # Runtime
@@ -329,26 +332,40 @@ def train(args, build_prompt, reward_fn, fields=None):
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
     step = 0  # optimiser steps done
     best = -float("inf")  # best validation score so far
-    skipped = 0  # updates skipped for a non-finite loss or gradient
+    skipped = 0  # updates skipped for a non-finite loss or gradient, in all
     any_kept = state is not None  # has any step kept a group? (if not, say why at the end)
     if state is not None:
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
+    state_step = step
     metrics = start_run(args.out, model, optimizer, state, args.overwrite, plan)
     out = Path(args.out)
+    stop = Stop(args.max_skipped_steps)  # SIGTERM / Ctrl-C, and a run whose updates are all skipped
+
+    def save_last(done):  # the checkpoint that --resume continues from
+        save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=done, position=stream.position,
+                        best=best, skipped=skipped)
+
+    if step >= total_steps:
+        print0(f"nothing left to do: {out} finished its {total_steps} steps (its model: {out / 'best'})")
+    done, saved = step, step  # steps finished, and the step last/ holds
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
     for step in bar:
         # 1. rollouts and rewards, with dynamic sampling: groups whose rewards do not vary are dropped
-        started = time.time()
+        started, position = time.time(), stream.position
         kept_groups, log = collect_groups(args, policy, tokenizer, examples, stream, build_prompt, reward_fn)
         any_kept = any_kept or bool(kept_groups)
         sample_seconds = time.time() - started
+        if stop.requested():  # stopped before the update: this step is dropped, as if it had never begun
+            stream.position = position
+            break
         # 2. advantages within each group; every completion becomes one Rollout of the update
         rollouts = [[Rollout(g.prompt, completion, advantage) for completion, advantage in
                      zip(g.completions, group_advantages(g.rewards, not args.no_std_scale).tolist()) if completion]
                     for g in kept_groups]
         # 3. the clipped GRPO update; then the sampling copy, if there is one, takes the new weights
         stats = update_policy(model, optimizer, rollouts, args, reference) if kept_groups else {}
-        skipped += stats.pop("skipped", 0)
+        step_skipped = stats.pop("skipped", 0)  # updates skipped for a non-finite loss or gradient
+        skipped += step_skipped
         if policy is not model and kept_groups:
             copy_weights(policy, model)
         log.update(stats, step=step + 1, kept_groups=len(kept_groups), skipped_steps=skipped,
@@ -367,15 +384,28 @@ def train(args, build_prompt, reward_fn, fields=None):
         # 5. the log line and the checkpoint that --resume continues from
         metrics.log(log)
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
-        if (step + 1) % args.save_every == 0 or last_step:
-            save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step + 1, position=stream.position,
-                            best=best, skipped=skipped)
+        done = step + 1
+        if done % args.save_every == 0 or last_step:
+            save_last(done)
+            saved = done
+        stop.count(step_skipped == args.updates_per_batch, done)
+        if stop.requested():
+            break
     metrics.close()
+    if done < total_steps:  # stopped by a signal: last/ holds every finished step
+        if saved != done:
+            save_last(done)
+        stop.preempted(done)
+    stop.release()
     if not any_kept:
         print0(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
                f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
                f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
                f"runs/sft), or lower --std-threshold.")
+    elif saved == total_steps and done > state_step:
+        score = f", best validation score {best:.3f}" if val_examples else ""
+        print0(f"done: {total_steps} steps{score}; the model: {out / 'best'} (last step: {out / 'last'}); next: "
+               f"python evaluate.py --model {out / 'best'}")
     end_distributed()
     return model
 
