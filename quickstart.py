@@ -54,13 +54,16 @@ from synthetic import check_steps, every_step_right
 
 ROOT = Path(__file__).resolve().parent
 ARMS = ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
+PREPARED_BY = ["hard_steps", "max_value", "warm_problems", "train_problems", "val_problems", "test_problems",
+               "warm_epochs", "warm_lr", "warm_slip", "warm_srl_share", "device"]  # what a seed's warm start depends on
 RL_ARMS = ARMS[1:]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/quickstart", help="study folder (a seed's folder is emptied first)")
+    p.add_argument("--out", default="runs/quickstart", help="study folder (a seed's folder is made again, unless "
+                   "its warm start was made with the same settings)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole study per seed")
     p.add_argument("--ablations", action="store_true", help="add srl_no_ds and srl_one_step")
     p.add_argument("--arms", nargs="+", choices=ARMS, help="train and evaluate only these arms (a chained arm needs "
@@ -150,8 +153,15 @@ def warm_start_file(data, out_path, srl_share, seed):
 
 
 def prepare_seed(args, seed):
-    """Data and warm start for one seed: <out>/seed<N>/ with data/ (hard problems), base/ (the warm start)."""
+    """Data and warm start for one seed: <out>/seed<N>/ with data/ (hard problems), base/ (the warm start). Made
+    again from an empty folder, unless the folder holds a finished warm start made with the same settings
+    (prepared.json): then it is kept, and the arms start from it."""
     work = Path(args.out).resolve() / f"seed{seed}"
+    made_with = {name: getattr(args, name) for name in PREPARED_BY} | {"seed": seed, "ablations": args.ablations}
+    stamp = work / "prepared.json"
+    if stamp.is_file() and read_records(stamp) == [made_with] and (work / "base" / "last").is_dir():
+        print(f"=== seed {seed}: the data and warm start in {work} were made with these settings: kept", flush=True)
+        return work, {}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     hard = ["--synthetic", args.train_problems + args.val_problems + args.test_problems, "--synthetic-steps",
@@ -170,6 +180,7 @@ def prepare_seed(args, seed):
         "sft.py", "--model", "tiny", "--data", work / "warm_start.jsonl", "--out", work / "base", "--epochs",
         args.warm_epochs, "--lr", args.warm_lr, "--batch-size", 8, "--warmup-ratio", 0.05, "--check-samples", 0,
         "--save-every", 10_000, "--seed", seed, "--device", args.device)}), 1, args.threads))
+    write_jsonl(stamp, [made_with])
     return work, seconds
 
 
@@ -330,10 +341,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    default_lrs = {m: lr for m, lr in {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}.items()
-                   if not args.arms or m in args.arms}
+    default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}
     if args.tune:
-        return tune(args, default_lrs)
+        return tune(args, default_lrs, [m for m in default_lrs if not args.arms or m in args.arms])
     if args.probe:
         for checkpoint in args.probe:
             print(checkpoint + ": " + step_skills(checkpoint, out / f"seed{args.seeds[0]}" / "data"), flush=True)
@@ -389,7 +399,7 @@ def step_skills(checkpoint, data):
 # Tuning: the same learning-rate search for every method, judged on the validation problems only
 
 
-def tune(args, default_lrs, factors=(1 / 3, 1, 3), max_extensions=3):
+def tune(args, default_lrs, methods, factors=(1 / 3, 1, 3), max_extensions=3):
     """Each method's learning rate times 1/3, 1 and 3 (the others at their defaults), scored on the validation
     problems only (never the test problems): avg@k first (k samples per problem, less noisy than greedy on a few
     dozen problems), greedy accuracy second. While a method's best rate is the highest (lowest) tried, the search
@@ -397,7 +407,7 @@ def tune(args, default_lrs, factors=(1 / 3, 1, 3), max_extensions=3):
     out, rows, k = Path(args.out), [], f"avg@{args.samples}"
     for seed in args.seeds:
         work, _ = prepare_seed(args, seed)
-        for method in default_lrs:
+        for method in methods:
             tried = {}
             for _ in range(len(factors) + max_extensions):
                 untried = [lr for lr in sorted({default_lrs[method] * f for f in factors}) if lr not in tried]
@@ -415,7 +425,7 @@ def tune(args, default_lrs, factors=(1 / 3, 1, 3), max_extensions=3):
                 print(rows[-1], flush=True)
     write_json(out / "tune.json", rows)
     print(f"| method | lr | validation {k} (%) | validation greedy (%) |\n| --- | --- | --- | --- |")
-    for method in default_lrs:
+    for method in methods:
         for lr in sorted({r["lr"] for r in rows if r["method"] == method}):
             picked = [r for r in rows if r["method"] == method and r["lr"] == lr]
             print(f"| {method} | {lr:.2g} | " + ", ".join(f"{100 * r[k]:.1f}" for r in picked) + " | "

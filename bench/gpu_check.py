@@ -22,7 +22,8 @@ published shape (written below), which costs the same time and memory as the tra
   7. srl.py's own command line on the card for 2 steps, then --resume for a third (Qwen2.5-0.5B's shape);
   8. LoRA: one SRL step of the qwen-1.5b shape with --lora-rank 32 at the settings the memory plan picks for a 24 GB
      card, the process capped at 24 GB (torch.cuda.set_per_process_memory_fraction): time, and each phase's peak
-     against the estimate; then Qwen2.5-7B with LoRA on the whole card, one step.
+     against the estimate; then Qwen2.5-7B with LoRA on the whole card, one step;
+  9. the masked training backward under pytorch/pytorch#196678's conditions: finite, and equal to the math kernel's.
 A check that fails prints its error in the table and the others still run. The last line is the total time.
 GB here is 2^30 bytes, as memory.py counts.
 """
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.nn.attention import SDPBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -295,6 +297,59 @@ def check_7b():
            f"{eight:.0f} GB per GPU", "per GPU <= 68 GB (85% of 80)", eight <= 68)
 
 
+def check_masked_backward(size, device):
+    """pytorch/pytorch#196678's conditions through our own completion_logprobs backward, bf16 autocast: a planted
+    head whose every score is about -100 (q and k constant, along the rotary pair that barely turns), so that each
+    row's log-sum-exp is below -90, and packed lengths of 704 and 832 (64 mod 128). The gradients with the kernels
+    the training forward uses (model.MASKED_TRAINING_KERNELS) must be finite and equal the math kernel's within bf16
+    tolerance; cuDNN's own are counted, to show whether the bug is there on this card."""
+    shape = dict(size["shape"], num_hidden_layers=2)
+    model = random_decoder(shape, device).train()
+    attn, head_dim = model.model.layers[0].self_attn, model.config.head_dim
+    with torch.no_grad():  # query head 0 and its KV head: constant q = -a e, k = a e, e on the slowest rotary pair
+        e = torch.zeros(head_dim, device=device)
+        e[head_dim // 2 - 1] = e[head_dim - 1] = 0.5 ** 0.5
+        a = (100 * head_dim ** 0.5) ** 0.5
+        attn.q_proj.weight[:head_dim] = 0
+        attn.q_proj.bias[:head_dim] = -a * e
+        attn.k_proj.weight[:head_dim] = 0
+        attn.k_proj.bias[:head_dim] = a * e
+    g = torch.Generator().manual_seed(0)
+    vocab, results = shape["vocab_size"], []
+    for prompt_len in (192, 320):  # + 4 completions of 128: packed rows of 704 and 832 positions
+        prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist()] * 4
+        completions = [torch.randint(0, vocab, (128,), generator=g).tolist() for _ in range(4)]
+        grads = {}
+        for name, kernels in (("fp32", [SDPBackend.MATH]), ("ours", M.MASKED_TRAINING_KERNELS),
+                              ("math", [SDPBackend.MATH]), ("cudnn", [SDPBackend.CUDNN_ATTENTION])):
+            if name == "cudnn" and device.type != "cuda":
+                continue
+            saved, M.MASKED_TRAINING_KERNELS = M.MASKED_TRAINING_KERNELS, kernels
+            try:
+                model.zero_grad(set_to_none=True)
+                with M.autocast(device, "fp32" if name == "fp32" else "bf16"):
+                    logp, mask = M.completion_logprobs(model, prompts, completions)
+                (logp * mask).sum().backward()
+                grads[name] = attn.q_proj.weight.grad.float().clone()
+            except RuntimeError as e:  # cuDNN may refuse the shape: then it cannot be the cause
+                grads[name] = str(e).splitlines()[0][:80]
+            finally:
+                M.MASKED_TRAINING_KERNELS = saved
+        reference = grads["fp32"]
+        error = lambda grad: (grad - reference).abs().max().item() / max(reference.abs().max().item(), 1e-30)
+        cudnn = grads.get("cudnn")
+        cudnn = ("not on this device" if cudnn is None else cudnn if isinstance(cudnn, str) else
+                 f"{int((~torch.isfinite(cudnn)).sum())} non-finite")
+        results.append((prompt_len + 4 * 128, bool(torch.isfinite(grads["ours"]).all()), error(grads["ours"]),
+                        error(grads["math"]), cudnn))
+    report("masked training backward, pytorch#196678's conditions (log-sum-exp < -90, lengths 64 mod 128)",
+           "; ".join(f"length {n}: ours finite {finite}, error {ours:.1e} (bf16 math kernel {math_:.1e}), cuDNN "
+                     f"{cudnn}" for n, finite, ours, math_, cudnn in results),
+           "finite; error against fp32 <= 2x the bf16 math kernel's",
+           None if device.type != "cuda" else all(finite and ours <= 2 * math_ + 1e-3 for _, finite, ours, math_, _
+                                                  in results))  # on CPU: informational (CPU flash is not CUDA's)
+
+
 def check_lora_step(size, device, shape, card_gb):
     """One SRL step with LoRA rank 32, at the settings memory.plan_memory picks for a card of card_gb GB (None: the
     card present), with the process capped at that size: the time, and each phase's measured peak against the
@@ -369,7 +424,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, seconds: checks that the script runs")
     parser.add_argument("--budget-s", type=float, default=450, help="skip the checks still to come after this time")
     parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (a rerun of those that "
-                        "failed): logits sampler srl sft 7b cli lora lora7b")
+                        "failed): logits sampler srl sft 7b cli masked lora lora7b")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device; --smoke runs it on CPU with a tiny shape")
@@ -385,6 +440,7 @@ def main():
                   ("sft", lambda: check_sft_step(size, device)),
                   ("7b", check_7b),
                   ("cli", lambda: check_command_line(size, device, Path(tmp))),
+                  ("masked", lambda: check_masked_backward(size, device)),
                   ("lora", lambda: check_lora_step(size, device, size["shape"], None if args.smoke else 24)),
                   ("lora7b", lambda: check_lora_step(size, device, size["lora7b_shape"], None))]
         unknown = set(args.only or []) - {name for name, _ in checks}

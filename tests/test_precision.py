@@ -117,3 +117,30 @@ def test_sft_step_under_bf16(tmp_path):
     assert state["args"]["precision"] == "bf16"
     model, _ = M.load_model(tmp_path / "bf16" / "last")
     assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_the_masked_training_forward_never_asks_for_cudnn_attention(monkeypatch):
+    """The packed training forward (a mask, gradients on) restricts scaled_dot_product_attention to every kernel but
+    cuDNN's, whose masked backward returns NaN on H100/H200 (pytorch/pytorch#196678); what it asks for is the same
+    on CUDA as here. Sampling (no gradient) and unmasked forwards leave the choice to torch."""
+    asked = []
+    real = M.sdpa_kernel
+
+    def recording(backends, *args, **kwargs):
+        asked.append(list(backends))
+        return real(backends, *args, **kwargs)
+
+    monkeypatch.setattr(M, "sdpa_kernel", recording)
+    model, _ = M.load_model("tiny")
+    prompts, completions = [[1, 2, 3]] * 2, [[4, 5], [6]]  # one group: packed, under a mask
+    logp, _ = M.completion_logprobs(model, prompts, completions)
+    logp.sum().backward()
+    assert asked and all(torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in kernels for kernels in asked)
+    assert all(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION in kernels for kernels in asked)  # CUDA's choice
+    assert len(asked) == model.config.num_layers
+    asked.clear()
+    with torch.no_grad():
+        M.completion_logprobs(model, prompts, completions)
+    M.generate(model, prompts, 4, temperature=0)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()  # unmasked (causal) training forward
+    assert asked == []

@@ -111,7 +111,7 @@ def test_tune_extends_the_grid_while_the_best_rate_is_at_its_edge(tmp_path, monk
 
     monkeypatch.setattr(quickstart, "run_arms", fake_run_arms)
     args = quickstart.parse_args(["--out", str(tmp_path), "--tune"])
-    quickstart.tune(args, {"sft": 3e-3, "rlvr": 1e-4, "srl": 1e-4})
+    quickstart.tune(args, {"sft": 3e-3, "rlvr": 1e-4, "srl": 1e-4}, ["sft", "rlvr", "srl"])
     rows = json.loads((tmp_path / "tune.json").read_text())
     tried = {m: [r["lr"] for r in rows if r["method"] == m] for m in peak}
     assert tried["sft"] == pytest.approx([1e-3, 3e-3, 9e-3])                      # best inside: no extension
