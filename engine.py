@@ -4,15 +4,19 @@ engine.py and nano-vllm's engine/). It works on any decoder with model.py's inte
 lm_head, config, stop_token_ids) and imports no file of this project; model.py re-exports generate and
 completion_logprobs, so `from model import generate` works.
 
-    1. Sampling. `generate(model, prompts, max_new_tokens, ...)` runs in four phases:
-         1) prefill: each distinct prompt once, left-padded, every row with its own positions and a key mask; the
-            training forward writes the KV cache as it goes;
-         2) the prompt's cache is copied to each of its samples; from here every row is sampled on its own;
-         3) decode: one token per row per step, the step's shapes fixed (it attends over every cache column, the
-            unwritten ones masked), so that on CUDA a graph captured once replays it;
-         4) each row is cut after its first stop token.
+    1. Sampling. `generate(model, prompts, max_new_tokens, ..., max_rows=S)` keeps S rows (a prompt's samples are
+       rows) in S slots of a KV cache allocated once, and runs in four phases:
+         1) prefill: the prompts of rows about to start, each distinct prompt once, through the training forward,
+            which writes their keys and values as it goes;
+         2) a prompt's keys and values are copied into the slot of each of its rows, whose first token comes from
+            the prefill's last logits; from here every row is sampled on its own;
+         3) decode: one token for every slot per step, attending over the columns the live rows have written
+            (rounded up to a bucket), the shapes fixed within a bucket, so that on CUDA a graph replays the step;
+         4) a row that stops (its stop token, or max_new_tokens) frees its slot, and the next waiting row starts
+            there (phases 1 and 2 again): continuous batching, so no step is spent on rows that are done.
        Every row draws its random numbers from its own generator, seeded by (its prompt's seed, its sample index):
-       a row's tokens depend on its prompt and seed alone, not on the batch around it or the process that samples it.
+       a row's tokens depend on its prompt and seed alone, not on the rows around it, the number of slots or the
+       process that samples it.
     2. Log-probabilities for training. `completion_logprobs_reference` is the plain version (one row per sample):
        read it first. `completion_logprobs` computes the same numbers with the samples of one prompt packed into one
        sequence (the prompt once), and `token_budget_batches` cuts a batch into micro-batches of N positions.
@@ -81,16 +85,17 @@ def sampling_uniforms(num_prompts, num_samples, steps, seed):
                         for s in seeds for j in range(num_samples)])
 
 
-def captured_in_cuda_graph(fn):
+def captured_in_cuda_graph(fn, pool=None):
     """fn(), captured once in a CUDA graph: each call of the returned function replays its kernels on whatever the
-    tensors fn reads hold now, and returns fn's output tensor, overwritten by the next call."""
+    tensors fn reads hold now, and returns fn's output tensor, overwritten by the next call. Graphs that never run
+    at the same time may share one memory pool."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()  # a warm-up outside the graph: the libraries choose their kernels and workspaces
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         output = fn()
 
     def replay():
@@ -99,15 +104,25 @@ def captured_in_cuda_graph(fn):
     return replay
 
 
+COLUMN_BUCKET = 256  # a decode step attends over the cache's first L columns, L a multiple of this
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
-             stop_token_ids=None, seed=None, progress=False, cuda_graph=None):
+             stop_token_ids=None, seed=None, progress=False, cuda_graph=None, max_rows=None, stats=None):
     """Sample continuations of token-id prompts. Returns len(prompts) * num_samples lists of new token ids,
     prompt-major (prompt 0's samples first). A row stops after its first stop token, which is kept.
     stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops. seed: an int, one int per prompt,
-    or None; see sampling_uniforms. cuda_graph (default: on CUDA) replays each decode step from a CUDA graph:
-    the same kernels on the same inputs as without it, so the same tokens, in one launch instead of one per kernel
-    (a 1.5B model's step is ~1,100 kernels, too short each for the CPU to launch them as fast as the GPU runs them)."""
+    or None; see sampling_uniforms.
+
+    Continuous batching: at most max_rows rows (default: all of them) are sampled at once, each in a slot of the KV
+    cache; whenever a row stops, the next waiting row takes its slot, so no step is spent on rows that are done.
+    A row draws from its own random numbers, so its tokens do not depend on max_rows, which sets only the memory
+    (max_rows x (longest prompt + max_new_tokens) cache positions) and the speed. cuda_graph (default: on CUDA)
+    replays each decode step from a CUDA graph, one for each width of the columns attended over: the same kernels
+    on the same inputs, so the same tokens, in one launch instead of one per kernel (a 1.5B model's step is ~1,100
+    kernels, too short each for the CPU to launch them as fast as the GPU runs them). stats: a dict that receives
+    the work done, "decode_steps" and "row_steps" (rows computed: one per prefilled row, one per slot per step)."""
     if not prompts or num_samples < 1:
         return []
     if max_new_tokens <= 0:
@@ -121,89 +136,114 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {cfg.max_position_embeddings} tokens")
-    stop_ids = model.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
+    rows = len(prompts) * num_samples  # row r is sample r % num_samples of prompt r // num_samples
+    slots = min(max_rows or rows, rows)
+    stop = torch.tensor(model.stop_token_ids if stop_token_ids is None else list(stop_token_ids), dtype=torch.long,
+                        device=device)
     uniforms = sampling_uniforms(len(prompts), num_samples, max_new_tokens, seed).to(device) if temperature else None
     was_training = model.training
     model.eval()
 
-    # 1. Prefill: each distinct prompt once, left-padded; every row gets its own positions and a key mask.
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p, device=device)
-    key_is_real = torch.arange(longest, device=device) >= (longest - lengths)[:, None]  # [n, longest]
-    positions = (key_is_real.long().cumsum(-1) - 1).clamp(min=0)
-    padded = not bool(key_is_real.all())
-    mask = None
-    if padded:  # causal AND key is real; a padding query may see itself, so no softmax row is empty
-        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-        mask = (causal & key_is_real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
-        mask = mask[:, None]
-    cache = KVCache(cfg, len(prompts), longest, device, dtype)
-    logits = model.lm_head(model.hidden_states(ids, positions, mask, cache)[:, -1])
+    capacity = -(-(longest + max_new_tokens) // 16) * 16  # cache columns (CUDA's attention wants widths of 16)
+    cache = KVCache(cfg, slots, capacity, device, dtype)
+    out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)  # each row's tokens
+    count = torch.zeros(rows, dtype=torch.long, device=device)  # how many each row has
+    row_of = torch.full((slots,), -1, dtype=torch.long, device=device)  # the row in each slot; -1: a free slot
+    token_in = torch.zeros(slots, 1, dtype=torch.long, device=device)  # what the decode step reads, in place:
+    position_in = torch.zeros(slots, 1, dtype=torch.long, device=device)  # its token, and its position = column
+    free = list(range(slots))
+    waiting = list(range(rows))[::-1]  # popped from the end: rows in order
+    prefilled = {}  # prompt -> (keys, values, last logits), shared by its rows until the last one starts
+    bar = tqdm(total=rows, desc=progress if isinstance(progress, str) else "generate", unit="completion",
+               leave=False, disable=not progress)
 
-    # 2. Copy each prompt's cache to its samples; from here every row is sampled independently.
-    prefill, cache = cache, KVCache(cfg, len(prompts) * num_samples, longest + max_new_tokens, device, dtype)
-    cache.k[:, :, :, :longest] = prefill.k.repeat_interleave(num_samples, dim=1)  # rows stay prompt-major
-    cache.v[:, :, :, :longest] = prefill.v.repeat_interleave(num_samples, dim=1)
-    del prefill  # its memory is free before the first new token
-    logits = logits.repeat_interleave(num_samples, dim=0)
-    key_is_real = torch.cat([key_is_real.repeat_interleave(num_samples, dim=0),
-                             torch.ones(len(logits), max_new_tokens, dtype=torch.bool, device=device)], dim=1)
-    next_position = lengths.repeat_interleave(num_samples)[:, None]
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(len(logits), dtype=torch.bool, device=device)
-    out = torch.zeros(len(logits), max_new_tokens, dtype=torch.long, device=device)
+    def sample(logits, rows_now):
+        """The next token of each row of rows_now [n], from its logits [n, vocab] and its own random number; True
+        where the row is done (its stop token, or max_new_tokens)."""
+        step = count[rows_now]
+        token = sample_next_token(logits, temperature, top_k, top_p,
+                                  uniforms[rows_now, step][:, None] if temperature else None)
+        out[rows_now, step] = token
+        count[rows_now] += 1
+        return token, torch.isin(token, stop) | (count[rows_now] == max_new_tokens)
 
-    # 3. Decode. The step reads its inputs from tensors updated in place, and its shapes never change (it attends
-    # over every column of the cache, the unwritten ones masked), so that a CUDA graph can replay it.
-    token_in, position_in = torch.zeros_like(next_position), torch.zeros_like(next_position)
-    column = torch.tensor([longest], device=device)  # the cache column of the new token's key and value
-    all_columns = torch.arange(longest + max_new_tokens, device=device)
+    def release(stopped_slots):
+        for s in stopped_slots.tolist():
+            row_of[s] = -1
+            free.append(s)
+        bar.update(len(stopped_slots))
 
-    def decode_step():
+    def start(new_rows):
+        """1) Prefill each distinct prompt of rows about to start, once (right-padded and causal: a real token never
+        sees the padding after it); 2) copy a prompt's keys and values into the slot of each of its rows, whose first
+        token comes from the prefill's last logits. Returns the slots whose row stopped at once."""
+        todo = sorted({r // num_samples for r in new_rows} - prefilled.keys())
+        if todo:
+            ids = torch.zeros(len(todo), max(len(prompts[p]) for p in todo), dtype=torch.long, device=device)
+            for i, p in enumerate(todo):
+                ids[i, :len(prompts[p])] = torch.tensor(prompts[p], device=device)
+            fresh = KVCache(cfg, len(todo), ids.shape[1], device, dtype)
+            last = torch.tensor([len(prompts[p]) - 1 for p in todo], device=device)
+            logits = model.lm_head(model.hidden_states(ids, cache=fresh)[torch.arange(len(todo)), last])
+            for i, p in enumerate(todo):
+                prefilled[p] = (fresh.k[:, i, :, :len(prompts[p])], fresh.v[:, i, :, :len(prompts[p])], logits[i])
+        new_slots = [free.pop() for _ in new_rows]
+        for r, s in zip(new_rows, new_slots):
+            keys, values, _ = prefilled[r // num_samples]
+            cache.k[:, s, :, :keys.shape[2]], cache.v[:, s, :, :keys.shape[2]] = keys, values
+        first_logits = torch.stack([prefilled[r // num_samples][2] for r in new_rows])
+        for r in new_rows:
+            if r % num_samples == num_samples - 1:  # a prompt's last row has started: its prefill is done with
+                del prefilled[r // num_samples]
+        rows_now, slots_now = torch.tensor(new_rows, device=device), torch.tensor(new_slots, device=device)
+        row_of[slots_now] = rows_now
+        position_in[slots_now, 0] = torch.tensor([len(prompts[r // num_samples]) for r in new_rows], device=device)
+        token, done = sample(first_logits, rows_now)
+        token_in[slots_now, 0] = token
+        return slots_now[done]
+
+    def decode_step(width):
         # an additive mask in the model's dtype, made once per step: SDPA would convert a boolean one in every layer
-        visible = key_is_real & (all_columns <= column)
+        visible = torch.arange(width, device=device) <= position_in
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-        return model.decode_step(token_in, position_in, cache, column, mask[:, None, None, :])
+        return model.decode_step(token_in, position_in, cache, position_in.view(-1), mask[:, None, None, :])
 
-    if device.type == "cuda" if cuda_graph is None else cuda_graph:  # on CUDA unless told otherwise
-        decode_step = captured_in_cuda_graph(decode_step)
-    steps = range(max_new_tokens)
-    for t in tqdm(steps, desc="generate", leave=False) if progress else steps:
-        token = sample_next_token(logits, temperature, top_k, top_p, uniforms[:, t:t + 1] if temperature else None)
-        out[:, t] = token
-        finished |= torch.isin(token, stop)
-        if t == max_new_tokens - 1 or bool(finished.all()):
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph  # on CUDA unless told otherwise
+    graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
+    steps = 0  # decode steps
+    while True:
+        while waiting and free:  # rows start in free slots; one that stops at its first token frees it at once
+            release(start([waiting.pop() for _ in range(min(len(free), len(waiting)))]))
+        if len(free) == slots:
             break
-        token_in.copy_(token[:, None])
-        position_in.copy_(next_position + t)
-        column.fill_(longest + t)
-        logits = decode_step()
-
-    # 4. Cut each row after its first stop token (a finished row's later tokens are never returned).
-    is_stop = torch.isin(out[:, :t + 1], stop)
-    first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, t + 1).tolist()
+        # 3) a decode step of every slot, attending over the columns the live rows have written (rounded up to a
+        # multiple of COLUMN_BUCKET), not the whole cache: a step then costs what the rows have written so far
+        live = (row_of >= 0).nonzero().view(-1)
+        width = min(capacity, -(-(int(position_in[live].max()) + 1) // COLUMN_BUCKET) * COLUMN_BUCKET)
+        if use_graph and width not in graphs:
+            graphs[width] = captured_in_cuda_graph(lambda width=width: decode_step(width), pool)
+        logits = graphs[width]() if use_graph else decode_step(width)
+        token, done = sample(logits[live], row_of[live])
+        token_in[live, 0] = token
+        position_in[live] += 1
+        release(live[done])  # 4) a row that stopped frees its slot for the next waiting row
+        steps += 1
+    bar.close()
+    if stats is not None:
+        stats.update(decode_steps=steps, row_steps=rows + steps * slots)
     model.train(was_training)
-    return [row[:n] for row, n in zip(out.tolist(), first_stop)]
+    return [tokens[:n] for tokens, n in zip(out.tolist(), count.tolist())]
 
 
 def sample_groups(model, prompts, num_samples, max_new_tokens, prompts_at_once=None, seeds=None, desc=None,
                   **sampling):
-    """num_samples completions of every prompt, one list per prompt (a GRPO group, or a problem's avg@k samples):
-    generate over prompts_at_once prompts at a time (default: all at once), prompt i drawing from seeds[i] (None: the
-    global generator). desc: a progress bar over the completions, under that name."""
-    at_once = prompts_at_once or max(len(prompts), 1)
-    bar = tqdm(total=len(prompts) * num_samples, desc=desc, unit="completion", leave=False, disable=desc is None)
-    groups = []
-    for start in range(0, len(prompts), at_once):
-        part = slice(start, start + at_once)
-        outputs = generate(model, prompts[part], max_new_tokens, num_samples=num_samples,
-                           seed=None if seeds is None else list(seeds[part]), **sampling)
-        groups += [outputs[k:k + num_samples] for k in range(0, len(outputs), num_samples)]  # prompt-major
-        bar.update(len(outputs))
-    bar.close()
-    return groups
+    """num_samples completions of every prompt, one list per prompt (a GRPO group, or a problem's avg@k samples), in
+    one generate call whose slots hold prompts_at_once prompts' rows (default: all); prompt i draws from seeds[i]
+    (None: the global generator). desc: a progress bar over the completions, under that name."""
+    slots = (prompts_at_once or len(prompts)) * num_samples
+    outputs = generate(model, prompts, max_new_tokens, num_samples=num_samples, max_rows=slots,
+                       seed=None if seeds is None else list(seeds), progress=desc or False, **sampling)
+    return [outputs[k:k + num_samples] for k in range(0, len(outputs), num_samples)]  # prompt-major
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ avg@k and pass@k, per-problem result files and a summary table shaped like the p
     torchrun --nproc_per_node 8 evaluate.py --model runs/srl --benchmarks amc23 --samples 32   # problems shared out
 
 Results already in --out are never replaced without --overwrite; every benchmark file, the model and the flags are
-checked before the model loads (check_arguments), and a mistake ends the run in one line.
+checked before the model loads (check_arguments), and a mistake ends the run in one line. The problems go through
+the sampler's continuous batch (--batch-size slots) a chunk at a time, and each chunk's graded records are kept in
+<out>/<name>.partial.jsonl as it finishes: the same command after a stop (Ctrl-C, a kill, a preemption) continues
+from there instead of starting over.
 
 Benchmarks are JSONL files in --data-dir (default ../shared/data/benchmarks beside the checkout if present, else
 data/benchmarks). Nothing is downloaded: get each file from its public repository and save it as NAME.jsonl
@@ -35,6 +38,8 @@ import math
 import re
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from data_prep import write_jsonl
 from grader import answer_to_str, extract_answer, is_equiv  # re-exported: from evaluate import is_equiv works
@@ -123,9 +128,12 @@ def mean(values):
 
 
 def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=1024, batch_size=16, greedy=True,
-                       seed=0, desc="evaluate", progress=True):
+                       seed=0, desc="evaluate", progress=True, done=None, on_graded=None):
     """Generate for every problem (one greedy completion, then `samples` at temperature 1.0) and grade them.
-    Returns (records, metrics): one record per problem, in the order given; metrics as fractions in [0, 1]."""
+    Returns (records, metrics): one record per problem, in the order given; metrics as fractions in [0, 1].
+    The problems go through the sampler a chunk at a time (a few times --batch-size rows, in its continuous batch of
+    batch_size slots), and each chunk's graded records reach on_graded({index: record}) as it finishes, so that a
+    stopped evaluation keeps them; done ({index: record}) holds those graded before, which are not done again."""
     from common import gather, get_rank, get_world_size  # here: the grader needs no torch
     from engine import mix_seed, sample_groups
     from model import encode_chat
@@ -134,31 +142,41 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
     if not problems or not runs:
         raise ValueError("nothing to evaluate: no problems, or neither greedy nor samples")
     prompts = [encode_chat(tokenizer, math_messages(p["problem"])) for p in problems]
-    outputs = [[] for _ in problems]
-    # Longest prompts first, in batches of similar length: little padding, and an out-of-memory shows at once.
-    # Under torchrun each process takes every world-th problem of that order; the records are gathered at the end.
-    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))[get_rank()::get_world_size()]
-    for temperature, n in runs:
-        # a seed per problem: its samples do not depend on the batch it is in, or on the process
-        groups = sample_groups(model, [prompts[j] for j in order], n, max_new_tokens, max(1, batch_size // n),
-                               None if seed is None else [mix_seed(seed, j) for j in order], temperature=temperature,
-                               desc=f"{desc} (t={temperature:g})" if progress and get_rank() == 0 else None)
-        for j, group in zip(order, groups):
-            outputs[j] += group
-
     stop_ids = set(model.stop_token_ids)
     temperatures = [t for t, n in runs for _ in range(n)]
-    graded = {}  # this process's problems, graded here
-    for j in order:
-        problem, outs = problems[j], outputs[j]
-        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-        extracted = [extract_answer(t) for t in texts]
-        graded[j] = {
-            "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
-            "prompt": tokenizer.decode(prompts[j]), "temperatures": temperatures, "completions": texts,
-            "extracted": extracted, "correct": [is_equiv(e, problem["answer"]) for e in extracted],
-            "num_tokens": [len(o) for o in outs], "truncated": [not (o and o[-1] in stop_ids) for o in outs]}
-    graded = {j: record for share in gather(graded) for j, record in share.items()}  # every process's
+    graded = dict(done or {})
+    # Longest prompts first: an out-of-memory shows at once. Under torchrun each process takes every world-th
+    # problem of each chunk; the chunk's records are gathered before the next one starts.
+    order = sorted((j for j in range(len(prompts)) if j not in graded), key=lambda j: -len(prompts[j]))
+    chunk = max(1, 4 * batch_size // max(n for _, n in runs)) * get_world_size()
+    bar = tqdm(total=len(problems), initial=len(graded), desc=desc, unit="problem",
+               disable=not progress or get_rank() != 0)
+    for start in range(0, len(order), chunk):
+        mine = order[start:start + chunk][get_rank()::get_world_size()]
+        outputs = {j: [] for j in mine}
+        for temperature, n in runs:
+            # a seed per problem: its samples do not depend on the rows around it, or on the process
+            groups = sample_groups(model, [prompts[j] for j in mine], n, max_new_tokens, max(1, batch_size // n),
+                                   None if seed is None else [mix_seed(seed, j) for j in mine],
+                                   temperature=temperature)
+            for j, group in zip(mine, groups):
+                outputs[j] += group
+        records = {}
+        for j, outs in outputs.items():
+            problem = problems[j]
+            texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+            extracted = [extract_answer(t) for t in texts]
+            records[j] = {
+                "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
+                "prompt": tokenizer.decode(prompts[j]), "temperatures": temperatures, "completions": texts,
+                "extracted": extracted, "correct": [is_equiv(e, problem["answer"]) for e in extracted],
+                "num_tokens": [len(o) for o in outs], "truncated": [not (o and o[-1] in stop_ids) for o in outs]}
+        records = {j: record for share in gather(records) for j, record in share.items()}  # every process's
+        graded.update(records)
+        if on_graded:
+            on_graded(records)
+        bar.update(len(records))
+    bar.close()
     records = [graded[j] for j in range(len(problems))]
 
     metrics = {"problems": len(records), "samples": samples, "max_new_tokens": max_new_tokens}
@@ -194,6 +212,52 @@ def summary_table(model_name, results):
 # Command line
 
 
+# What a partial evaluation must share with the run that continues it
+PARTIAL_SETTINGS = ("model", "samples", "max_new_tokens", "seed", "limit")
+
+
+def graded_before(path, args, num_problems):
+    """{index: record} of a partial evaluation in path made with the same settings ({} if none, or if its settings
+    differ: it is then started again); a line cut short by a stop is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(errors="replace").splitlines()
+    settings = {name: getattr(args, name) for name in PARTIAL_SETTINGS}
+    try:
+        if json.loads(lines[0]) != {"settings": settings}:
+            return {}
+    except (json.JSONDecodeError, IndexError):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a stopped run, cut short
+            continue
+        if 0 <= record.get("index", -1) < num_problems:
+            done[record.pop("index")] = record
+    return done
+
+
+class PartialRecords:
+    """<name>.partial.jsonl: the settings, then one line per graded problem, each flushed as its chunk finishes."""
+
+    def __init__(self, path, args):
+        done = graded_before(path, args, float("inf"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, [{"settings": {name: getattr(args, name) for name in PARTIAL_SETTINGS}}]
+                    + [dict(record, index=j) for j, record in done.items()])
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, records):
+        self.file.writelines(json.dumps(dict(record, index=j), ensure_ascii=False) + "\n"
+                             for j, record in records.items())
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
 def check_arguments(args):
     """Every user error, before any process group forms or any weight loads (each ends the program in one line:
     checks.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
@@ -223,6 +287,8 @@ def check_arguments(args):
     if held and not args.overwrite:
         refuse(f"--out {out} already holds results ({', '.join(path.name for path in held)}): add --overwrite to "
                f"replace them, or choose another --out")
+    if args.overwrite:  # a stopped evaluation's graded records go too: it starts again
+        held += [path for path in (out / f"{key}.partial.jsonl" for key in benchmarks) if path.exists()]
     read_config(args.model)
     return benchmarks, held
 
@@ -257,11 +323,20 @@ def main(argv=None):
         path.unlink()
     results, started = {}, time.time()
     for name, problems in benchmarks.items():
+        # records are kept as their chunk is graded, in <name>.partial.jsonl: a rerun after a stop continues there
+        partial = Path(args.out) / f"{name}.partial.jsonl"
+        done = graded_before(partial, args, len(problems))
+        if done and rank == 0:
+            print(f"{name}: {len(done)} of {len(problems)} problems graded before, in {partial}: continuing")
+        keep = PartialRecords(partial, args) if rank == 0 else None  # every process holds every record; one writes
         records, metrics = evaluate_benchmark(model, tokenizer, problems, args.samples, args.max_new_tokens,
-                                              args.batch_size, seed=args.seed, desc=name)
+                                              args.batch_size, seed=args.seed, desc=name, done=done,
+                                              on_graded=keep.write if keep else None)
         results[name] = metrics
-        if rank == 0:  # every process holds every record; one writes
+        if rank == 0:
             write_jsonl(Path(args.out) / f"{name}.jsonl", records)
+            keep.close()
+            partial.unlink()
             print(name, json.dumps(metrics))
     end_distributed()
     if rank != 0:

@@ -219,18 +219,19 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def decode(self, x, cos, sin, cache_k, cache_v, column, attn_mask):
-        """One new token per row: write its key and value at `column` (a one-element tensor) of the layer's cache,
-        then attend over every column, attn_mask [B, 1, 1, capacity] (boolean, or added to the scores) hiding the
-        columns not written yet and the prompts' padding. Every shape is the same at every step, so that a CUDA
-        graph can replay the step."""
-        B = x.shape[0]
+        """One new token per row: write its key and value at the row's `column` ([B], or one for every row) of the
+        layer's cache, then attend over the first L columns, attn_mask [B, 1, 1, L] (boolean, or added to the
+        scores) hiding those a row has not written. The shapes depend on B and L alone, so that a CUDA graph can
+        replay the step."""
+        B, L = x.shape[0], attn_mask.shape[-1]
         q, k, v = self.qkv(x, cos, sin)
-        cache_k.index_copy_(2, column, k)
-        cache_v.index_copy_(2, column, v)
+        where = column.expand(B).view(B, 1, 1, 1).expand(B, self.num_kv_heads, 1, self.head_dim)
+        cache_k.scatter_(2, where, k)
+        cache_v.scatter_(2, where, v)
         # fold the query heads that share a KV head into the "time" axis of the query, so that grouped-query
         # attention needs no copy of the cache: [B, kv_heads, group, head_dim]
         q = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, cache_k[:, :, :L], cache_v[:, :, :L], attn_mask=attn_mask)
         return self.o_proj(y.reshape(B, 1, -1))
 
 
@@ -318,8 +319,8 @@ class Decoder(nn.Module):
         return self.lm_head(self.hidden_states(ids))
 
     def decode_step(self, ids, positions, cache, column, attn_mask):
-        """Inference, one new token per row: ids and positions [B, 1], keys and values written at cache column
-        `column` (see Attention.decode). Returns the logits [B, vocab]."""
+        """Inference, one new token per row: ids and positions [B, 1], keys and values written at each row's cache
+        column, attending over the columns attn_mask covers (see Attention.decode). Returns the logits [B, vocab]."""
         x = self.model.embed_tokens(ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):

@@ -3,6 +3,16 @@
     python bench/bench_generate.py                    # SmolLM2-135M-Instruct, fp32, CPU, batch 8 and 64
     python bench/bench_generate.py --batches 8 --new-tokens 64
     python bench/bench_generate.py --qwen-shape --device cuda --batches 64 --new-tokens 512   # random weights
+    python bench/bench_generate.py --long-tail 64 16 --new-tokens 256   # continuous batching against static
+
+--long-tail ROWS SLOTS: a long-tailed workload, as RL rollouts and avg@k evaluations are, in place of the table
+above: each step a row stops with probability p (its stop token's probability set to exactly p, whatever the
+weights), so that the lengths are geometric: half the rows stop within --stop-half (default a quarter) of the limit,
+and (1 - p)^limit of them, about a sixteenth, run to it. ROWS rows go through SLOTS slots three ways, timed in one
+run: static batching as the sampler did before continuous batching (SLOTS rows at a time, each batch running until
+its longest row stops, attending over every cache column), static with the columns attended over cut to those
+written, and continuous batching (one call, a stopped row's slot taken by the next). It prints useful tokens/s,
+rows computed per useful token (1.0 would waste nothing) and the ratio to the first.
 
 Also measures the two ceilings on this machine: memory bandwidth (a decode step at small batch reads every weight
 once) and matmul throughput (the prompts' forward, and decode steps at large batch, are compute), and prints our
@@ -34,6 +44,10 @@ parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default:
 parser.add_argument("--qwen-shape", action="store_true", help="Qwen2.5-1.5B's shape with random weights")
 parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+parser.add_argument("--long-tail", type=int, nargs=2, metavar=("ROWS", "SLOTS"),
+                    help="the long-tailed workload: ROWS rows through SLOTS slots, static against continuous")
+parser.add_argument("--stop-half", type=float, default=0.25, help="--long-tail: half the rows stop within this "
+                    "share of --new-tokens")
 args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -144,6 +158,78 @@ def best_times(fns, prompts):
     return best
 
 
+class StopHazard(torch.nn.Module):
+    """The output layer with the stop token's probability set to exactly p at every position: rows then stop after
+    geometric numbers of tokens, whatever the weights (random ones included)."""
+
+    def __init__(self, head, stop_id, p):
+        super().__init__()
+        self.head, self.weight, self.stop_id = head, head.weight, stop_id
+        self.log_odds = torch.log(torch.tensor(p / (1 - p)))
+
+    def forward(self, x):
+        logits = self.head(x)
+        others = torch.cat([logits[..., :self.stop_id], logits[..., self.stop_id + 1:]], dim=-1)
+        stop = (others.float().logsumexp(-1) + self.log_odds).to(logits.dtype)
+        return torch.cat([logits[..., :self.stop_id], stop[..., None], logits[..., self.stop_id + 1:]], dim=-1)
+
+
+def long_tail(rows, slots):
+    import engine
+    p = 1 - 0.5 ** (1 / (args.stop_half * args.new_tokens))  # P(a row stops within stop_half x the limit) = 1/2
+    stop_id = ours.config.vocab_size - 1
+    ours.lm_head = StopHazard(ours.lm_head, stop_id, p)
+    prompts = [prompt_ids[i % len(prompt_ids)] for i in range(rows)]
+    seeds = list(range(rows))
+    sample = dict(temperature=1.0, stop_token_ids=[stop_id])
+
+    def static(every_column):
+        bucket, work = engine.COLUMN_BUCKET, {"row_steps": 0}
+        engine.COLUMN_BUCKET = 10 ** 9 if every_column else bucket  # before: the step attended over every column
+        try:
+            outputs = []
+            for start in range(0, rows, slots):
+                stats = {}
+                part = slice(start, start + slots)
+                outputs += M.generate(ours, prompts[part], args.new_tokens, seed=seeds[part], max_rows=slots,
+                                      stats=stats, **sample)
+                work["row_steps"] += stats["row_steps"]
+        finally:
+            engine.COLUMN_BUCKET = bucket
+        return outputs, work
+
+    def continuous():
+        stats = {}
+        return M.generate(ours, prompts, args.new_tokens, seed=seeds, max_rows=slots, stats=stats, **sample), stats
+
+    ways = {"static, every column (the sampler before)": lambda: static(True),
+            "static, written columns only": lambda: static(False), "continuous batching": continuous}
+    M.generate(ours, prompts[:2], 8, seed=0, **sample)  # warm-up
+    results = {}
+    for _ in range(args.repeats):  # interleaved, the best of each kept
+        for name, fn in ways.items():
+            sync(); t = time.perf_counter(); outputs, work = fn(); sync()
+            seconds = time.perf_counter() - t
+            if name not in results or seconds < results[name][0]:
+                results[name] = (seconds, outputs, work)
+    lengths = [len(o) for o in results["continuous batching"][1]]
+    assert all(results[name][1] == results["continuous batching"][1] for name in ways), "the tokens differ"
+    print(f"{rows} rows through {slots} slots, at most {args.new_tokens} new tokens, p = {p:.4f} a step: lengths "
+          f"mean {sum(lengths) / rows:.0f}, {sum(n <= args.stop_half * args.new_tokens for n in lengths) / rows:.0%} "
+          f"within {args.stop_half:.0%} of the limit, {sum(n == args.new_tokens for n in lengths) / rows:.0%} at it; "
+          "every way gives the same tokens")
+    print("| way | useful tok/s | rows computed per useful token | ratio to the sampler before |")
+    print("| --- | --- | --- | --- |")
+    tokens = sum(lengths)
+    base = tokens / results[next(iter(ways))][0]
+    for name, (seconds, _, work) in results.items():
+        print(f"| {name} | {tokens / seconds:.0f} | {work['row_steps'] / tokens:.2f} | "
+              f"{tokens / seconds / base:.2f}x |")
+
+
+if args.long_tail:
+    long_tail(*args.long_tail)
+    sys.exit(0)
 print("| batch | ours tok/s | transformers tok/s | ratio | roofline tok/s | ours / roofline | matmul floor tok/s "
       "| ours / floor |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")

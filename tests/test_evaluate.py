@@ -413,3 +413,35 @@ def test_command_line_end_to_end(tmp_path):
         assert metrics["greedy"] == pytest.approx(sum(r["correct"][0] for r in records) / 2)
         assert metrics["avg@2"] == pytest.approx(sum(sum(r["correct"][1:]) / 2 for r in records) / 2)
         assert metrics["mean_completion_tokens"] <= 8
+
+
+def test_a_stopped_evaluation_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """The records of each finished chunk are kept in <name>.partial.jsonl; the same command after a stop grades
+    only the problems left, and ends with the files of an uninterrupted run."""
+    import engine
+    flags = ["--samples", "2", "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu"]
+    evaluate.main(flags + ["--out", str(tmp_path / "straight")])
+    expected = (tmp_path / "straight" / "builtin.jsonl").read_text()
+    generate, sampled = engine.generate, []
+
+    def stopping(model, prompts, *args, **kwargs):  # a stop (Ctrl-C) as the second chunk starts sampling
+        sampled.append(len(prompts))
+        if len(sampled) == 3:
+            raise KeyboardInterrupt
+        return generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(flags + ["--out", str(tmp_path / "run")])
+    partial = tmp_path / "run" / "builtin.partial.jsonl"
+    kept = len(partial.read_text().splitlines()) - 1  # the first line: the settings
+    assert 0 < kept < 6 and not (tmp_path / "run" / "builtin.jsonl").exists()
+    with open(partial, "a") as f:
+        f.write('{"id": "b9", "problem": "What is 2 + 2?", "answ')  # a line cut short by a kill
+    sampled.clear()
+    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **kw: sampled.append(len(prompts))
+                        or generate(model, prompts, *a, **kw))
+    evaluate.main(flags + ["--out", str(tmp_path / "run")])
+    assert f"{kept} of 6 problems graded before" in capsys.readouterr().out
+    assert sum(sampled) == 2 * (6 - kept)  # greedy and sampled calls, for the problems left only
+    assert (tmp_path / "run" / "builtin.jsonl").read_text() == expected and not partial.exists()

@@ -343,3 +343,39 @@ def test_token_budget_batches_bound_the_packed_positions():
                 assert positions(range(b.start, b.stop + 1)) > budget
     assert len(engine.token_budget_batches(prompts, completions, 10_000)) == 1
     assert engine.token_budget_batches([], [], 100) == []
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_gives_every_row_the_tokens_it_gets_alone(temperature, monkeypatch):
+    """Prompts of mixed lengths, 3 samples each, stop tokens that end rows at different steps: with 1, 2 or 5
+    slots (rows waiting for a free one), attending over a few columns or all of them, every row gets the tokens it
+    gets with every row at once and when its prompt is sampled alone; and fewer rows are computed than in static
+    batches of as many rows as slots."""
+    _, ours = hf_pair("qwen2_gqa_tied")
+    with torch.no_grad():  # sharper logits than a fresh model's: greedy rows that do not repeat one token
+        for p in ours.parameters():
+            if p.dim() == 2:
+                p.mul_(6)
+    prompts = random_prompts(7, 97, lo=1, hi=30, seed=4)
+    seeds = [3 * i + 1 for i in range(7)]
+    free_running = M.generate(ours, prompts, 40, temperature=temperature, num_samples=3, seed=seeds,
+                              stop_token_ids=[])
+    first = {}  # token -> the step where it first appears, in each row that writes it
+    for row in free_running:
+        for step, token in enumerate(row):
+            first.setdefault(token, {}).setdefault(id(row), step)
+    # stop tokens the rows do write, but never at their first steps: they end rows at different steps
+    stops = sorted((t for t, steps in first.items() if min(steps.values()) >= 3), key=lambda t: -len(first[t]))[:3]
+    kw = dict(temperature=temperature, num_samples=3, stop_token_ids=stops)
+    at_once = M.generate(ours, prompts, 40, seed=seeds, **kw)
+    lengths = [len(row) for row in at_once]
+    assert min(lengths) < 20 and len(set(lengths)) > 3, lengths  # rows stop at different steps
+    alone = [row for prompt, seed in zip(prompts, seeds) for row in M.generate(ours, [prompt], 40, seed=[seed], **kw)]
+    assert alone == at_once
+    for bucket in (16, 10 ** 6):  # attend over the written columns in widths of 16, or over the whole cache
+        monkeypatch.setattr(engine, "COLUMN_BUCKET", bucket)
+        for slots in (1, 2, 5):
+            stats = {}
+            assert M.generate(ours, prompts, 40, seed=seeds, max_rows=slots, stats=stats, **kw) == at_once
+            static = sum(slots * max(lengths[r:r + slots]) for r in range(0, len(lengths), slots))
+            assert stats["row_steps"] < static or slots == 1, (slots, stats, static)
