@@ -32,7 +32,8 @@ import torch.distributed as dist
 from checks import check_device, check_flags, check_folder, first_line, print0, read_config, read_jsonl, refuse
 from data_prep import write_json, write_jsonl
 from memory import GB, PUBLISHED_SHAPES, gpu_memory, is_small_model, parameter_count, plan_memory
-from model import ALIASES, ModelConfig, encode_chat, load_adapter, load_model, recover_checkpoint, save_model
+from model import (ALIASES, ModelConfig, decode_text, encode_chat, load_adapter, load_model, recover_checkpoint,
+                   save_model)
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. The setup: everything a training stage does before its first step
@@ -54,6 +55,7 @@ def prepare_run(args, state_keys, small_defaults, large_defaults):
     if fsdp and "RANK" not in os.environ:
         refuse("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
     state = check_run_folder(args, state_keys)
+    check_report_to(args)
     lora_rank = getattr(args, "lora_rank", 0) or 0  # (on --resume, the checkpoint's)
     check_flags(args, ["lora_rank"], lambda v: v >= 0, "0 (full fine-tuning) or more")
     check_flags(args, ["lora_alpha"], lambda v: 0 < v < math.inf, "above 0")
@@ -140,7 +142,8 @@ def check_rl_arguments(args, fields=None):
                 "same: no group would ever be kept)")
     check_flags(args, ["lr", "epochs", "grad_clip"], lambda v: 0 < v < math.inf, "above 0")
     check_flags(args, ["clip_low"], lambda v: 0 <= v < 1, "in [0, 1)")
-    check_flags(args, ["clip_high", "beta", "eval_every"], lambda v: 0 <= v < math.inf, "0 or more")
+    check_flags(args, ["clip_high", "beta", "eval_every", "log_samples"], lambda v: 0 <= v < math.inf, "0 or more")
+    check_flags(args, ["tis_cap"], lambda v: v == 0 or 1 <= v < math.inf, "0 (off), or 1 or more")
     check_flags(args, ["std_threshold"], math.isfinite, "a number")
     if args.plan_only and not Path(args.data).is_file():
         return [], []
@@ -222,15 +225,33 @@ def validation_sample(examples, limit, seed):
     return [example for round_ in rounds for example in round_][:limit]
 
 
+def expected(example):
+    """What a completion is scored against: the expert step (SRL), else the gold answer (RLVR)."""
+    return example.get("target_step", example.get("answer"))
+
+
+def rollout_samples(tokenizer, group, rollouts):
+    """A training group's best and worst rollouts, as samples.jsonl shows them."""
+    by_reward = sorted(zip(group.rewards.tolist(), group.completions), key=lambda pair: pair[0])
+    advantage = {tuple(r.completion): r.advantage for r in rollouts}
+    example = group.example or {}
+    return [dict(kind="rollout", id=example.get("id"), prompt=decode_text(tokenizer, group.prompt),
+                 completion=decode_text(tokenizer, completion), expected=expected(example), reward=reward,
+                 advantage=advantage.get(tuple(completion))) for reward, completion in (by_reward[-1], by_reward[0])]
+
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # 2. The run folder, checkpoints and --resume. A training stage writes last/ (weights plus training_state.pt, all
 # that --resume needs to continue exactly), best/ and metrics.jsonl in --out.
 
-RUN_PIECES = ("last", "best", "metrics.jsonl", "plan.json", "format_check.json")  # what a stage writes in --out
+RUN_PIECES = ("last", "best", "metrics.jsonl", "samples.jsonl", "plan.json", "format_check.json",  # a stage's
+              "tensorboard")  # files in --out
 # The one rule of --resume: a checkpoint stores every resolved flag of its run, and --resume restores all of them
 # but these, which say where and how the work runs, how long and how often it saves, not what it computes.
 RUNTIME_FLAGS = ("resume", "overwrite", "device", "out", "max_steps", "eval_every", "save_every", "val_limit",
-                 "sample_batch", "micro_batch_tokens", "activation_checkpointing", "fsdp", "gpu_memory", "plan_only")
+                 "sample_batch", "micro_batch_tokens", "activation_checkpointing", "fsdp", "gpu_memory", "plan_only",
+                 "report_to", "log_samples")
 
 
 def check_run_folder(args, state_keys):
@@ -288,12 +309,12 @@ def load_training_state(path):
     return torch.load(file, weights_only=True) if file.exists() else None
 
 
-def start_run(out, model, optimizer, state, overwrite, plan=None):
+def start_run(out, model, optimizer, state, overwrite, plan=None, report_to=None):
     """The moment a run starts to write, once its model has loaded. On --resume the optimizer (sharded again under
     FSDP) and every random generator continue from the training state; under --overwrite the earlier run goes
-    (RUN_PIECES, nothing else in the folder). The memory plan goes to plan.json. Returns the run's Metrics:
-    metrics.jsonl, emptied for a new run and on --resume cut back to the checkpoint's step (the steps after it are
-    redone)."""
+    (RUN_PIECES, nothing else in the folder). The memory plan goes to plan.json. Returns the run's RunLog, its
+    metrics.jsonl and samples.jsonl emptied for a new run and on --resume cut back to the checkpoint's step (the
+    steps after it are redone)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -302,8 +323,8 @@ def start_run(out, model, optimizer, state, overwrite, plan=None):
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     out = Path(out)
-    if get_rank() != 0:  # every process logs its line, and rank 0's alone is kept
-        return Metrics(os.devnull)
+    if get_rank() != 0:  # every process logs what rank 0 logs, and rank 0's alone is kept
+        return RunLog(None)
     if overwrite:  # the earlier run goes only now, when the new one has loaded and is about to write
         for path in [out / name for name in RUN_PIECES]:
             if path.is_dir():
@@ -313,33 +334,69 @@ def start_run(out, model, optimizer, state, overwrite, plan=None):
     out.mkdir(parents=True, exist_ok=True)
     if plan is not None:
         write_json(out / "plan.json", plan)
-    kept = []
-    if state is not None and (out / "metrics.jsonl").exists():
+    for name in ("metrics.jsonl", "samples.jsonl"):
         kept, torn = [], 0
-        for line in (out / "metrics.jsonl").read_text(errors="replace").splitlines():
-            try:
-                kept.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill or a full disk
-                torn += bool(line.strip())
-        if torn:
-            print0(f"{out / 'metrics.jsonl'}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut short)")
-        kept = [record for record in kept if isinstance(record, dict) and record.get("step", 0) <= state["step"]]
-    write_jsonl(out / "metrics.jsonl", kept)
-    return Metrics(out / "metrics.jsonl")
+        if state is not None and (out / name).exists():
+            for line in (out / name).read_text(errors="replace").splitlines():
+                try:
+                    kept.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+                    torn += bool(line.strip())
+            if torn:
+                print0(f"{out / name}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut short)")
+            kept = [record for record in kept if isinstance(record, dict) and record.get("step", 0) <= state["step"]]
+        write_jsonl(out / name, kept)
+    return RunLog(out, report_to)
 
 
-class Metrics:
-    """metrics.jsonl, a line per step, each written whole and flushed at once, with the number of processes."""
+class RunLog:
+    """What a run writes as it goes, rank 0 alone: metrics.jsonl, a line per step with the number of processes;
+    samples.jsonl, the texts a person reads (validation outputs, training rollouts with their rewards); with
+    --report-to tensorboard, the same numbers and texts for TensorBoard in <out>/tensorboard. Each line is written
+    whole and flushed at once; the JSONL files are the record, TensorBoard a view of them."""
 
-    def __init__(self, path):
-        self.file = open(path, "a", encoding="utf-8")
+    def __init__(self, out, report_to=None):
+        self.files, self.board = {}, None
+        if out is not None:
+            self.files = {name: open(Path(out) / f"{name}.jsonl", "a", encoding="utf-8") for name in ("metrics",
+                                                                                                      "samples")}
+            if report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.board = SummaryWriter(str(Path(out) / "tensorboard"))
 
-    def log(self, record):
-        self.file.write(json.dumps(dict(record, world_size=get_world_size())) + "\n")
-        self.file.flush()
+    def metrics(self, record):
+        self.write("metrics", [dict(record, world_size=get_world_size())])
+        if self.board:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.board.add_scalar(name, value, record["step"])
+
+    def samples(self, step, records):
+        self.write("samples", [dict(record, step=step) for record in records])
+        if self.board:
+            text = "\n\n".join(f"**{r['kind']}** {r.get('id', '')} reward {r.get('reward', '')}: "
+                                 f"{r['completion'][:2000]}" for r in records)
+            self.board.add_text("samples", text, step)
+
+    def write(self, name, records):
+        if name in self.files:
+            self.files[name].writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            self.files[name].flush()
 
     def close(self):
-        self.file.close()
+        for file in self.files.values():
+            file.close()
+        if self.board:
+            self.board.close()
+
+
+def check_report_to(args):
+    """--report-to tensorboard needs the tensorboard package: refused in one line, before anything loads, if absent."""
+    if getattr(args, "report_to", None) == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
+        except ImportError:
+            refuse("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def save_checkpoint(model, tokenizer, folder, optimizer=None, args=None, **progress):

@@ -48,11 +48,13 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
 
-def sample_next_token(logits, temperature, top_k, top_p, uniform):
+def sample_next_token(logits, temperature, top_k, top_p, uniform, with_logprob=False):
     """logits [B, vocab] -> token ids [B]. Temperature 0 is greedy; otherwise uniform [B, 1] (float64, in [0, 1),
-    one number per row) picks each row's token by inverse CDF."""
+    one number per row) picks each row's token by inverse CDF. with_logprob: (tokens, their log-probabilities
+    under the distribution sampled)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        token = logits.argmax(dim=-1)
+        return (token, torch.zeros(token.shape, device=token.device)) if with_logprob else token
     logits = logits.float() / temperature
     if top_k > 0:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -68,7 +70,10 @@ def sample_next_token(logits, temperature, top_k, top_p, uniform):
     # large vocabulary on CPU. In float64 so that u * total stays below total and a zero-probability token
     # (a plateau of the CDF) is never the first entry above it.
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
-    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+    token = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+    if with_logprob:
+        return token, logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+    return token
 
 
 def sampling_uniforms(num_prompts, num_samples, steps, seed):
@@ -109,7 +114,8 @@ COLUMN_BUCKET = 256  # a decode step attends over the cache's first L columns, L
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
-             stop_token_ids=None, seed=None, progress=False, cuda_graph=None, max_rows=None, stats=None):
+             stop_token_ids=None, seed=None, progress=False, cuda_graph=None, max_rows=None, stats=None,
+             return_logprobs=False):
     """Sample continuations of token-id prompts. Returns len(prompts) * num_samples lists of new token ids,
     prompt-major (prompt 0's samples first). A row stops after its first stop token, which is kept.
     stop_token_ids=None uses the model's end-of-turn / EOS ids; [] never stops. seed: an int, one int per prompt,
@@ -122,7 +128,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     replays each decode step from a CUDA graph, one for each width of the columns attended over: the same kernels
     on the same inputs, so the same tokens, in one launch instead of one per kernel (a 1.5B model's step is ~1,100
     kernels, too short each for the CPU to launch them as fast as the GPU runs them). stats: a dict that receives
-    the work done, "decode_steps" and "row_steps" (rows computed: one per prefilled row, one per slot per step)."""
+    the work done, "decode_steps" and "row_steps" (rows computed: one per prefilled row, one per slot per step).
+    return_logprobs: also return each token's log-probability under the distribution it was drawn from (logits /
+    temperature, after top-k and top-p): (token lists, log-probability lists)."""
     if not prompts or num_samples < 1:
         return []
     if max_new_tokens <= 0:
@@ -147,6 +155,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     capacity = -(-(longest + max_new_tokens) // 16) * 16  # cache columns (CUDA's attention wants widths of 16)
     cache = KVCache(cfg, slots, capacity, device, dtype)
     out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)  # each row's tokens
+    out_logp = torch.zeros(rows, max_new_tokens, device=device) if return_logprobs else None
     count = torch.zeros(rows, dtype=torch.long, device=device)  # how many each row has
     row_of = torch.full((slots,), -1, dtype=torch.long, device=device)  # the row in each slot; -1: a free slot
     token_in = torch.zeros(slots, 1, dtype=torch.long, device=device)  # what the decode step reads, in place:
@@ -162,7 +171,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         where the row is done (its stop token, or max_new_tokens)."""
         step = count[rows_now]
         token = sample_next_token(logits, temperature, top_k, top_p,
-                                  uniforms[rows_now, step][:, None] if temperature else None)
+                                  uniforms[rows_now, step][:, None] if temperature else None, return_logprobs)
+        if return_logprobs:
+            token, out_logp[rows_now, step] = token
         out[rows_now, step] = token
         count[rows_now] += 1
         return token, torch.isin(token, stop) | (count[rows_now] == max_new_tokens)
@@ -232,18 +243,23 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     if stats is not None:
         stats.update(decode_steps=steps, row_steps=rows + steps * slots)
     model.train(was_training)
-    return [tokens[:n] for tokens, n in zip(out.tolist(), count.tolist())]
+    lengths = count.tolist()
+    tokens = [row[:n] for row, n in zip(out.tolist(), lengths)]
+    return (tokens, [row[:n] for row, n in zip(out_logp.tolist(), lengths)]) if return_logprobs else tokens
 
 
 def sample_groups(model, prompts, num_samples, max_new_tokens, prompts_at_once=None, seeds=None, desc=None,
-                  **sampling):
+                  return_logprobs=False, **sampling):
     """num_samples completions of every prompt, one list per prompt (a GRPO group, or a problem's avg@k samples), in
     one generate call whose slots hold prompts_at_once prompts' rows (default: all); prompt i draws from seeds[i]
-    (None: the global generator). desc: a progress bar over the completions, under that name."""
+    (None: the global generator). desc: a progress bar over the completions, under that name. return_logprobs:
+    (groups, the sampled tokens' log-probabilities grouped alike)."""
     slots = (prompts_at_once or len(prompts)) * num_samples
     outputs = generate(model, prompts, max_new_tokens, num_samples=num_samples, max_rows=slots,
-                       seed=None if seeds is None else list(seeds), progress=desc or False, **sampling)
-    return [outputs[k:k + num_samples] for k in range(0, len(outputs), num_samples)]  # prompt-major
+                       seed=None if seeds is None else list(seeds), progress=desc or False,
+                       return_logprobs=return_logprobs, **sampling)
+    grouped = lambda rows: [rows[k:k + num_samples] for k in range(0, len(rows), num_samples)]  # prompt-major
+    return (grouped(outputs[0]), grouped(outputs[1])) if return_logprobs else grouped(outputs)
 
 
 # -----------------------------------------------------------------------------------------------------------------

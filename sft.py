@@ -59,8 +59,9 @@ import torch
 from tqdm import tqdm
 
 from checks import check_fields, check_flags, print0, read_jsonl, refuse
-from common import (Stop, card_memory, clip_gradients, end_distributed, get_rank, get_world_size, init_distributed,
-                    load_for_training, prepare_run, save_checkpoint, start_run, sum_across, sum_gradients)
+from common import (RunLog, Stop, card_memory, clip_gradients, end_distributed, get_rank, get_world_size,
+                    init_distributed, load_for_training, prepare_run, save_checkpoint, start_run, sum_across,
+                    sum_gradients)
 from data_prep import write_json
 from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
 from evaluate import math_messages
@@ -225,9 +226,11 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
     experts = [example["target_step"] for example in examples for _ in range(samples_per_prompt)]
     rewards = [srl_reward(t, e) for t, e in zip(texts, experts)]
     well_formed = sum(parse_action(t) is not None for t in texts)
+    shown = [(example, texts[i * samples_per_prompt], rewards[i * samples_per_prompt])
+             for i, example in enumerate(examples[:3])]  # the first sample of the first prompts
     return {"samples": len(texts), "format_rate": well_formed / len(texts), "reward_mean": sum(rewards) / len(texts),
             "reward_mean_well_formed": sum(r for r in rewards if r >= 0) / max(1, well_formed),
-            "example": {"completion": texts[0], "expert_step": experts[0]}}
+            "example": {"completion": texts[0], "expert_step": experts[0]}, "shown": shown}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def train(args, model, tokenizer, examples, state, plan=None):
     if state is not None:
         step, skipped = state["step"], state["skipped_steps"]
         print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    metrics = start_run(out, model, optimizer, state, args.overwrite, plan)
+    run_log = start_run(out, model, optimizer, state, args.overwrite, plan, args.report_to)
     stop = Stop(args.max_skipped_steps)  # SIGTERM / Ctrl-C, and a run whose steps are all skipped
     if step >= end_step:
         print0(f"nothing left to do: {out} finished its {end_step} steps (its model: {out / 'last'})")
@@ -314,7 +317,7 @@ def train(args, model, tokenizer, examples, state, plan=None):
                                                   args.device, precision=args.precision, step_tokens=step_tokens)
         seconds = time.time() - started
         step, skipped = step + 1, skipped + was_skipped
-        metrics.log({
+        run_log.metrics({
             "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": step_tokens,  # trained (target) tokens of this step
             "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
@@ -326,11 +329,11 @@ def train(args, model, tokenizer, examples, state, plan=None):
             save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step, epoch=step // batches_per_epoch,
                             batch_in_epoch=step % batches_per_epoch, skipped_steps=skipped)
         if stopping and step < end_step:
-            metrics.close()
+            run_log.close()
             stop.preempted(step)
         stop.count(was_skipped, step)
     bar.close()
-    metrics.close()
+    run_log.close()
     stop.release()
     return step, skipped
 
@@ -362,6 +365,8 @@ def main(argv=None):
     parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
                                            "beside --data)")
     parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
+    parser.add_argument("--report-to", choices=["none", "tensorboard"], default="none", help="also write the metrics "
+                        "and the format check's samples for TensorBoard, in <out>/tensorboard")
     parser.add_argument("--gpu-memory", type=float, help="plan for a card of this many GB (2^30 bytes; default: the "
                         "card present)")
     parser.add_argument("--plan-only", action="store_true", help="print the memory plan and stop before any weight "
@@ -402,7 +407,13 @@ def main(argv=None):
         longest_target = max(len(t) for _, t in examples)
         check = format_check(model, tokenizer, val_examples, args.check_samples,
                              max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
+        shown = check.pop("shown")
         write_json(out / "format_check.json", check)
+        samples = RunLog(out, args.report_to)  # the format check's samples, to read beside the rate
+        samples.samples(step, [dict(kind="format_check", id=example.get("id"), completion=text,
+                                    expected=example["target_step"], reward=reward)
+                               for example, text, reward in shown])
+        samples.close()
         print(f"format check on {args.val_data} ({check['samples']} samples at temperature 1.0): format rate "
               f"{check['format_rate']:.0%}, mean SRL reward {check['reward_mean']:.3f} (format failures count -1; "
               f"{check['reward_mean_well_formed']:.3f} over well-formed samples)")

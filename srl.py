@@ -15,31 +15,26 @@ breaks the format), and the policy is trained with GRPO plus dynamic sampling.
     python srl.py --overwrite --out runs/srl                                        # start it again instead
     torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
 
-Writes <out>/metrics.jsonl (a line per step), <out>/last/ (checkpoint + training state, for --resume) and
-<out>/best/ (best on validation): Hugging Face folders that `--model` of any stage accepts. Every user error,
-an --out that already holds a run included (unless --resume or --overwrite), is refused before anything loads.
-SIGTERM or Ctrl-C stop the run after the step in progress, with last/ written; --resume continues any stopped run.
+Writes to --out: last/ (checkpoint and training state, for --resume) and best/ (best on validation), Hugging Face
+folders any stage's --model accepts; metrics.jsonl, samples.jsonl (texts to read) and plan.json (the memory plan).
+Every user error is refused before anything loads; SIGTERM or Ctrl-C stop after the step in progress, last/ written.
 
 Sections: 1. step_similarity, 2. srl_reward, 3. the prompt (srl_messages), 4. the run: its command line and the
 loop, rollouts -> advantages -> update -> validation -> checkpoints (train), which rlvr.py imports. The GRPO pieces
-the loop calls (group_advantages, keep_group, grpo_loss, collect_groups, update_policy) are in grpo.py, re-exported
-here; the setup before the first step, checkpoints and torchrun in common.py; the model and sampler in model.py and
-engine.py.
+it calls are grpo.py's (re-exported here); the setup, checkpoints and torchrun common.py's; the model and the
+sampler model.py's and engine.py's.
 
 Defaults by model size (flags override them): under 50M parameters (tiny) 4 prompts x G 8, 64 new tokens, lr 3e-5,
-20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch, which one 80 GB GPU turns around
-quickly (the paper: 512 prompts x G 8, lr 5e-7, Qwen2.5-7B on several GPUs). The update runs in micro-batches of
---micro-batch-tokens positions, so memory does not depend on how long the completions happen to be. Before any
-weight loads, a memory plan (memory.py) picks the prompts sampled at once, the micro-batch size and activation
-checkpointing that fit the card (or --gpu-memory GB), prints the estimate by part (Qwen2.5-1.5B at the defaults:
-57 GB, full fine-tuning; 16 GB with --lora-rank 32 on a 24 GB card) and stores it in <out>/plan.json, or stops
-naming the flag to change.
+20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch (the paper: 512 prompts x G 8, lr
+5e-7, Qwen2.5-7B on several GPUs). Before any weight loads a memory plan (memory.py) picks the prompts sampled at
+once, the micro-batch positions and activation checkpointing that fit the card (or --gpu-memory GB), or stops
+naming the flag to change: Qwen2.5-1.5B at the defaults needs 57 GB, 16 GB with --lora-rank 32.
 
 Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
 and scores its share of every draw, the groups are gathered so that dynamic sampling keeps what one process would,
-and the gradients of each process's share of the kept groups are summed. A prompt's rollouts draw their randomness
-from (seed, position in the prompt stream, sample), so one process and several sample the same tokens. --fsdp also
-shards weights, gradients and AdamW states.
+and the gradients of each process's share of the kept groups are summed; --fsdp also shards the weights, gradients
+and AdamW states. A prompt's rollouts draw from (seed, its place in the prompt stream, sample), so one process and
+several sample the same tokens.
 
 Departures from the paper and choices it leaves open:
   - The similarity is our own code, not a difflib call; the tests check it equals
@@ -48,7 +43,8 @@ Departures from the paper and choices it leaves open:
     states our rule.
   - The advantage divides by the population std of the group (the paper says "group std").
   - Clip range 0.2 low / 0.28 high (DAPO's asymmetric clip); the paper does not report it.
-  - The loss is a token mean over all completion tokens of the optimiser step, so micro-batches add up exactly.
+  - The loss is a token mean over all completion tokens of the optimiser step, so micro-batches add up exactly
+    (--loss-agg offers verl's two others; --tis-cap and --mask-truncated, TRL's and DAPO's corrections, are off).
   - Dynamic sampling keeps a group when its reward std exceeds --std-threshold (default 0.01; not reported in
     the paper), and gives up after --max-draws rounds, training on the groups it has (logged as kept_groups).
   - KL coefficient 0 as in the paper; the k3 estimator against a frozen reference is available with beta > 0.
@@ -62,11 +58,10 @@ Departures from the paper and choices it leaves open:
   - Agent steps (data_prep.py on agent trajectories: the paper's software-engineering setting) get their own
     system prompt, asking for the next command; the target is the command, never the agent's thought.
   - --lora-rank R (off by default) trains LoRA adapters (Hu et al. 2021) on every linear layer of every block
-    instead of every weight, which the paper fine-tunes: one 8-24 GB card then runs SRL, as most people's is. The
-    base stays frozen (bf16 on a GPU), the adapters fp32; alpha defaults to 2R, the common choice; the default
-    learning rate is 10x full fine-tuning's ("LoRA Without Regret", Thinking Machines 2025). The policy that trains
-    also samples (no copy), and with --beta > 0 the reference is the base, the adapters switched off. Checkpoints
-    hold the merged weights and the adapters alone in PEFT's format (adapter/).
+    instead of every weight: one 8-24 GB card then runs SRL. The base stays frozen (bf16 on a GPU), the adapters
+    fp32; alpha defaults to 2R, the common choice; the default learning rate is 10x full fine-tuning's ("LoRA
+    Without Regret", Thinking Machines 2025). The policy that trains also samples; the KL reference is the base,
+    adapters off. Checkpoints hold the merged weights, and the adapters alone in PEFT's format (adapter/).
 """
 import argparse
 import time
@@ -75,12 +70,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (Stop, check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, load_for_training,
-                    on_rank_zero, planned_steps, prepare_run, print0, save_checkpoint, start_rl_run, start_run,
-                    validation_sample)
+from common import (Stop, check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, expected,
+                    load_for_training, on_rank_zero, planned_steps, prepare_run, print0, rollout_samples,
+                    save_checkpoint, start_rl_run, start_run, validation_sample)
 from engine import sample_groups
-from grpo import (FORMAT_FAILURE, Group, PromptStream, Rollout, collect_groups, group_advantages,  # noqa: F401
-                  grpo_loss, keep_group, update_policy)  # re-exported: `from srl import grpo_loss` is the public name
+from grpo import (FORMAT_FAILURE, LOSS_AGGREGATIONS, Group, PromptStream, Rollout, collect_groups,  # noqa: F401
+                  group_advantages, grpo_loss, keep_group, rollouts_of,
+                  update_policy)  # re-exported: `from srl import grpo_loss` is the public name
 from model import decode_text, encode_chat
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +267,13 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low (not in the paper; DAPO)")
     arg("--clip-high", type=float, default=0.28, help="ratio clipped above at 1 + clip-high (DAPO's 0.28)")
     arg("--beta", type=float, default=0.0, help="k3 KL coefficient to the initial model (paper: 0)")
+    arg("--loss-agg", choices=LOSS_AGGREGATIONS, default="token-mean", help="how token losses add up (verl's "
+        "loss_agg_mode): over every token of the step; each completion's mean, then their mean (GRPO as first "
+        "written); each completion's sum over --max-new-tokens, then their mean (Dr. GRPO)")
+    arg("--tis-cap", type=float, default=0.0, help="truncated importance sampling: weight each token by min(pi_old / "
+        "pi_sampler, cap), for a sampler that is not exactly the trainer, the bf16 copy (0: off)")
+    arg("--mask-truncated", action="store_true", help="completions cut at --max-new-tokens get no loss (DAPO's "
+        "overlong filtering; their rewards still count in their group)")
     # Optimisation
     arg("--lr", type=float, default=None, help="AdamW learning rate, constant (paper: 5e-7)")
     arg("--max-steps", type=int, default=None, help="optimiser steps (default for large models: --epochs)")
@@ -286,6 +289,10 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     arg("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default alpha: 2 x rank)")
     # Validation and checkpoints
     arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
+    arg("--log-samples", type=int, default=10, help="every N steps, a training group's best and worst rollouts go "
+        "to <out>/samples.jsonl, as the first validation outputs do at each validation (0: none)")
+    arg("--report-to", choices=["none", "tensorboard"], default="none", help="also write the metrics and samples "
+        "for TensorBoard, in <out>/tensorboard (needs pip install tensorboard)")
     arg("--val-limit", type=int, default=64, help="validation examples used")
     arg("--save-every", type=int, default=10, help="write <out>/last every N steps and at the end")
     arg("--max-skipped-steps", type=int, default=3, help="stop the run after this many steps in a row whose "
@@ -305,15 +312,18 @@ def training_arguments(description, data_default, out_default, std_threshold_def
     return p
 
 
-def validate(args, policy, tokenizer, examples, build_prompt, reward_fn):
+def validate(args, policy, tokenizer, examples, build_prompt, reward_fn, shown=3):
     """The greedy action of each validation example (common.validation_sample): the mean reward, format failures
-    counted as 0, and the format rate."""
+    counted as 0, and the format rate; and the first `shown` outputs, for samples.jsonl."""
     examples = validation_sample(examples, args.val_limit, args.seed)
     prompts = [encode_chat(tokenizer, build_prompt(example)) for example in examples]
     groups = sample_groups(policy, prompts, 1, args.max_new_tokens, temperature=0, desc="validate")
-    rewards = [reward_fn(decode_text(tokenizer, c), example) for [c], example in zip(groups, examples)]
+    texts = [decode_text(tokenizer, c) for [c] in groups]
+    rewards = [reward_fn(text, example) for text, example in zip(texts, examples)]
+    samples = [dict(kind="validation", id=example.get("id"), completion=text, expected=expected(example),
+                    reward=reward) for example, text, reward in list(zip(examples, texts, rewards))[:shown]]
     return dict(val_score=sum(max(r, 0.0) for r in rewards) / max(len(rewards), 1),
-                val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1))
+                val_format_rate=sum(r != FORMAT_FAILURE for r in rewards) / max(len(rewards), 1)), samples
 
 
 def train(args, build_prompt, reward_fn, fields=None):
@@ -337,7 +347,8 @@ def train(args, build_prompt, reward_fn, fields=None):
     if state is not None:
         stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
     state_step = step
-    metrics = start_run(args.out, model, optimizer, state, args.overwrite, plan)
+    run_log = start_run(args.out, model, optimizer, state, args.overwrite, plan, args.report_to)
+    stop_ids = set(policy.stop_token_ids)
     out = Path(args.out)
     stop = Stop(args.max_skipped_steps)  # SIGTERM / Ctrl-C, and a run whose updates are all skipped
 
@@ -359,9 +370,7 @@ def train(args, build_prompt, reward_fn, fields=None):
             stream.position = position
             break
         # 2. advantages within each group; every completion becomes one Rollout of the update
-        rollouts = [[Rollout(g.prompt, completion, advantage) for completion, advantage in
-                     zip(g.completions, group_advantages(g.rewards, not args.no_std_scale).tolist()) if completion]
-                    for g in kept_groups]
+        rollouts, truncated = rollouts_of(kept_groups, not args.no_std_scale, args.mask_truncated, stop_ids)
         # 3. the clipped GRPO update; then the sampling copy, if there is one, takes the new weights
         stats = update_policy(model, optimizer, rollouts, args, reference) if kept_groups else {}
         step_skipped = stats.pop("skipped", 0)  # updates skipped for a non-finite loss or gradient
@@ -370,19 +379,24 @@ def train(args, build_prompt, reward_fn, fields=None):
             copy_weights(policy, model)
         log.update(stats, step=step + 1, kept_groups=len(kept_groups), skipped_steps=skipped,
                    sample_s=round(sample_seconds, 2), train_s=round(time.time() - started - sample_seconds, 2),
-                   tokens_per_s=round(log["sampled_tokens"] / max(sample_seconds, 1e-9), 1))
+                   tokens_per_s=round(log["sampled_tokens"] / max(sample_seconds, 1e-9), 1),
+                   **({"masked_truncated": truncated} if args.mask_truncated else {}))
+        if args.log_samples and (step + 1) % args.log_samples == 0 and kept_groups:
+            run_log.samples(step + 1, rollout_samples(tokenizer, kept_groups[0], rollouts[0]))
         # 4. validation: the paper keeps the checkpoint that scores best on held-out steps. Under torchrun rank 0
         # validates and every process learns the result, since saving gathers FSDP's shards from all of them
         last_step = step + 1 == total_steps
         if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
-            log.update(on_rank_zero(validate, args, policy, tokenizer, val_examples, build_prompt, reward_fn))
+            scores, samples = on_rank_zero(validate, args, policy, tokenizer, val_examples, build_prompt, reward_fn)
+            log.update(scores)
+            run_log.samples(step + 1, samples)
             if log["val_score"] > best:
                 best = log["val_score"]
                 save_checkpoint(model, tokenizer, out / "best")
         elif last_step and not val_examples:
             save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
         # 5. the log line and the checkpoint that --resume continues from
-        metrics.log(log)
+        run_log.metrics(log)
         bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
         done = step + 1
         if done % args.save_every == 0 or last_step:
@@ -391,7 +405,7 @@ def train(args, build_prompt, reward_fn, fields=None):
         stop.count(step_skipped == args.updates_per_batch, done)
         if stop.requested():
             break
-    metrics.close()
+    run_log.close()
     if done < total_steps:  # stopped by a signal: last/ holds every finished step
         if saved != done:
             save_last(done)

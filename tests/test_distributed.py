@@ -147,3 +147,20 @@ def test_evaluate_with_two_processes_writes_the_same_files_and_table(tmp_path):
     table = [line for line in out_one.splitlines() if line.startswith("|")]
     assert table and table == [line for line in out_two.splitlines() if line.startswith("|")]
     assert out_two.count("builtin {") == 1  # rank 0 alone prints and writes
+
+
+@pytest.mark.slow
+def test_a_per_sequence_loss_aggregation_adds_up_over_processes(tmp_path):
+    """--loss-agg seq-mean-token-mean divides by the step's number of completions, counted over every process: two
+    processes end with the weights of one."""
+    examples = [{"id": f"e{i}", "problem": f"Compute {i}+3+4.", "target_step": "x"} for i in range(7)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    (tmp_path / "driver.py").write_text(SRL_DRIVER)
+    flags = ["--model", "tiny", "--data", tmp_path / "train.jsonl", "--batch-prompts", "3", "--group-size", "4",
+             "--max-new-tokens", "10", "--lr", "1e-4", "--eval-every", "0", "--device", "cpu", "--max-steps", "2",
+             "--loss-agg", "seq-mean-token-mean"]
+    launch(1, tmp_path / "driver.py", *flags, "--out", tmp_path / "one", cwd=tmp_path)
+    launch(2, tmp_path / "driver.py", *flags, "--out", tmp_path / "two", cwd=tmp_path)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-4, abs=1e-6)
+    assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5

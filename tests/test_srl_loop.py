@@ -53,7 +53,7 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary(tmp_path):
     stream = srl.PromptStream(len(examples), seed=0)
     kept, log = srl.collect_groups(args, model, tokenizer, examples, stream, short_prompt, reward)
     assert 1 <= len(kept) <= 2  # "varied" is drawn once or twice in two rounds
-    for prompt, group, rewards in kept:
+    for prompt, group, rewards in ((g.prompt, g.completions, g.rewards) for g in kept):
         assert rewards.std(unbiased=False) > 0.01 and len(group) == 4
         assert prompt == M.encode_chat(tokenizer, short_prompt(examples[-1]))
     assert log["groups_drawn"] == 3 + (3 - len(kept) if len(kept) < 3 else 0) or log["groups_drawn"] <= 6
