@@ -42,6 +42,7 @@ the training curves and held-out accuracies (<out>/study.png with matplotlib, te
 import argparse
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,7 @@ import time
 from pathlib import Path
 
 from data_prep import read_records, write_json, write_jsonl
+from plot import figure
 from synthetic import check_steps, every_step_right
 
 ROOT = Path(__file__).resolve().parent
@@ -108,11 +110,12 @@ def parse_args(argv=None):
 # Running stages: each one its own command line and log file, up to --jobs at once
 
 
-def run_stages(stages, jobs, threads):
-    """Run {name: (command, log path)}, at most `jobs` at a time, each with threads // jobs CPU threads. Stops the
-    study with the log's tail when a stage fails. Returns {name: seconds}."""
+def run_stages(stages, jobs, threads, every=30):
+    """Run {name: (command, log path)}, at most `jobs` at a time, each with threads // jobs CPU threads, saying
+    every `every` seconds how far each running stage is (from the progress bar in its log). Stops the study with
+    the log's tail when a stage fails. Returns {name: seconds}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // max(1, min(jobs, len(stages))))))
-    waiting, running, seconds = list(stages.items()), {}, {}
+    waiting, running, seconds, said = list(stages.items()), {}, {}, time.time()
     while waiting or running:
         while waiting and len(running) < jobs:
             name, (command, log) = waiting.pop(0)
@@ -132,7 +135,23 @@ def run_stages(stages, jobs, threads):
                 tail = Path(log).read_text(errors="replace")[-3000:]
                 raise SystemExit(f"quickstart.py: stage {name} failed (exit {process.returncode}); "
                                  f"end of {log}:\n{tail}")
+            print(f"    {name} done in {seconds[name]:.0f} s", flush=True)
+        if running and time.time() - said > every:
+            said = time.time()
+            print("    running: " + "; ".join(progress(name, started, log) for name, (_, started, log)
+                                             in running.items()), flush=True)
     return seconds
+
+
+def progress(name, started, log):
+    """"base 45% (1688/3750), 252 s, about 308 s left": the last progress bar a stage's log holds."""
+    tail = Path(log).read_text(errors="replace")[-2000:]
+    bars = re.findall(r"(\d+)/(\d+) \[[^<\]]*<([0-9:?]+)", tail)
+    said = f"{name} {time.time() - started:.0f} s"
+    if bars:
+        done, total, left = bars[-1]
+        said += f", {int(done) / max(int(total), 1):.0%} of its {total}, about {left} left"
+    return said
 
 
 def python(script, *args):
@@ -278,57 +297,26 @@ def table(arms_results, samples):
     return "\n".join(lines)
 
 
-def sparkline(values):
-    """One character per value, from ▁ (the lowest) to █ (the highest)."""
-    bars = "▁▂▃▄▅▆▇█"
-    low, high = min(values), max(values)
-    return "".join(bars[int((v - low) / (high - low) * (len(bars) - 1)) if high > low else 0] for v in values)
-
-
 def draw(arms_results, png_path, title):
-    """Training curves (SRL step reward, RLVR reward, kept-group rate; one line per seed) and held-out accuracy per
-    arm. A PNG with matplotlib; text sparklines of the seed-mean curves without it."""
+    """The picture of the study (plot.figure): the training curves, each arm one colour and one line per seed, drawn
+    as moving averages over the raw values (faint), on the rewards' whole ranges; then the held-out greedy accuracy
+    and the answers right with every step right, side by side (bars: the mean over seeds, dots: each seed). A PNG
+    with matplotlib; text sparklines of the seed-mean curves without it."""
     rl = {arm: r for arm, r in arms_results.items() if "reward_curve" in r}
-    mean_curve = lambda curves: [statistics.mean(v) for v in zip(*curves)]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        for arm, r in rl.items():
-            reward, kept = mean_curve(r["reward_curve"]), mean_curve(r["kept_group_curve"])
-            print(f"  {arm:13s} reward {sparkline(reward)} {reward[0]:.2f} -> {reward[-1]:.2f}   "
-                  f"kept groups {sparkline(kept)} {kept[0]:.2f} -> {kept[-1]:.2f}")
-        print("  (install matplotlib for a picture)")
-        return
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    colors = {arm: f"C{i}" for i, arm in enumerate(arms_results)}
-    panels = [(axes[0, 0], [a for a in rl if a.startswith("srl") and not a.endswith("rlvr")],
-               "reward_curve", "SRL: mean step-similarity reward (-1 = bad format)"),
-              (axes[0, 1], [a for a in rl if a.endswith("rlvr")], "reward_curve", "RLVR: mean final-answer reward"),
-              (axes[1, 0], list(rl), "kept_group_curve", "kept-group rate (dynamic sampling)")]
-    for ax, arms, key, name in panels:
-        for arm in arms:
-            for i, curve in enumerate(rl[arm][key]):
-                ax.plot(range(1, len(curve) + 1), curve, color=colors[arm], alpha=0.8 if len(rl[arm][key]) == 1
-                        else 0.45, label=arm if i == 0 else None)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax = axes[1, 1]
-    names = list(arms_results)
-    for x, arm in enumerate(names):
-        accuracy = [100 * a for a in arms_results[arm]["accuracy"]]
-        ax.bar(x, statistics.mean(accuracy), color=colors[arm], alpha=0.6)
-        ax.plot([x] * len(accuracy), accuracy, "k.", markersize=6)
-    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-    ax.set_title("held-out greedy accuracy (%): bars = mean, dots = seeds", fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    print(f"picture: {png_path}")
+    series = lambda arms, key: {arm: [list(enumerate(curve, 1)) for curve in rl[arm][key]] for arm in arms}
+    srl_arms = [a for a in rl if a.startswith("srl") and not a.endswith("rlvr")]
+    rlvr_arms = [a for a in rl if a.endswith("rlvr")]
+    curves = [("SRL: mean step-similarity reward (-1 = bad format)", (-1.05, 1.05), series(srl_arms, "reward_curve"),
+               True),
+              ("RLVR: mean final-answer reward", (-0.03, 1.03), series(rlvr_arms, "reward_curve"), True),
+              ("kept-group rate (dynamic sampling)", (-0.03, 1.03), series(list(rl), "kept_group_curve"), True)]
+    bars = [("held-out greedy accuracy (%)", (0, 100),
+             {arm: [100 * a for a in r["accuracy"]] for arm, r in arms_results.items()}),
+            ("greedy, every step right (%)", (0, 100),
+             {arm: [100 * a for a in r["every_step_right"]] for arm, r in arms_results.items()})]
+    drawn = figure([panel for panel in curves if panel[2]], png_path, title, bars)
+    if drawn:
+        print(f"picture: {drawn}")
 
 
 def main(argv=None):

@@ -7,13 +7,14 @@ import statistics
 
 import pytest
 
+import plot
 import quickstart
 import synthetic
 
 
 def test_sparkline():
-    assert quickstart.sparkline([0.0, 0.5, 1.0]) == "▁▄█"
-    assert quickstart.sparkline([-1.0, -1.0]) == "▁▁"
+    assert plot.sparkline([0.0, 0.5, 1.0]) == "▁▄█"
+    assert plot.sparkline([-1.0, -1.0]) == "▁▁"
 
 
 def test_table_reports_mean_std_and_every_seed():
@@ -91,7 +92,8 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     assert {e["id"] for e in one_step} == train_ids and all(e["previous_steps"] == [] for e in one_step)
     # the warm start fitted its own tokenizer: the base's vocabulary is not the 259 byte-level tokens
     assert json.loads((out / "seed0" / "base" / "last" / "config.json").read_text())["vocab_size"] != 259
-    assert "reward" in printed and "kept groups" in printed  # the text picture
+    assert "SRL: mean step-similarity reward" in printed and "kept-group rate" in printed  # the text picture
+    assert "held-out greedy accuracy (%): base" in printed
     quickstart.main(["--out", str(out), "--probe", str(out / "seed0" / "base" / "last")])
     probe = capsys.readouterr().out
     srl_val = (out / "seed0" / "data" / "srl_val.jsonl").read_text().splitlines()
@@ -117,3 +119,13 @@ def test_tune_extends_the_grid_while_the_best_rate_is_at_its_edge(tmp_path, monk
     assert tried["sft"] == pytest.approx([1e-3, 3e-3, 9e-3])                      # best inside: no extension
     assert tried["rlvr"] == pytest.approx([1e-4 / 3, 1e-4, 3e-4, 9e-4, 2.7e-3])   # up twice, then inside
     assert tried["srl"] == pytest.approx([1e-4 / 3, 1e-4, 3e-4, 1e-4 / 9, 1e-4 / 27, 1e-4 / 81])  # at most 3 more
+
+
+def test_a_running_stage_says_how_far_it_is(tmp_path):
+    log = tmp_path / "base.log"
+    log.write_text("3 examples\rsft:  44%|####4     | 1650/3750 [04:12<05:21, 6.5step/s]\rsft:  45%|####5     | "
+                   "1688/3750 [04:18<05:08, 6.6step/s]")
+    said = quickstart.progress("base", __import__("time").time() - 258, log)
+    assert said.startswith("base 25") and "45% of its 3750, about 05:08 left" in said
+    log.write_text("loading\n")
+    assert quickstart.progress("data", __import__("time").time(), log) == "data 0 s"
