@@ -7,7 +7,7 @@ puts that claim to the test; the README's Quickstart section gives what came out
     python quickstart.py                       # one seed: about 7 minutes on 2 CPU cores
     python quickstart.py --seeds 1 2 3         # the whole study once per seed; mean and std per arm
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
-    python quickstart.py --tune                # the learning-rate search on validation problems (README)
+    python quickstart.py --tune                # the learning-rate search on validation problems (README), every arm
     python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on the validation problems
     python quickstart.py --arms srl --lora-rank 8 --srl-lr 3e-3   # the SRL arm alone, with LoRA adapters
 
@@ -59,6 +59,7 @@ ARMS = ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step
 PREPARED_BY = ["hard_steps", "max_value", "warm_problems", "train_problems", "val_problems", "test_problems",
                "warm_epochs", "warm_lr", "warm_slip", "warm_srl_share", "device"]  # what a seed's warm start depends on
 RL_ARMS = ARMS[1:]
+CHAINED = ["sft_rlvr", "srl_rlvr"]  # RLVR started from another arm's checkpoint
 
 
 def parse_args(argv=None):
@@ -98,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
     p.add_argument("--srl-lr", type=float, default=3e-4)
     p.add_argument("--rlvr-lr", type=float, default=9e-4)
+    p.add_argument("--sft-rlvr-lr", type=float, default=None, help="RLVR's after SFT (default: --rlvr-lr)")
+    p.add_argument("--srl-rlvr-lr", type=float, default=None, help="RLVR's after SRL (default: --rlvr-lr)")
     p.add_argument("--srl-new-tokens", type=int, default=64, help="an SRL rollout: monologue and one step")
     p.add_argument("--solution-tokens", type=int, default=150, help="a whole solution: RLVR and evaluation")
     p.add_argument("--samples", type=int, default=4, help="k of avg@k in the evaluation")
@@ -215,21 +218,21 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
     lora = ["--lora-rank", args.lora_rank] if args.lora_rank else []
     rl = [*lora, "--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
           "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--seed", seed, "--device", args.device]
-    rlvr = lambda start, out: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out", out,
-                                     "--lr", lrs["rlvr"], "--max-new-tokens", args.solution_tokens, *rl)
+    rlvr = lambda start, out, lr: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out",
+                                         out, "--lr", lr, "--max-new-tokens", args.solution_tokens, *rl)
     srl = lambda out, data_dir, *extra: python("srl.py", "--model", base, "--data", data_dir / "srl_train.jsonl",
                                                "--out", out, "--lr", lrs["srl"], *extra, *rl)
     first = {
         "sft": python("sft.py", *lora, "--model", base, "--data", data / "sft_train.jsonl", "--out", arms_dir / "sft",
                       "--lr", lrs["sft"], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
                       "--check-samples", 0, "--seed", seed, "--device", args.device),
-        "rlvr": rlvr(base, arms_dir / "rlvr"),
+        "rlvr": rlvr(base, arms_dir / "rlvr", lrs["rlvr"]),
         "srl": srl(arms_dir / "srl", data, "--max-new-tokens", args.srl_new_tokens),
         "srl_no_ds": srl(arms_dir / "srl_no_ds", data, "--max-new-tokens", args.srl_new_tokens, "--std-threshold", -1),
         "srl_one_step": srl(arms_dir / "srl_one_step", work / "data_one_step", "--max-new-tokens",
                             args.solution_tokens)}
-    then = {"sft_rlvr": rlvr(arms_dir / "sft" / "last", arms_dir / "sft_rlvr"),
-            "srl_rlvr": rlvr(arms_dir / "srl" / "last", arms_dir / "srl_rlvr")}
+    then = {"sft_rlvr": rlvr(arms_dir / "sft" / "last", arms_dir / "sft_rlvr", lrs["sft_rlvr"]),
+            "srl_rlvr": rlvr(arms_dir / "srl" / "last", arms_dir / "srl_rlvr", lrs["srl_rlvr"])}
     first = {k: v for k, v in first.items() if k in arms}
     then = {k: v for k, v in then.items() if k in arms}
     evaluate = lambda arm: python(
@@ -329,7 +332,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr}
+    default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr,
+                   "sft_rlvr": args.sft_rlvr_lr or args.rlvr_lr, "srl_rlvr": args.srl_rlvr_lr or args.rlvr_lr}
     if args.tune:
         return tune(args, default_lrs, [m for m in default_lrs if not args.arms or m in args.arms])
     if args.probe:
@@ -405,7 +409,9 @@ def tune(args, default_lrs, methods, factors=(1 / 3, 1, 3), max_extensions=3):
                         break
                     untried = [best * 3 if best == max(tried) else best / 3]
                 lrs = dict(default_lrs, **{method: untried[0]})
-                results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lrs[method]:.2g}", lrs, [method],
+                # a chained arm's RLVR starts from its own first stage (at its default rate), trained on this seed
+                arms = [method.split("_")[0], method] if method in CHAINED else [method]
+                results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lrs[method]:.2g}", lrs, arms,
                                       "rlvr_val.jsonl")
                 tried[lrs[method]] = (results[method][k], results[method]["accuracy"])
                 rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"],
