@@ -158,73 +158,10 @@ def best_times(fns, prompts):
     return best
 
 
-class StopHazard(torch.nn.Module):
-    """The output layer with the stop token's probability set to exactly p at every position: rows then stop after
-    geometric numbers of tokens, whatever the weights (random ones included)."""
-
-    def __init__(self, head, stop_id, p):
-        super().__init__()
-        self.head, self.weight, self.stop_id = head, head.weight, stop_id
-        self.log_odds = torch.log(torch.tensor(p / (1 - p)))
-
-    def forward(self, x):
-        logits = self.head(x)
-        others = torch.cat([logits[..., :self.stop_id], logits[..., self.stop_id + 1:]], dim=-1)
-        stop = (others.float().logsumexp(-1) + self.log_odds).to(logits.dtype)
-        return torch.cat([logits[..., :self.stop_id], stop[..., None], logits[..., self.stop_id + 1:]], dim=-1)
-
-
 def long_tail(rows, slots):
-    import engine
-    p = 1 - 0.5 ** (1 / (args.stop_half * args.new_tokens))  # P(a row stops within stop_half x the limit) = 1/2
-    stop_id = ours.config.vocab_size - 1
-    ours.lm_head = StopHazard(ours.lm_head, stop_id, p)
+    from long_tail import long_tail_table
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(rows)]
-    seeds = list(range(rows))
-    sample = dict(temperature=1.0, stop_token_ids=[stop_id])
-
-    def static(every_column):
-        bucket, work = engine.COLUMN_BUCKET, {"row_steps": 0}
-        engine.COLUMN_BUCKET = 10 ** 9 if every_column else bucket  # before: the step attended over every column
-        try:
-            outputs = []
-            for start in range(0, rows, slots):
-                stats = {}
-                part = slice(start, start + slots)
-                outputs += M.generate(ours, prompts[part], args.new_tokens, seed=seeds[part], max_rows=slots,
-                                      stats=stats, **sample)
-                work["row_steps"] += stats["row_steps"]
-        finally:
-            engine.COLUMN_BUCKET = bucket
-        return outputs, work
-
-    def continuous():
-        stats = {}
-        return M.generate(ours, prompts, args.new_tokens, seed=seeds, max_rows=slots, stats=stats, **sample), stats
-
-    ways = {"static, every column (the sampler before)": lambda: static(True),
-            "static, written columns only": lambda: static(False), "continuous batching": continuous}
-    M.generate(ours, prompts[:2], 8, seed=0, **sample)  # warm-up
-    results = {}
-    for _ in range(args.repeats):  # interleaved, the best of each kept
-        for name, fn in ways.items():
-            sync(); t = time.perf_counter(); outputs, work = fn(); sync()
-            seconds = time.perf_counter() - t
-            if name not in results or seconds < results[name][0]:
-                results[name] = (seconds, outputs, work)
-    lengths = [len(o) for o in results["continuous batching"][1]]
-    assert all(results[name][1] == results["continuous batching"][1] for name in ways), "the tokens differ"
-    print(f"{rows} rows through {slots} slots, at most {args.new_tokens} new tokens, p = {p:.4f} a step: lengths "
-          f"mean {sum(lengths) / rows:.0f}, {sum(n <= args.stop_half * args.new_tokens for n in lengths) / rows:.0%} "
-          f"within {args.stop_half:.0%} of the limit, {sum(n == args.new_tokens for n in lengths) / rows:.0%} at it; "
-          "every way gives the same tokens")
-    print("| way | useful tok/s | rows computed per useful token | ratio to the sampler before |")
-    print("| --- | --- | --- | --- |")
-    tokens = sum(lengths)
-    base = tokens / results[next(iter(ways))][0]
-    for name, (seconds, _, work) in results.items():
-        print(f"| {name} | {tokens / seconds:.0f} | {work['row_steps'] / tokens:.2f} | "
-              f"{tokens / seconds / base:.2f}x |")
+    print(long_tail_table(ours, prompts, slots, args.new_tokens, args.stop_half, args.repeats, sync))
 
 
 if args.long_tail:

@@ -12,7 +12,8 @@ published shape (written below), which costs the same time and memory as the tra
   3. model.generate against transformers' generate, bf16, batch 64, 512 new tokens at temperature 1: tokens/s,
      the ratio, and the share of the weight-read roofline (batch x bandwidth / weight bytes: each decode step
      reads every weight once) with the bandwidth measured here, in the same run; with the decode step replayed
-     from a CUDA graph (the default) and without, and whether the two give the same tokens;
+     from a CUDA graph (the default) and without, and whether the two give the same tokens; then continuous
+     batching against static batching on a long-tailed workload (512 rows through 64 slots, 1,024 new tokens);
   4. one SRL step at qwen-1.5b's defaults (16 prompts x G 8, 1,024 new tokens, 512-token prompts, every group kept,
      every completion full length: the worst case): time of sampling, update and sampler refresh, and the peak
      memory of each phase against memory.estimate_memory;
@@ -61,10 +62,12 @@ SMOKE_SHAPE = dict(QWEN_1_5B, vocab_size=300, hidden_size=64, intermediate_size=
 # sizes of each check: the real ones, and --smoke's
 FULL = dict(shape=QWEN_1_5B, logits_tokens=256, sampler_batch=64, sampler_new=512, sampler_prompt=128,
             srl_prompts=16, srl_group=8, srl_new=1024, srl_prompt=512, sft_examples=16, sft_length=4096,
+            tail_rows=512, tail_slots=64, tail_new=1024,
             cli_shape=QWEN_0_5B, cli=["--batch-prompts", "4", "--group-size", "4", "--max-new-tokens", "64",
                                       "--val-limit", "4"], lora7b_shape=QWEN_7B)
 SMOKE = dict(shape=SMOKE_SHAPE, logits_tokens=16, sampler_batch=4, sampler_new=8, sampler_prompt=8,
              srl_prompts=2, srl_group=2, srl_new=8, srl_prompt=16, sft_examples=2, sft_length=64,
+             tail_rows=8, tail_slots=2, tail_new=16,
              cli_shape=SMOKE_SHAPE, cli=["--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "8",
                                          "--val-limit", "2"], lora7b_shape=SMOKE_SHAPE)
 ROWS = []  # (check, result, target, verdict)
@@ -234,6 +237,18 @@ def srl_arguments(device, **flags):
     return args
 
 
+def bf16_peak(device):
+    """The card's dense bf16 matmul peak, flop/s: the datasheet's for the H100 and H200 (989 TFLOP/s), else the best
+    of a few 8192 x 8192 products measured here (on CPU: fp32, the smoke run)."""
+    if device.type == "cuda" and any(name in torch.cuda.get_device_name(device) for name in ("H100", "H200")):
+        return 989e12
+    n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = min(timed(device, lambda: a @ b)[1] for _ in range(3))
+    return 2 * n ** 3 / best
+
+
 def check_srl_step(size, device):
     shape, prompts_n, group = size["shape"], size["srl_prompts"], size["srl_group"]
     args = srl_arguments(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=size["srl_new"])
@@ -259,9 +274,15 @@ def check_srl_step(size, device):
                                       size["srl_prompt"] + args.max_new_tokens)
     expected_update = memory.held_plus(estimate, "update") / memory.GB
     expected_sample = memory.held_plus(estimate, "sampling") / memory.GB
+    step = t_sample + t_update + t_refresh
+    # the update's share of the card's bf16 peak: 6 flops a parameter a packed position (a group's prompt once)
+    positions = sum(len(g[0].prompt) + sum(len(r.completion) for r in g) for g in groups)
+    mfu = 6 * memory.parameter_count(model.config) * positions / t_update / bf16_peak(device)
     report(f"SRL step, {prompts_n} prompts x G {group}, {args.max_new_tokens} new tokens",
-           f"{t_sample + t_update + t_refresh:.1f} s: sampling {t_sample:.1f}, update {t_update:.1f} "
-           f"({num_tokens} completion tokens, loss {stats['loss']:.3g}), refresh {t_refresh:.2f}")
+           f"{step:.1f} s ({18.6 / step:.2f}x the 18.6 s of 2026-11-27): sampling {t_sample:.1f}, update "
+           f"{t_update:.1f} ({positions} packed positions: {mfu:.0%} of the bf16 peak, 13% on 2026-11-27; "
+           f"{num_tokens} completion tokens, loss {stats['loss']:.3g}), refresh {t_refresh:.2f}",
+           "step <= 9 s, update >= 30% of the peak", None if device.type != "cuda" else step <= 9 and mfu >= 0.3)
     ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / memory.GB
     report("SRL step peak memory" + (" (not measured off CUDA)" if device.type != "cuda" else ""),
            f"sampling {peak_sample:.1f} GB (estimate {expected_sample:.1f}), update "
@@ -295,6 +316,26 @@ def check_7b():
     eight = memory.estimate_memory(cfg, "bf16", 8192, True, 16 * 8, 2048, shards=8)["peak"] / memory.GB
     report("Qwen2.5-7B SRL memory (estimate)", f"one card {one:.0f} GB: needs several GPUs; with --fsdp on 8: "
            f"{eight:.0f} GB per GPU", "per GPU <= 68 GB (85% of 80)", eight <= 68)
+
+
+def check_continuous(size, device):
+    """Continuous batching on the long-tailed workload (bench/long_tail.py): 512 rows of 128-token prompts through
+    64 slots, up to 1,024 new tokens, half the rows stopping within a quarter of that; static batching as the
+    sampler did before, then continuous batching, the same tokens."""
+    from long_tail import long_tail_runs
+    model = random_decoder(size["shape"], device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows, slots, new = size["tail_rows"], size["tail_slots"], size["tail_new"]
+    prompts = random_prompts(rows, size["sampler_prompt"], size["shape"]["vocab_size"])
+    results, _ = long_tail_runs(model, prompts, slots, new, sync=lambda: sync(device), middle=False)
+    (before, outputs, work_before), (after, same, work_after) = (results[k] for k in (
+        "static, every column (the sampler before)", "continuous batching"))
+    tokens = sum(map(len, outputs))
+    report(f"sampler, long-tailed: {rows} rows through {slots} slots, up to {new} new tokens",
+           f"continuous {tokens / after:.0f} tok/s, static (the sampler before) {tokens / before:.0f}: "
+           f"{before / after:.2f}x; rows computed per useful token {work_after / tokens:.2f} against "
+           f"{work_before / tokens:.2f}; {'the same' if same == outputs else 'DIFFERENT'} tokens",
+           ">= 2x the static sampler, the same tokens",
+           None if device.type != "cuda" else before / after >= 2 and same == outputs)
 
 
 def check_masked_backward(size, device):
@@ -424,7 +465,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, seconds: checks that the script runs")
     parser.add_argument("--budget-s", type=float, default=450, help="skip the checks still to come after this time")
     parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (a rerun of those that "
-                        "failed): logits sampler srl sft 7b cli masked lora lora7b")
+                        "failed): logits sampler continuous srl sft 7b cli masked lora lora7b")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device; --smoke runs it on CPU with a tiny shape")
@@ -436,6 +477,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         checks = [("logits", lambda: check_kernels(check_logits(size, device), size, device)),
                   ("sampler", lambda: check_sampler(size, device)),
+                  ("continuous", lambda: check_continuous(size, device)),
                   ("srl", lambda: check_srl_step(size, device)),
                   ("sft", lambda: check_sft_step(size, device)),
                   ("7b", check_7b),

@@ -16,11 +16,12 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
     checks = [row.split(" | ")[0].removeprefix("| ") for row in table]
-    assert len(checks) == 18 and not any("error:" in row or "FAIL" in row for row in table), "\n".join(table)
-    assert checks[0].startswith("logits fp32") and checks[12].startswith("srl.py command line")
-    assert "steps logged [1, 2, 3]" in table[12]
-    assert checks[13].startswith("masked training backward") and "ours finite True" in table[13]
-    assert checks[14].startswith("SRL step, LoRA 32") and checks[16].startswith("SRL step, LoRA 32")
+    assert len(checks) == 19 and not any("error:" in row or "FAIL" in row for row in table), "\n".join(table)
+    assert checks[0].startswith("logits fp32") and checks[13].startswith("srl.py command line")
+    assert checks[8].startswith("sampler, long-tailed") and "the same tokens" in table[8]
+    assert "steps logged [1, 2, 3]" in table[13]
+    assert checks[14].startswith("masked training backward") and "ours finite True" in table[14]
+    assert checks[15].startswith("SRL step, LoRA 32") and checks[17].startswith("SRL step, LoRA 32")
 
 
 def test_gpu_check_only_runs_the_checks_named(tmp_path):
