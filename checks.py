@@ -196,3 +196,12 @@ def check_checkpoint(folder):
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         refuse(f"{folder}: no tokenizer (tokenizer.json, tokenizer_config.json)")
     return cfg
+
+
+def check_report_to(args):
+    """--report-to tensorboard needs the tensorboard package: refused in one line, before anything loads, if absent."""
+    if getattr(args, "report_to", None) == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
+        except ImportError:
+            refuse("--report-to tensorboard needs the tensorboard package: pip install tensorboard")

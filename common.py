@@ -7,33 +7,27 @@ the paper's ideas: the setup every stage starts with, the run folder with its ch
        reference, placed for the precision and for FSDP. For srl.py and rlvr.py also check_rl_arguments (flags and
        data), start_rl_run (torchrun, the seed, the memory plan), drop_long_prompts and validation_sample.
     2. The run folder, checkpoints and --resume. One rule says what --resume restores: every flag of the
-       interrupted run except RUNTIME_FLAGS. start_run restores the optimizer and the random generators and opens
-       metrics.jsonl (Metrics); save_checkpoint writes last/ or best/.
+       interrupted run except RUNTIME_FLAGS. check_run_folder puts back a checkpoint a stop left mid-save and reads
+       the training state; save_checkpoint writes last/ or best/.
     3. Several processes (torchrun): init_distributed, gather, on_rank_zero, sum_across, sum_gradients, shard,
        copy_weights. Without torchrun's variables each is the single-process identity.
 
-Below it: checks.py (refusing bad input), memory.py (the memory estimate and the plan), model.py, engine.py; the
-stages above it: sft.py, grpo.py with srl.py and rlvr.py.
+Below it: checks.py (refusing bad input), memory.py (the memory estimate and the plan), model.py, engine.py. Above
+it: run.py (the logs, stopping and the GRPO loop's Run), then sft.py, grpo.py with srl.py and rlvr.py.
 """
 import copy
-import json
 import math
 import os
 import random
-import shutil
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from checks import check_device, check_flags, check_folder, first_line, print0, read_config, read_jsonl, refuse
-from data_prep import write_json, write_jsonl
+from checks import (check_device, check_flags, check_folder, check_report_to, first_line, print0, read_config,
+                    read_jsonl, refuse)
 from memory import GB, PUBLISHED_SHAPES, gpu_memory, is_small_model, parameter_count, plan_memory
-from model import (ALIASES, ModelConfig, decode_text, encode_chat, load_adapter, load_model, recover_checkpoint,
-                   save_model)
+from model import ALIASES, ModelConfig, encode_chat, load_adapter, load_model, recover_checkpoint, save_model
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. The setup: everything a training stage does before its first step
@@ -170,9 +164,9 @@ def card_memory(args):
 def start_rl_run(args, cfg, num_examples):
     """What the GRPO loop does once its input is checked and before any weight loads: torchrun's process group
     (init_distributed), the seed, the run in one line, then the memory plan of a step (memory.plan_memory: the
-    settings that fit the card, or the flag to change). Under --plan-only the program ends here. Returns (rank,
-    world size, the plan)."""
-    rank, world, args.device = init_distributed(args.device)
+    settings that fit the card, or the flag to change). Under --plan-only the program ends here. Returns the
+    plan."""
+    _, world, args.device = init_distributed(args.device)
     torch.manual_seed(args.seed)
     size = "small" if is_small_model(cfg) else "large"
     steps = planned_steps(args, num_examples) if num_examples else "(by the data's length)"
@@ -188,7 +182,7 @@ def start_rl_run(args, cfg, num_examples):
     if args.plan_only:
         end_distributed()
         raise SystemExit(0)
-    return rank, world, plan
+    return plan
 
 
 def drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples):
@@ -223,22 +217,6 @@ def validation_sample(examples, limit, seed):
         rng.shuffle(group)
     rounds = [[group[k] for group in groups if k < len(group)] for k in range(max(map(len, groups), default=0))]
     return [example for round_ in rounds for example in round_][:limit]
-
-
-def expected(example):
-    """What a completion is scored against: the expert step (SRL), else the gold answer (RLVR)."""
-    return example.get("target_step", example.get("answer"))
-
-
-def rollout_samples(tokenizer, group, rollouts):
-    """A training group's best and worst rollouts, as samples.jsonl shows them."""
-    by_reward = sorted(zip(group.rewards.tolist(), group.completions), key=lambda pair: pair[0])
-    advantage = {tuple(r.completion): r.advantage for r in rollouts}
-    example = group.example or {}
-    return [dict(kind="rollout", id=example.get("id"), prompt=decode_text(tokenizer, group.prompt),
-                 completion=decode_text(tokenizer, completion), expected=expected(example), reward=reward,
-                 advantage=advantage.get(tuple(completion))) for reward, completion in (by_reward[-1], by_reward[0])]
-
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -309,96 +287,6 @@ def load_training_state(path):
     return torch.load(file, weights_only=True) if file.exists() else None
 
 
-def start_run(out, model, optimizer, state, overwrite, plan=None, report_to=None):
-    """The moment a run starts to write, once its model has loaded. On --resume the optimizer (sharded again under
-    FSDP) and every random generator continue from the training state; under --overwrite the earlier run goes
-    (RUN_PIECES, nothing else in the folder). The memory plan goes to plan.json. Returns the run's RunLog, its
-    metrics.jsonl and samples.jsonl emptied for a new run and on --resume cut back to the checkpoint's step (the
-    steps after it are redone)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    if state is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    out = Path(out)
-    if get_rank() != 0:  # every process logs what rank 0 logs, and rank 0's alone is kept
-        return RunLog(None)
-    if overwrite:  # the earlier run goes only now, when the new one has loaded and is about to write
-        for path in [out / name for name in RUN_PIECES]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if plan is not None:
-        write_json(out / "plan.json", plan)
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        kept, torn = [], 0
-        if state is not None and (out / name).exists():
-            for line in (out / name).read_text(errors="replace").splitlines():
-                try:
-                    kept.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill or a full disk
-                    torn += bool(line.strip())
-            if torn:
-                print0(f"{out / name}: dropped {torn} torn line{'s' if torn > 1 else ''} (a write cut short)")
-            kept = [record for record in kept if isinstance(record, dict) and record.get("step", 0) <= state["step"]]
-        write_jsonl(out / name, kept)
-    return RunLog(out, report_to)
-
-
-class RunLog:
-    """What a run writes as it goes, rank 0 alone: metrics.jsonl, a line per step with the number of processes;
-    samples.jsonl, the texts a person reads (validation outputs, training rollouts with their rewards); with
-    --report-to tensorboard, the same numbers and texts for TensorBoard in <out>/tensorboard. Each line is written
-    whole and flushed at once; the JSONL files are the record, TensorBoard a view of them."""
-
-    def __init__(self, out, report_to=None):
-        self.files, self.board = {}, None
-        if out is not None:
-            self.files = {name: open(Path(out) / f"{name}.jsonl", "a", encoding="utf-8") for name in ("metrics",
-                                                                                                      "samples")}
-            if report_to == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                self.board = SummaryWriter(str(Path(out) / "tensorboard"))
-
-    def metrics(self, record):
-        self.write("metrics", [dict(record, world_size=get_world_size())])
-        if self.board:
-            for name, value in record.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.board.add_scalar(name, value, record["step"])
-
-    def samples(self, step, records):
-        self.write("samples", [dict(record, step=step) for record in records])
-        if self.board:
-            text = "\n\n".join(f"**{r['kind']}** {r.get('id', '')} reward {r.get('reward', '')}: "
-                                 f"{r['completion'][:2000]}" for r in records)
-            self.board.add_text("samples", text, step)
-
-    def write(self, name, records):
-        if name in self.files:
-            self.files[name].writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-            self.files[name].flush()
-
-    def close(self):
-        for file in self.files.values():
-            file.close()
-        if self.board:
-            self.board.close()
-
-
-def check_report_to(args):
-    """--report-to tensorboard needs the tensorboard package: refused in one line, before anything loads, if absent."""
-    if getattr(args, "report_to", None) == "tensorboard":
-        try:
-            import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
-        except ImportError:
-            refuse("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
-
-
 def save_checkpoint(model, tokenizer, folder, optimizer=None, args=None, **progress):
     """A Hugging Face folder; with an optimizer, plus training_state.pt holding all that --resume needs to continue
     exactly: the optimizer, every RNG state, the run's plan (its resolved flags but RUNTIME_FLAGS) and the loop's
@@ -422,53 +310,6 @@ def save_checkpoint(model, tokenizer, folder, optimizer=None, args=None, **progr
         except OSError as e:  # a full disk, a quota: save_model left the previous checkpoint as it was
             refuse(f"could not write {folder} ({e.strerror or first_line(e)}); the previous checkpoint there is "
                    f"intact: free some space, then --resume continues from it")
-
-
-class Stop:
-    """What ends a training run before its last step, other than a kill. SIGTERM (how SLURM and Kubernetes preempt a
-    job) and SIGINT (Ctrl-C) ask the run to stop at its next safe point instead of dying: the loop asks requested()
-    between its phases, writes last/ and calls preempted(), which exits with 128 + the signal's number. A second
-    signal ends the program at once. Under torchrun every process learns of a signal any of them received, so all
-    stop at the same step. And after max_skipped updates in a row skipped for a non-finite loss or gradient,
-    diverged() stops the run: it would otherwise train nothing, silently, for as long as it is left running."""
-
-    def __init__(self, max_skipped):
-        self.signum, self.max_skipped, self.skipped_in_a_row = 0, max_skipped, 0
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
-            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        if self.signum:  # the second signal: at once, as without this handler
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-        print0(f"\n{signal.Signals(signum).name}: stopping after the step in progress (a second one stops at once)",
-               flush=True)
-
-    def requested(self):
-        return sum_across([float(self.signum)])[0] > 0
-
-    def preempted(self, step):
-        self.release()
-        print0(f"stopped at step {step}: --resume continues", flush=True)
-        raise SystemExit(128 + (self.signum or signal.SIGTERM))
-
-    def count(self, skipped, step):
-        """After a step: stop the run if its updates were skipped max_skipped times in a row."""
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
-        if self.max_skipped and self.skipped_in_a_row >= self.max_skipped:
-            self.release()
-            print0(f"stopped at step {step}: the last {self.skipped_in_a_row} steps were all skipped for a non-finite "
-                   "loss or gradient. Likely causes: a learning rate too high (--lr); the attention kernel (run "
-                   "bench/gpu_check.py); bf16 overflow (try --precision fp32). --max-skipped-steps 0 never stops",
-                   file=sys.stderr, flush=True)
-            raise SystemExit(1)
-
-    def release(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -59,14 +59,14 @@ import torch
 from tqdm import tqdm
 
 from checks import check_fields, check_flags, print0, read_jsonl, refuse
-from common import (RunLog, Stop, card_memory, clip_gradients, end_distributed, get_rank, get_world_size,
-                    init_distributed, load_for_training, prepare_run, save_checkpoint, start_run, sum_across,
-                    sum_gradients)
+from common import (card_memory, clip_gradients, end_distributed, get_rank, get_world_size, init_distributed,
+                    load_for_training, prepare_run, save_checkpoint, sum_across, sum_gradients)
 from data_prep import write_json
 from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
 from evaluate import math_messages
 from memory import plan_memory
 from model import autocast, build_tiny, decode_text, default_stop_token_ids, encode_chat
+from run import RunLog, Stop, start_run
 from srl import parse_action, srl_fields, srl_messages, srl_reward
 
 SMALL_MODEL_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)  # tiny (memory.is_small_model)

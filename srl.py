@@ -64,20 +64,18 @@ Departures from the paper and choices it leaves open:
     adapters off. Checkpoints hold the merged weights, and the adapters alone in PEFT's format (adapter/).
 """
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from common import (Stop, check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, expected,
-                    load_for_training, on_rank_zero, planned_steps, prepare_run, print0, rollout_samples,
-                    save_checkpoint, start_rl_run, start_run, validation_sample)
+from common import (check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, load_for_training,
+                    on_rank_zero, planned_steps, prepare_run, start_rl_run, validation_sample)
 from engine import sample_groups
 from grpo import (FORMAT_FAILURE, LOSS_AGGREGATIONS, Group, PromptStream, Rollout, collect_groups,  # noqa: F401
                   group_advantages, grpo_loss, keep_group, rollouts_of,
                   update_policy)  # re-exported: `from srl import grpo_loss` is the public name
 from model import decode_text, encode_chat
+from run import Run, expected
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -334,92 +332,34 @@ def train(args, build_prompt, reward_fn, fields=None):
     # then torchrun, the memory plan, the model (on --resume: where the run stopped)
     state, config = prepare_run(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, LARGE_MODEL_DEFAULTS)
     examples, val_examples = check_rl_arguments(args, fields)
-    rank, world, plan = start_rl_run(args, config, len(examples))
+    plan = start_rl_run(args, config, len(examples))
     model, tokenizer, policy, reference = load_for_training(args, state, sampling=True)
     examples, val_examples = drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples)
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
-    step = 0  # optimiser steps done
-    best = -float("inf")  # best validation score so far
-    skipped = 0  # updates skipped for a non-finite loss or gradient, in all
-    any_kept = state is not None  # has any step kept a group? (if not, say why at the end)
-    if state is not None:
-        stream.position, step, best, skipped = state["position"], state["step"], state["best"], state["skipped"]
-    state_step = step
-    run_log = start_run(args.out, model, optimizer, state, args.overwrite, plan, args.report_to)
+    # the run's plumbing (common.Run): --resume's state, the logs, the checkpoints, the clock, stopping
+    run = Run(args, model, tokenizer, optimizer, state, plan, stream, total_steps, validating=bool(val_examples))
     stop_ids = set(policy.stop_token_ids)
-    out = Path(args.out)
-    stop = Stop(args.max_skipped_steps)  # SIGTERM / Ctrl-C, and a run whose updates are all skipped
-
-    def save_last(done):  # the checkpoint that --resume continues from
-        save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=done, position=stream.position,
-                        best=best, skipped=skipped)
-
-    if step >= total_steps:
-        print0(f"nothing left to do: {out} finished its {total_steps} steps (its model: {out / 'best'})")
-    done, saved = step, step  # steps finished, and the step last/ holds
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, desc=out.name, disable=rank != 0)
-    for step in bar:
+    for _ in run.steps():
         # 1. rollouts and rewards, with dynamic sampling: groups whose rewards do not vary are dropped
-        started, position = time.time(), stream.position
         kept_groups, log = collect_groups(args, policy, tokenizer, examples, stream, build_prompt, reward_fn)
-        any_kept = any_kept or bool(kept_groups)
-        sample_seconds = time.time() - started
-        if stop.requested():  # stopped before the update: this step is dropped, as if it had never begun
-            stream.position = position
+        if run.stopped_before_update():  # a signal (SIGTERM, Ctrl-C): the step is dropped, the run stops
             break
         # 2. advantages within each group; every completion becomes one Rollout of the update
         rollouts, truncated = rollouts_of(kept_groups, not args.no_std_scale, args.mask_truncated, stop_ids)
         # 3. the clipped GRPO update; then the sampling copy, if there is one, takes the new weights
         stats = update_policy(model, optimizer, rollouts, args, reference) if kept_groups else {}
-        step_skipped = stats.pop("skipped", 0)  # updates skipped for a non-finite loss or gradient
-        skipped += step_skipped
         if policy is not model and kept_groups:
             copy_weights(policy, model)
-        log.update(stats, step=step + 1, kept_groups=len(kept_groups), skipped_steps=skipped,
-                   sample_s=round(sample_seconds, 2), train_s=round(time.time() - started - sample_seconds, 2),
-                   tokens_per_s=round(log["sampled_tokens"] / max(sample_seconds, 1e-9), 1),
-                   **({"masked_truncated": truncated} if args.mask_truncated else {}))
-        if args.log_samples and (step + 1) % args.log_samples == 0 and kept_groups:
-            run_log.samples(step + 1, rollout_samples(tokenizer, kept_groups[0], rollouts[0]))
         # 4. validation: the paper keeps the checkpoint that scores best on held-out steps. Under torchrun rank 0
         # validates and every process learns the result, since saving gathers FSDP's shards from all of them
-        last_step = step + 1 == total_steps
-        if val_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or last_step):
-            scores, samples = on_rank_zero(validate, args, policy, tokenizer, val_examples, build_prompt, reward_fn)
-            log.update(scores)
-            run_log.samples(step + 1, samples)
-            if log["val_score"] > best:
-                best = log["val_score"]
-                save_checkpoint(model, tokenizer, out / "best")
-        elif last_step and not val_examples:
-            save_checkpoint(model, tokenizer, out / "best")  # nothing to select on: the final model is the best
-        # 5. the log line and the checkpoint that --resume continues from
-        run_log.metrics(log)
-        bar.set_postfix(reward=f"{log['reward_mean']:.3f}", kept=f"{log['kept_group_rate']:.2f}")
-        done = step + 1
-        if done % args.save_every == 0 or last_step:
-            save_last(done)
-            saved = done
-        stop.count(step_skipped == args.updates_per_batch, done)
-        if stop.requested():
+        if run.validation_due():
+            run.keep_if_best(*on_rank_zero(validate, args, policy, tokenizer, val_examples, build_prompt, reward_fn))
+        # 5. the log line, the samples to read, and the checkpoint that --resume continues from
+        if run.end_step(log, stats, kept_groups, rollouts, truncated):
             break
-    run_log.close()
-    if done < total_steps:  # stopped by a signal: last/ holds every finished step
-        if saved != done:
-            save_last(done)
-        stop.preempted(done)
-    stop.release()
-    if not any_kept:
-        print0(f"no group was kept: every rollout of a prompt scored the same (last mean reward "
-               f"{log['reward_mean']:.2f}, format failure rate {log['format_failure_rate']:.0%}). Start from a "
-               f"model that sometimes earns the reward (for SRL on a small model: python sft.py, then --model "
-               f"runs/sft), or lower --std-threshold.")
-    elif saved == total_steps and done > state_step:
-        score = f", best validation score {best:.3f}" if val_examples else ""
-        print0(f"done: {total_steps} steps{score}; the model: {out / 'best'} (last step: {out / 'last'}); next: "
-               f"python evaluate.py --model {out / 'best'}")
+    run.finish()
     end_distributed()
     return model
 
