@@ -327,7 +327,7 @@ def main(argv=None):
     arms = args.arms or ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr"] + (["srl_no_ds", "srl_one_step"]
                                                                           if args.ablations else [])
     for arm, first in (("sft_rlvr", "sft"), ("srl_rlvr", "srl")):
-        if arm in arms and first not in arms:
+        if arm in arms and first not in arms and not args.tune:  # (--tune trains a chained arm's first stage)
             raise SystemExit(f"quickstart.py: error: --arms {arm} starts from {first}: add {first}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
