@@ -16,7 +16,8 @@ completion_logprobs, so `from model import generate` works.
             there (phases 1 and 2 again): continuous batching, so no step is spent on rows that are done.
        Every row draws its random numbers from its own generator, seeded by (its prompt's seed, its sample index):
        a row's tokens depend on its prompt and seed alone, not on the rows around it, the number of slots or the
-       process that samples it.
+       process that samples it. (In exact arithmetic: in floating point another batch can move a row's logits in
+       their last bits, which changes a token drawn at a near tie, rarely: the tests' small models never do.)
     2. Log-probabilities for training. `completion_logprobs_reference` is the plain version (one row per sample):
        read it first. `completion_logprobs` computes the same numbers with the samples of one prompt packed into one
        sequence (the prompt once), and `token_budget_batches` cuts a batch into micro-batches of N positions.
@@ -41,11 +42,19 @@ class KVCache:
     """Keys and values of every layer, [layers, B, kv_heads, capacity, head_dim], allocated once."""
 
     def __init__(self, cfg, batch, capacity, device, dtype):
+        if cfg is None:  # (a view, see view())
+            return
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         # zeros, not empty: a decode step attends over unwritten columns too, masked, and a weight of 0 times a
         # NaN left in memory would still be NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def view(self, batch):
+        """The first `batch` rows of the cache, sharing its memory."""
+        rows = KVCache(None, 0, 0, None, None)
+        rows.k, rows.v = self.k[:, :batch], self.v[:, :batch]
+        return rows
 
 
 def sample_next_token(logits, temperature, top_k, top_p, uniform, with_logprob=False):
@@ -110,6 +119,7 @@ def captured_in_cuda_graph(fn, pool=None):
 
 
 COLUMN_BUCKET = 256  # a decode step attends over the cache's first L columns, L a multiple of this
+COMPACT_TAIL = True  # once no row waits, the live rows move to the first slots; False (benchmarks): static batching
 
 
 @torch.no_grad()
@@ -123,8 +133,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
     Continuous batching: at most max_rows rows (default: all of them) are sampled at once, each in a slot of the KV
     cache; whenever a row stops, the next waiting row takes its slot, so no step is spent on rows that are done.
-    A row draws from its own random numbers, so its tokens do not depend on max_rows, which sets only the memory
-    (max_rows x (longest prompt + max_new_tokens) cache positions) and the speed. cuda_graph (default: on CUDA)
+    A row draws from its own random numbers, so its tokens do not depend on max_rows (but for floating-point near
+    ties; see the docstring above), which sets only the memory (max_rows x (longest prompt + max_new_tokens) cache
+    positions) and the speed. cuda_graph (default: on CUDA)
     replays each decode step from a CUDA graph, one for each width of the columns attended over: the same kernels
     on the same inputs, so the same tokens, in one launch instead of one per kernel (a 1.5B model's step is ~1,100
     kernels, too short each for the CPU to launch them as fast as the GPU runs them). stats: a dict that receives
@@ -157,10 +168,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)  # each row's tokens
     out_logp = torch.zeros(rows, max_new_tokens, device=device) if return_logprobs else None
     count = torch.zeros(rows, dtype=torch.long, device=device)  # how many each row has
-    row_of = torch.full((slots,), -1, dtype=torch.long, device=device)  # the row in each slot; -1: a free slot
+    row_of = torch.full((slots,), -1, dtype=torch.long, device=device)  # the row in each slot; -1: none
     token_in = torch.zeros(slots, 1, dtype=torch.long, device=device)  # what the decode step reads, in place:
     position_in = torch.zeros(slots, 1, dtype=torch.long, device=device)  # its token, and its position = column
-    free = list(range(slots))
     waiting = list(range(rows))[::-1]  # popped from the end: rows in order
     prefilled = {}  # prompt -> (keys, values, last logits), shared by its rows until the last one starts
     bar = tqdm(total=rows, desc=progress if isinstance(progress, str) else "generate", unit="completion",
@@ -178,18 +188,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         count[rows_now] += 1
         return token, torch.isin(token, stop) | (count[rows_now] == max_new_tokens)
 
-    def release(stopped_slots):
-        for s in stopped_slots.tolist():
-            row_of[s] = -1
-            free.append(s)
-        bar.update(len(stopped_slots))
-
-    def start(new_rows):
+    def start(new_rows, new_slots):
         """1) Prefill each distinct prompt of rows about to start, once (right-padded and causal: a real token never
         sees the padding after it); 2) copy a prompt's keys and values into the slot of each of its rows, whose first
         token comes from the prefill's last logits. Returns the slots whose row stopped at once."""
         todo = sorted({r // num_samples for r in new_rows} - prefilled.keys())
-        if todo:
+        if todo:  # and the prompts of the next waiting rows (a quarter of the slots): fewer, larger prefills
+            todo = sorted(set(todo) | {r // num_samples for r in waiting[-(slots // 4):]} - prefilled.keys())
             ids = torch.zeros(len(todo), max(len(prompts[p]) for p in todo), dtype=torch.long, device=device)
             for i, p in enumerate(todo):
                 ids[i, :len(prompts[p])] = torch.tensor(prompts[p], device=device)
@@ -198,7 +203,6 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             logits = model.lm_head(model.hidden_states(ids, cache=fresh)[torch.arange(len(todo)), last])
             for i, p in enumerate(todo):
                 prefilled[p] = (fresh.k[:, i, :, :len(prompts[p])], fresh.v[:, i, :, :len(prompts[p])], logits[i])
-        new_slots = [free.pop() for _ in new_rows]
         for r, s in zip(new_rows, new_slots):
             keys, values, _ = prefilled[r // num_samples]
             cache.k[:, s, :, :keys.shape[2]], cache.v[:, s, :, :keys.shape[2]] = keys, values
@@ -211,37 +215,67 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         position_in[slots_now, 0] = torch.tensor([len(prompts[r // num_samples]) for r in new_rows], device=device)
         token, done = sample(first_logits, rows_now)
         token_in[slots_now, 0] = token
-        return slots_now[done]
+        return slots_now[done].tolist()
 
-    def decode_step(width):
+    def refill(holes, live):
+        """4) The slots of rows that stopped (holes, among the first `live`) take waiting rows; once none wait, the
+        last live rows move into them, so that the live rows always fill slots 0 .. live-1 and a step computes no
+        slot beyond them. Returns the new number of live slots."""
+        while holes or (waiting and live < slots):
+            if not waiting and not COMPACT_TAIL:  # (as a static batch: the stopped rows' slots stay in the step)
+                row_of[torch.tensor(holes, device=device)] = -1
+                return live if bool((row_of[:live] >= 0).any()) else 0
+            if not waiting:  # compact: the last live row moves into the first hole
+                holes.sort()
+                if holes[-1] == live - 1:
+                    row_of[holes.pop()] = -1
+                else:
+                    hole = holes.pop(0)
+                    cache.k[:, hole], cache.v[:, hole] = cache.k[:, live - 1], cache.v[:, live - 1]
+                    for state in (token_in, position_in, row_of):
+                        state[hole] = state[live - 1]
+                    row_of[live - 1] = -1
+                live -= 1
+                continue
+            targets = (sorted(holes) + list(range(live, slots)))[:len(waiting)]
+            holes = sorted(set(holes) - set(targets))
+            live = max(live, max(targets) + 1)
+            stopped = start([waiting.pop() for _ in targets], targets)  # a row that stops at once: a hole again
+            bar.update(len(stopped))
+            holes += stopped
+        return live
+
+    def decode_step(width, batch):
         # an additive mask in the model's dtype, made once per step: SDPA would convert a boolean one in every layer
-        visible = torch.arange(width, device=device) <= position_in
+        visible = torch.arange(width, device=device) <= position_in[:batch]
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-        return model.decode_step(token_in, position_in, cache, position_in.view(-1), mask[:, None, None, :])
+        rows_cache = cache.view(batch)
+        return model.decode_step(token_in[:batch], position_in[:batch], rows_cache, position_in[:batch].view(-1),
+                                 mask[:, None, None, :])
 
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph  # on CUDA unless told otherwise
     graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
-    steps = 0  # decode steps
-    while True:
-        while waiting and free:  # rows start in free slots; one that stops at its first token frees it at once
-            release(start([waiting.pop() for _ in range(min(len(free), len(waiting)))]))
-        if len(free) == slots:
-            break
-        # 3) a decode step of every slot, attending over the columns the live rows have written (rounded up to a
-        # multiple of COLUMN_BUCKET), not the whole cache: a step then costs what the rows have written so far
-        live = (row_of >= 0).nonzero().view(-1)
-        width = min(capacity, -(-(int(position_in[live].max()) + 1) // COLUMN_BUCKET) * COLUMN_BUCKET)
-        if use_graph and width not in graphs:
-            graphs[width] = captured_in_cuda_graph(lambda width=width: decode_step(width), pool)
-        logits = graphs[width]() if use_graph else decode_step(width)
-        token, done = sample(logits[live], row_of[live])
-        token_in[live, 0] = token
-        position_in[live] += 1
-        release(live[done])  # 4) a row that stopped frees its slot for the next waiting row
-        steps += 1
+    steps = computed = 0  # decode steps, and the rows they computed
+    live = refill([], 0)
+    while live:
+        # 3) a decode step of the live slots (on CUDA, rounded up to a power of 2: one graph per size), attending
+        # over the columns they have written (rounded up to a multiple of COLUMN_BUCKET), not the whole cache
+        batch = min(slots, 1 << (live - 1).bit_length()) if use_graph else live
+        width = min(capacity, -(-(int(position_in[:live].max()) + 1) // COLUMN_BUCKET) * COLUMN_BUCKET)
+        if use_graph and (width, batch) not in graphs:
+            graphs[width, batch] = captured_in_cuda_graph(lambda w=width, b=batch: decode_step(w, b), pool)
+        logits = graphs[width, batch]() if use_graph else decode_step(width, batch)
+        alive = (row_of[:live] >= 0).nonzero().view(-1)  # (all of them, but without COMPACT_TAIL)
+        token, done = sample(logits[alive], row_of[alive])
+        token_in[alive, 0] = token
+        position_in[alive] += 1
+        steps, computed = steps + 1, computed + batch
+        stopped = alive[done].tolist()
+        bar.update(len(stopped))
+        live = refill(stopped, live)
     bar.close()
     if stats is not None:
-        stats.update(decode_steps=steps, row_steps=rows + steps * slots)
+        stats.update(decode_steps=steps, row_steps=rows + computed)
     model.train(was_training)
     lengths = count.tolist()
     tokens = [row[:n] for row, n in zip(out.tolist(), lengths)]

@@ -2,8 +2,8 @@
 The long-tailed workload of RL rollouts and avg@k evaluations, for bench/bench_generate.py and bench/gpu_check.py:
 rows whose lengths are geometric (each step a row stops with probability p, its stop token's probability set to
 exactly p whatever the weights), sampled three ways at the same slot count, timed in one run: static batching as the
-sampler did before continuous batching (a batch of as many rows as slots, running until its longest row stops,
-attending over every cache column), static with the columns cut to those written, and continuous batching.
+sampler did before continuous batching (a batch of as many rows as slots, every slot computed until its longest row
+stops, attending over every cache column), static with the columns cut to those written, and continuous batching.
 """
 import time
 
@@ -39,8 +39,9 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
     seeds, sample = list(range(len(prompts))), dict(temperature=1.0, stop_token_ids=[stop_id])
 
     def static(every_column):
+        # before: a batch ran every slot until its longest row stopped, and attended over every column
         bucket, outputs, work = engine.COLUMN_BUCKET, [], 0
-        engine.COLUMN_BUCKET = 10 ** 9 if every_column else bucket  # before: the step attended over every column
+        engine.COLUMN_BUCKET, engine.COMPACT_TAIL = (10 ** 9 if every_column else bucket), False
         try:
             for start in range(0, len(prompts), slots):
                 stats = {}
@@ -48,7 +49,7 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
                                       max_rows=slots, stats=stats, **sample)
                 work += stats["row_steps"]
         finally:
-            engine.COLUMN_BUCKET = bucket
+            engine.COLUMN_BUCKET, engine.COMPACT_TAIL = bucket, True
         return outputs, work
 
     def continuous():
@@ -78,18 +79,19 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
 
 
 def long_tail_table(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1, sync=lambda: None):
-    """The three ways as a markdown table, after a line on the lengths drawn; every way must give the same tokens."""
+    """The three ways as a markdown table, after a line on the lengths drawn and on the rows whose tokens are the
+    same every way (all of them in exact arithmetic; in floating point, another batch around a row can move its
+    logits in the last bits, and a token drawn at a near tie then differs)."""
     results, p = long_tail_runs(model, prompts, slots, new_tokens, stop_half, repeats, sync)
     outputs = results["continuous batching"][1]
-    if any(result[1] != outputs for result in results.values()):
-        raise AssertionError("the three ways gave different tokens")
+    same = sum(all(result[1][i] == row for result in results.values()) for i, row in enumerate(outputs))
     lengths, rows = [len(o) for o in outputs], len(prompts)
     tokens = sum(lengths)
     base = tokens / next(iter(results.values()))[0]
     lines = [f"{rows} rows through {slots} slots, at most {new_tokens} new tokens, p = {p:.4f} a step: lengths mean "
              f"{tokens / rows:.0f}, {sum(n <= stop_half * new_tokens for n in lengths) / rows:.0%} within "
-             f"{stop_half:.0%} of the limit, {sum(n == new_tokens for n in lengths) / rows:.0%} at it; every way "
-             "gives the same tokens", "",
+             f"{stop_half:.0%} of the limit, {sum(n == new_tokens for n in lengths) / rows:.0%} at it; {same} of "
+             f"{rows} rows the same tokens every way", "",
              "| way | useful tok/s | rows computed per useful token | ratio to the sampler before |",
              "| --- | --- | --- | --- |"]
     for name, (seconds, _, work) in results.items():

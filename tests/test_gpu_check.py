@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
     checks = [row.split(" | ")[0].removeprefix("| ") for row in table]
     assert len(checks) == 19 and not any("error:" in row or "FAIL" in row for row in table), "\n".join(table)
     assert checks[0].startswith("logits fp32") and checks[13].startswith("srl.py command line")
-    assert checks[8].startswith("sampler, long-tailed") and "the same tokens" in table[8]
+    assert checks[8].startswith("sampler, long-tailed") and "8 of 8 rows the same tokens" in table[8]
     assert "steps logged [1, 2, 3]" in table[13]
     assert checks[14].startswith("masked training backward") and "ours finite True" in table[14]
     assert checks[15].startswith("SRL step, LoRA 32") and checks[17].startswith("SRL step, LoRA 32")

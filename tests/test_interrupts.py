@@ -232,3 +232,12 @@ def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
     expected, got = weights(tmp_path / "straight"), weights(tmp_path / "run")
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) == 0
     assert logged_steps(tmp_path / "run") == list(range(1, 9))
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left(straight, tmp_path, capsys):
+    shutil.copytree(straight / "a" / "run", tmp_path / "run")
+    capsys.readouterr()
+    resume(tmp_path)
+    out = capsys.readouterr().out
+    assert "nothing left to do" in out and "finished its 5 steps" in out
+    assert logged_steps(tmp_path / "run") == [1, 2, 3, 4, 5]

@@ -372,8 +372,9 @@ def test_continuous_batching_gives_every_row_the_tokens_it_gets_alone(temperatur
     assert min(lengths) < 20 and len(set(lengths)) > 3, lengths  # rows stop at different steps
     alone = [row for prompt, seed in zip(prompts, seeds) for row in M.generate(ours, [prompt], 40, seed=[seed], **kw)]
     assert alone == at_once
-    for bucket in (16, 10 ** 6):  # attend over the written columns in widths of 16, or over the whole cache
-        monkeypatch.setattr(engine, "COLUMN_BUCKET", bucket)
+    for bucket, compact in ((16, True), (10 ** 6, True), (16, False)):  # widths of 16 columns, or the whole cache;
+        monkeypatch.setattr(engine, "COLUMN_BUCKET", bucket)  # live rows moved to the front once none wait, or not
+        monkeypatch.setattr(engine, "COMPACT_TAIL", compact)
         for slots in (1, 2, 5):
             stats = {}
             assert M.generate(ours, prompts, 40, seed=seeds, max_rows=slots, stats=stats, **kw) == at_once
