@@ -240,12 +240,23 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
         data / problems_file, "--samples", args.samples, "--max-new-tokens", args.solution_tokens, "--batch-size", 64,
         "--seed", seed, "--out", arms_dir / "eval" / arm, "--device", args.device)
     arms_dir.mkdir(parents=True, exist_ok=True)
+
+    def again(stages):
+        """A stopped study goes on where it stopped: a training stage that began continues (--resume; a finished
+        one has nothing left to do) and an evaluation whose summary is written is not run again."""
+        todo = {}
+        for name, command in stages.items():
+            out = Path(command[command.index("--out") + 1])
+            if not (out / "summary.json").exists():
+                todo[name] = [*command, "--resume"] if (out / "metrics.jsonl").exists() else command
+        return logged(arms_dir, todo)
+
     # an evaluation waits only for its own arm: the first wave's run beside the second wave's training
-    seconds = run_stages(logged(arms_dir, first), args.jobs, args.threads)
+    seconds = run_stages(again(first), args.jobs, args.threads)
     second = {**then, **{f"eval_{arm}": evaluate(arm) for arm in ["base", *first]}}
-    seconds.update(run_stages(logged(arms_dir, second), args.jobs, args.threads))
+    seconds.update(run_stages(again(second), args.jobs, args.threads))
     last = {f"eval_{arm}": evaluate(arm) for arm in then}
-    seconds.update(run_stages(logged(arms_dir, last), args.jobs, args.threads))
+    seconds.update(run_stages(again(last), args.jobs, args.threads))
     return read_results(arms_dir, ["base"] + arms, problems_file, args.samples), seconds
 
 

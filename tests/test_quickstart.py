@@ -3,6 +3,8 @@
 The study's outcome is not asserted here (it is a measurement: see the README); these tests check the machinery
 at the smallest sizes. The run test starts every stage as a subprocess (a minute or so); deselect with -m "not slow"."""
 import json
+import re
+import shutil
 import statistics
 
 import pytest
@@ -98,6 +100,20 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     probe = capsys.readouterr().out
     srl_val = (out / "seed0" / "data" / "srl_val.jsonl").read_text().splitlines()
     assert "steps of whole solutions: greedy right" in probe and f"({len(srl_val)} examples)" in probe
+
+    # the same command again, as after a stop: the finished training stages continue (nothing left), the written
+    # evaluations are kept, the one not yet run runs, and the numbers are the ones of the first run
+    shutil.rmtree(out / "seed0" / "eval" / "srl")
+    quickstart.main(["--out", str(out), "--ablations", "--warm-problems", "24", "--train-problems", "8",
+                     "--val-problems", "2", "--test-problems", "3", "--hard-steps", "2", "--warm-epochs", "1",
+                     "--sft-epochs", "1", "--rl-steps", "2", "--prompts", "2", "--group-size", "2",
+                     "--srl-new-tokens", "8", "--solution-tokens", "8", "--samples", "2"])
+    again = capsys.readouterr().out
+    started = re.findall(r"^=== (\S+): .*$", again, re.M)
+    assert [name for name in started if name.startswith("eval_")] == ["eval_srl"]
+    trained = re.findall(r"^=== (?!eval_|seed )\S+: .*$", again, re.M)
+    assert trained and [line for line in trained if not line.endswith(" --resume")] == []
+    assert json.loads((out / "summary.json").read_text())["arms"] == summary["arms"]
 
 
 def test_tune_extends_the_grid_while_the_best_rate_is_at_its_edge(tmp_path, monkeypatch, capsys):
