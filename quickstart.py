@@ -99,8 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
     p.add_argument("--srl-lr", type=float, default=3e-4)
     p.add_argument("--rlvr-lr", type=float, default=9e-4)
-    p.add_argument("--sft-rlvr-lr", type=float, default=None, help="RLVR's after SFT (default: --rlvr-lr)")
-    p.add_argument("--srl-rlvr-lr", type=float, default=None, help="RLVR's after SRL (default: --rlvr-lr)")
+    p.add_argument("--sft-rlvr-lr", type=float, default=1e-4, help="RLVR's after SFT (tuned from SFT's checkpoint)")
+    p.add_argument("--srl-rlvr-lr", type=float, default=3e-4, help="RLVR's after SRL (tuned from SRL's checkpoint)")
     p.add_argument("--srl-new-tokens", type=int, default=64, help="an SRL rollout: monologue and one step")
     p.add_argument("--solution-tokens", type=int, default=150, help="a whole solution: RLVR and evaluation")
     p.add_argument("--samples", type=int, default=4, help="k of avg@k in the evaluation")
@@ -344,7 +344,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr,
-                   "sft_rlvr": args.sft_rlvr_lr or args.rlvr_lr, "srl_rlvr": args.srl_rlvr_lr or args.rlvr_lr}
+                   "sft_rlvr": args.sft_rlvr_lr, "srl_rlvr": args.srl_rlvr_lr}
     if args.tune:
         return tune(args, default_lrs, [m for m in default_lrs if not args.arms or m in args.arms])
     if args.probe:
