@@ -8,8 +8,9 @@ and the skipped steps; for sft.py runs the loss, the learning rate and the gradi
 
 matplotlib draws it when it is installed (pip install matplotlib); without it each curve is printed as a line of
 text. The quickstart study draws its picture with the same function, figure(). Each curve is drawn as its moving
-average (over a tenth of the steps, at least 1) over the raw values, faint; a colour stands for one run (or arm)
-in every panel; rates are drawn on [0, 1], rewards on their whole range.
+average (over a tenth of the steps, at least 1) over the raw values, faint; for several seeds of one arm, the seeds'
+mean, bold, over each seed's moving average, faint. A colour stands for one run (or arm) in every panel; rates are
+drawn on [0, 1], rewards on their whole range.
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ def sparkline(values):
 
 def figure(curves, png, title, bars=()):
     """Draw panels of curves and of bars into png. curves: [(title, y range or None, {label: [series, ...]},
-    smoothed)], each series a list of (step, value), one per seed; bars: [(title, y range or None, {label: [value
+    smoothed)], each series a list of (step, value), one per seed (drawn as their mean); bars: [(title, y range or None, {label: [value
     per seed]})], drawn as the mean with a dot per seed. One colour per label in every panel. Without matplotlib,
     the curves' means go to the terminal as sparklines. Returns the path drawn, or None."""
     labels = list(dict.fromkeys(label for panel in [*curves, *bars] for label in panel[2]))
@@ -67,15 +68,19 @@ def figure(curves, png, title, bars=()):
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), squeeze=False)
     for ax, (name, limits, series, smoothed) in zip(axes.flat, curves):
         for label, runs in series.items():
-            for k, run in enumerate(runs):
-                if not run:
-                    continue
+            runs = [run for run in runs if run]
+            if not runs:
+                continue
+            window = max(1, len(runs[0]) // 10) if smoothed else 1
+            for run in runs:  # faint: one run's raw values, or each seed's moving average under their mean
                 steps, values = zip(*run)
-                window = max(1, len(values) // 10) if smoothed else 1
-                if window > 1:
-                    ax.plot(steps, values, color=colors[label], alpha=0.15, linewidth=0.8)
-                ax.plot(steps, smooth(list(values), window), color=colors[label], label=label if k == 0 else None,
-                        marker="." if len(values) < 3 else None)
+                if window > 1 or len(runs) > 1:
+                    ax.plot(steps, values if len(runs) == 1 else smooth(list(values), window), color=colors[label],
+                            alpha=0.15 if len(runs) == 1 else 0.3, linewidth=0.8)
+            length = min(len(run) for run in runs)
+            mean = [statistics.mean(run[i][1] for run in runs) for i in range(length)]
+            ax.plot([step for step, _ in runs[0][:length]], smooth(mean, window), color=colors[label], label=label,
+                    linewidth=1.5 if len(runs) == 1 else 2.2, marker="." if length < 3 else None)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         if limits:
