@@ -4,7 +4,7 @@ RLVR gets little learning signal (most groups of rollouts are all wrong and dyna
 step-wise reward still tells better rollouts from worse ones, so SRL learns, and SRL then RLVR ends best. This script
 puts that claim to the test; the README's Quickstart section gives what came out.
 
-    python quickstart.py                       # one seed: about 7 minutes on 2 CPU cores
+    python quickstart.py                       # one seed: about 11 minutes on 2 CPU cores
     python quickstart.py --seeds 1 2 3         # the whole study once per seed; mean and std per arm
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
     python quickstart.py --tune                # the learning-rate search on validation problems (README), every arm
