@@ -43,9 +43,9 @@ def sparkline(values):
 
 def figure(curves, png, title, bars=()):
     """Draw panels of curves and of bars into png. curves: [(title, y range or None, {label: [series, ...]},
-    smoothed)], each series a list of (step, value), one per seed (drawn as their mean); bars: [(title, y range or None, {label: [value
-    per seed]})], drawn as the mean with a dot per seed. One colour per label in every panel. Without matplotlib,
-    the curves' means go to the terminal as sparklines. Returns the path drawn, or None."""
+    smoothed)], each series a list of (step, value), one per seed (drawn as their mean); bars: [(title, y range or
+    None, {label: [value per seed]})], drawn as the mean with a dot per seed. One colour per label in every panel.
+    Without matplotlib, the curves' means go to the terminal as sparklines. Returns the path drawn, or None."""
     labels = list(dict.fromkeys(label for panel in [*curves, *bars] for label in panel[2]))
     try:
         import matplotlib

@@ -58,10 +58,10 @@ def test_check_steps_counts_right_and_slipped_steps():
 def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # the text picture, whatever is installed
     out = tmp_path / "study"
-    quickstart.main(["--out", str(out), "--ablations", "--warm-problems", "24", "--train-problems", "8",
-                     "--val-problems", "2", "--test-problems", "3", "--hard-steps", "2", "--warm-epochs", "1",
-                     "--sft-epochs", "1", "--rl-steps", "2", "--prompts", "2", "--group-size", "2",
-                     "--srl-new-tokens", "8", "--solution-tokens", "8", "--samples", "2"])
+    study = ["--out", str(out), "--ablations", "--warm-problems", "24", "--train-problems", "8", "--val-problems", "2",
+             "--test-problems", "3", "--hard-steps", "2", "--warm-epochs", "1", "--sft-epochs", "1", "--rl-steps", "2",
+             "--prompts", "2", "--group-size", "2", "--srl-new-tokens", "8", "--solution-tokens", "8", "--samples", "2"]
+    quickstart.main(study)
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     arms = ["base", "sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
@@ -104,10 +104,7 @@ def test_study_runs_every_arm(tmp_path, capsys, monkeypatch):
     # the same command again, as after a stop: the finished training stages continue (nothing left), the written
     # evaluations are kept, the one not yet run runs, and the numbers are the ones of the first run
     shutil.rmtree(out / "seed0" / "eval" / "srl")
-    quickstart.main(["--out", str(out), "--ablations", "--warm-problems", "24", "--train-problems", "8",
-                     "--val-problems", "2", "--test-problems", "3", "--hard-steps", "2", "--warm-epochs", "1",
-                     "--sft-epochs", "1", "--rl-steps", "2", "--prompts", "2", "--group-size", "2",
-                     "--srl-new-tokens", "8", "--solution-tokens", "8", "--samples", "2"])
+    quickstart.main(study)
     again = capsys.readouterr().out
     started = re.findall(r"^=== (\S+): .*$", again, re.M)
     assert [name for name in started if name.startswith("eval_")] == ["eval_srl"]
