@@ -251,7 +251,8 @@ def update_policy(model, optimizer, groups, args, reference=None):
             old_logps = [logprobs(model, batch)[0] for batch in micro_batches]
     stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
     tis = [0.0, 0.0]  # sum of the importance ratios pi_old / pi_sampler over the tokens, and the largest
-    for update in range(args.updates_per_batch):
+    is_weights = {}  # --tis-cap: each micro-batch's, the same in every update (pi_old and pi_sampler do not change)
+    for _ in range(args.updates_per_batch):
         sums = [0.0, 0.0, 0.0]  # loss, clipped tokens, entropy: summed over micro-batches (and processes)
         for i, batch in enumerate(micro_batches):
             with mixed:
@@ -263,18 +264,16 @@ def update_policy(model, optimizer, groups, args, reference=None):
             # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
             old_logp = old_logps[i] if old_logps else logp.detach()
             advantages = torch.tensor([r.advantage for r in batch], device=logp.device)
-            is_weight = None
-            if args.tis_cap and batch is not PADDING:
+            if args.tis_cap and batch is not PADDING and i not in is_weights:
                 sampler = torch.zeros_like(old_logp)
                 for row, r in enumerate(batch):
                     sampler[row, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp, device=sampler.device)
                 ratio = torch.exp(old_logp - sampler) * mask
-                is_weight = ratio.clamp(max=args.tis_cap)
-                if update == 0:
-                    tis = [tis[0] + ratio.sum().item(), max(tis[1], ratio.max().item())]
+                is_weights[i] = ratio.clamp(max=args.tis_cap)
+                tis = [tis[0] + ratio.sum().item(), max(tis[1], ratio.max().item())]
             loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high, ref_logp,
                                          args.beta, num_tokens, args.loss_agg, num_sequences, args.max_new_tokens,
-                                         is_weight)
+                                         is_weights.get(i))
             loss.backward()
             if batch is not PADDING:  # (a padding pass adds no loss, but its one token has an entropy)
                 sums = [sums[0] + loss.item(), sums[1] + loss_stats["clip_fraction"] * mask.sum().item(),
