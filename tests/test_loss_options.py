@@ -93,9 +93,10 @@ def test_truncated_importance_sampling_weights_tokens_by_the_capped_ratio(tmp_pa
     assert log["tis_ratio_mean"] == pytest.approx(1.0, abs=1e-4) and log["tis_ratio_max"] >= 1.0 - 1e-4
 
 
-def test_the_importance_weight_is_capped(monkeypatch):
+@pytest.mark.parametrize("updates", [1, 2])
+def test_the_importance_weight_is_capped(monkeypatch, updates):
     """Sampler log-probs planted 3x less likely than the trainer's (ratio 3) or 2x more (0.5): capped at 1.5, the
-    weights are 1.5 and 0.5, and the log says so."""
+    weights are 1.5 and 0.5 in every update (pi_old is the policy before the step), and the log says so."""
     import types
     import model as M
     seen = []
@@ -108,12 +109,13 @@ def test_the_importance_weight_is_capped(monkeypatch):
     planted = [(trainer[0, :3] - math.log(3)).tolist(), (trainer[1, :2] + math.log(2)).tolist()]
     groups = [[grpo.Rollout(prompt, c, a, s) for c, a, s in zip(completions, (1.0, -1.0), planted)]]
     args = types.SimpleNamespace(micro_batch_tokens=8192, device="cpu", precision="fp32", temperature=1.0,
-                                 updates_per_batch=1, tis_cap=1.5, clip_low=0.2, clip_high=0.28, beta=0.0,
+                                 updates_per_batch=updates, tis_cap=1.5, clip_low=0.2, clip_high=0.28, beta=0.0,
                                  loss_agg="token-mean", max_new_tokens=8, grad_clip=1.0)
     stats = grpo.update_policy(net, torch.optim.AdamW(net.parameters(), lr=1e-3), groups, args)
-    weight = seen[0]
-    torch.testing.assert_close(weight[0, :3], torch.full((3,), 1.5), rtol=0, atol=1e-5)
-    torch.testing.assert_close(weight[1, :2], torch.full((2,), 0.5), rtol=0, atol=1e-5)
+    assert len(seen) == updates
+    for weight in seen:
+        torch.testing.assert_close(weight[0, :3], torch.full((3,), 1.5), rtol=0, atol=1e-5)
+        torch.testing.assert_close(weight[1, :2], torch.full((2,), 0.5), rtol=0, atol=1e-5)
     assert stats["tis_ratio_max"] == pytest.approx(3.0, rel=1e-4)
     assert stats["tis_ratio_mean"] == pytest.approx((3 * 3 + 2 * 0.5) / 5, rel=1e-4)
 
