@@ -21,8 +21,8 @@ Every user error is refused before anything loads; SIGTERM or Ctrl-C stop after 
 
 Sections: 1. step_similarity, 2. srl_reward, 3. the prompt (srl_messages), 4. the run: its command line and the
 loop, rollouts -> advantages -> update -> validation -> checkpoints (train), which rlvr.py imports. The GRPO pieces
-it calls are grpo.py's (re-exported here); the setup, checkpoints and torchrun common.py's; the model and the
-sampler model.py's and engine.py's.
+it calls are grpo.py's (re-exported here); the run's logs, stops and checkpoints run.py's; the setup and torchrun
+common.py's; the model and the sampler model.py's and engine.py's.
 
 Defaults by model size (flags override them): under 50M parameters (tiny) 4 prompts x G 8, 64 new tokens, lr 3e-5,
 20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch (the paper: 512 prompts x G 8, lr
@@ -338,7 +338,7 @@ def train(args, build_prompt, reward_fn, fields=None):
     total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
-    # the run's plumbing (common.Run): --resume's state, the logs, the checkpoints, the clock, stopping
+    # the run's plumbing (run.Run): --resume's state, the logs, the checkpoints, the clock, stopping
     run = Run(args, model, tokenizer, optimizer, state, plan, stream, total_steps, validating=bool(val_examples))
     stop_ids = set(policy.stop_token_ids)
     for _ in run.steps():
