@@ -397,7 +397,7 @@ def main(argv=None):
     if rank != 0:
         return
     out = Path(args.out)
-    following = "srl.py" if "completion" in records[0] else "evaluate.py"  # after a warm start, SRL
+    following = "srl.py" if any("completion" in r for r in records) else "evaluate.py"  # SRL's format learnt: SRL
     print(f"{step} steps ({skipped} skipped for a non-finite loss or gradient); the model: {out / 'last'}; next: "
           f"python {following} --model {out / 'last'}")
 
