@@ -1,78 +1,42 @@
 """Expert trajectories -> step-wise SRL examples, plus RLVR and SFT sets (JSONL files in data/).
 
-SRL (Deng et al. 2025, arXiv 2510.25992) learns from an expert's solution one step at a time: a
-solution written as numbered steps 1..N gives the partial trajectories "problem + steps 1..k-1 -> step k".
-The whole reward signal comes from these splits, so the splitter below is careful: numbered lists nested
-inside a step stay inside it, display math is never cut, text before step 1 is not a step, and the closing
-answer line after the last step stays with the last step.
+SRL (Deng et al. 2025, arXiv 2510.25992) learns from an expert's solution one step at a time: a solution written as
+numbered steps 1..N gives the partial trajectories "problem + steps 1..k-1 -> step k" (split_steps, then
+srl_examples). The whole reward signal comes from these splits, so the splitter is careful: lists nested inside a
+step stay inside it, display math is never cut, text before step 1 is not a step.
 
-Run:
     python data_prep.py                          # the built-in problems (builtin_problems.jsonl) -> data/
-    python data_prep.py --synthetic 200          # 200 generated arithmetic chains (synthetic.py, for tiny models)
-    python data_prep.py --input s1K-1.1.parquet  # s1K-1.1 columns: question, deepseek_attempt, ...
-    python data_prep.py --input s1K-1.1.parquet --correct-only   # experts only from attempts graded correct
-    python data_prep.py --input s1k.json --question-field problem --solution-field solution
+    python data_prep.py --input ../shared/data/benchmarks/gsm8k.jsonl --test-problems 200   # GSM8K's own format
+    python data_prep.py --input s1K-1.1.parquet  # s1K-1.1 (the paper's data): question, deepseek_attempt, ...
     python data_prep.py --hf-dataset simplescaling/s1K-1.1    # online only (needs huggingface_hub)
-    python data_prep.py --input trajs/ --out-dir data/swe     # agent trajectories (a file or a folder): agent steps
+    python data_prep.py --synthetic 200          # generated arithmetic chains (tasks/synthetic.py, for tiny models)
+    python data_prep.py --input trajs/ --out-dir data/swe     # agent trajectories (tasks/trajectories.py)
 
-Inputs: JSONL, JSON (one object, or a list of records) or parquet (needs pyarrow). Solutions without numbered
-steps are dropped from SRL (and counted); --fallback paragraphs splits them on blank lines instead.
-Agent trajectories (the paper's software-engineering setting) are recognised by their structure, or named with
---format, and read by trajectories.py (SWE-agent .traj, mini-swe-agent, OpenAI tool calls as in SWE-Gym /
-OpenHands, SWE-smith's <function=...> markup, nebius-style ai/user turns); a folder is read file by file. Each
-action (the command the agent ran) is one example; its context is the issue plus the previous --context-pairs
-action/observation pairs (paper: 2), each observation cut to --max-observation-chars.
-
-Outputs in --out-dir (JSONL, one record per line), training files hold no step of a validation problem:
-    srl_train / srl_val     {id, problem, previous_steps, target_step, step_index, num_steps, answer
-                             [, next_step_title]}; agentic: {id, instance_id, issue, previous_pairs:
-                             [{action, observation}], target_step (the command), thought, step_index, ...}
-    sft_srl_train           the SRL training examples + "completion": "<think>\\n...\\n</think>\\n" + step
-    rlvr_train / rlvr_val   {id, problem, answer}
-    sft_train               {id, problem, solution, answer[, reasoning]} (agentic: the whole trajectory,
-                             {id, instance_id, format, issue, steps: [{thought, action, observation}]})
-
+Writes srl_train / srl_val (partial trajectories), sft_srl_train (the same with a "<think>...</think>" completion,
+the format warm start), rlvr_train / rlvr_val (problem, answer), sft_train (problem, solution) and, with
+--test-problems, test.jsonl; no training file holds a step of a held-out problem. docs/data.md gives each file's
+fields and every input format.
 Choices the paper does not state, and departures from it:
-- Examples use k = 2..N (the context always holds at least one step); --include-first-step adds k = 1.
-  Agentic trajectories always include the first action: the issue alone is a full context.
-- Validation: the paper holds out 60 of 1,000 problems; we hold out min(60, max(1, 10%)) problems, drawn
-  among those that give SRL examples, so that both validation files are populated on small data. Agent
-  trajectories are held out by instance, so two runs on one issue never sit on both sides.
-- Observations over --max-observation-chars (default 4,000; the paper states no limit) keep their head and
-  tail around a marker saying how much was cut; srl.py drops any prompt still over its --max-prompt-tokens.
-- A multi-part solution ("### Part (b)" then a list that restarts at 1) continues the step sequence, and
-  the part heading opens the next step; a restart without such a heading is a list nested in the step.
-- The gold answer is the --answer-field column if given. On graded data (s1K-1.1, whose --grade-field says
-  whether each attempt is right) it is the last \\boxed{} of an attempt graded correct: DeepSeek-R1's, else
-  Gemini's; a problem with no such attempt gets no RLVR record (a wrong gold answer would reward wrong
-  answers). Other data: "answer" when present, else the solution's last \\boxed{}. Problems without a gold
-  answer are left out of the RLVR files only (counted in the summary).
-- The SRL and SFT experts are every attempt, graded correct or not, as the paper (which does not filter by
-  grade); --correct-only keeps only problems whose expert attempt is graded correct.
-- sft_srl_train's monologue is a template ("Steps 1-2 are done. Next:\n3. <title>"), not real
-  reasoning: it only teaches a small model the <think>...</think> + step format before SRL. An agent step
-  uses the agent's own recorded thought when it has one.
-
-Sections: reading; splitting a solution into its numbered steps (split_steps: the part of the paper); the
-built-in problems; records -> problems -> examples (prepare); writing (write_files, the project's one atomic
-writer of JSON and JSONL). Agent trajectories are read by trajectories.py, the synthetic chains made by
-synthetic.py. Next: sft.py or srl.py, which read these files.
+  - Examples use k = 2..N (the context holds at least one step); --include-first-step adds k = 1.
+  - Held out for validation: min(60, max(1, 10%)) problems (the paper: 60 of 1,000), by agent instance for agents.
+  - On graded data (s1K-1.1) the gold answer is the boxed answer of an attempt graded correct; every attempt is an
+    expert, as in the paper (--correct-only keeps the correct ones only).
+  - sft_srl_train's monologue is a template ("Steps 1-2 are done. Next: 3. <title>"), not real reasoning.
+  - Agent steps: the context is the issue and the last --context-pairs (paper: 2) command/output pairs, each output
+    cut to --max-observation-chars (head and tail kept); the target is the command, never the agent's thought.
 """
 import argparse
-import json
-import os
 import random
 import re
 import statistics
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import synthetic
-import trajectories
-from trajectories import TrajectoryError, text_of
-from grader import last_boxed  # the gold answer of a solution: its last \boxed{}
+from machinery.files import InputError, jsonl_text, write_files
+from tasks import synthetic, trajectories
+from tasks.grader import last_boxed  # the gold answer of a solution: its last \boxed{}
+from tasks.trajectories import TrajectoryError, text_of
 
 ROOT = Path(__file__).resolve().parent
 BUILTIN_PATH = ROOT / "builtin_problems.jsonl"
@@ -291,6 +255,41 @@ def builtin_problems():
 
 
 # ----------------------------------------------------------------------------------------------------
+# GSM8K's own format: {"question", "answer": "the worked solution, a line a step\n#### 18"}
+
+CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "16 - 3 = <<16-3=13>>13"
+
+
+def is_gsm8k(record):
+    """A GSM8K record: a question and an answer whose worked solution ends with a "#### N" line."""
+    answer = record.get("answer")
+    return "question" in record and isinstance(answer, str) and re.search(r"(^|\n)#### ", answer) is not None
+
+
+def gsm8k_records(records, locations):
+    """GSM8K's records as problems with numbered solutions: each line of the worked solution is one step ("1. ...",
+    its calculator annotations removed), the gold answer is what follows "####" (thousands commas dropped, as
+    GSM8K's own evaluation does), and the last step ends with "The answer is \\boxed{N}.", so that a model trained
+    on the steps writes an answer the grader reads (on a line of its own)."""
+    converted = []
+    for index, (record, where) in enumerate(zip(records, locations)):
+        worked = record.get("answer")
+        if not isinstance(worked, str) or "####" not in worked:
+            raise DataError(f"{where}: no '####' line in 'answer' (GSM8K's format: the worked solution, then "
+                            "#### and the final answer)")
+        body, _, final = worked.rpartition("####")
+        answer = final.strip().replace(",", "")
+        lines = [CALCULATOR.sub("", line).strip() for line in body.splitlines()]
+        steps = [f"{k}. {line}" for k, line in enumerate((line for line in lines if line), 1)]
+        if not steps or not answer:
+            raise DataError(f"{where}: an empty worked solution or final answer in 'answer'")
+        steps[-1] += f"\nThe answer is \\boxed{{{answer}}}."  # the expert's own line left as it was
+        converted.append({"id": str(record.get("id", record.get("idx", index))), "problem": record["question"],
+                          "solution": "\n".join(steps), "answer": answer})
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------------
 # Records -> problems -> examples
 
 def _answer_text(value):
@@ -461,44 +460,9 @@ def prepare(problems, include_first_step=False, next_step_title=False, context_p
 # ----------------------------------------------------------------------------------------------------
 # Writing
 
-def write_files(out_dir, texts):
-    """Write text files ({name: text}) so that either all of them change or none does: each goes to a temporary
-    file beside it first, and they are renamed into place only when all of them are written. The project's one
-    writer of JSON and JSONL files (write_outputs, write_jsonl and write_json call it): a kill or a full disk
-    never leaves a half-written file."""
-    out_dir, temps = Path(out_dir), {}
-    try:
-        for name, text in texts.items():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, temps[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(temps[name], 0o644)
-    except BaseException:
-        for tmp in temps.values():
-            os.unlink(tmp)
-        raise
-    for name, tmp in temps.items():
-        os.replace(tmp, out_dir / name)
-
-
-def jsonl_text(records):
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
 def write_outputs(out_dir, outputs):
-    """Write JSONL files ({name: records}), all of them or none (write_files)."""
+    """Write JSONL files ({name: records}), all of them or none (machinery/files.py's write_files)."""
     write_files(out_dir, {name: jsonl_text(records) for name, records in outputs.items()})
-
-
-def write_jsonl(path, records):
-    """Write records as a JSONL file, atomically."""
-    write_files(Path(path).parent, {Path(path).name: jsonl_text(records)})
-
-
-def write_json(path, obj):
-    """Write one JSON value, indented, atomically."""
-    write_files(Path(path).parent, {Path(path).name: json.dumps(obj, indent=1, ensure_ascii=False) + "\n"})
 
 
 def summary(source, problems, outputs, stats, out_dir, seconds, max_observation_chars=4000):
@@ -554,8 +518,9 @@ def main(argv=None):
                         help="reasoning trace for sft_train.jsonl, used when present")
     parser.add_argument("--include-first-step", action="store_true", help="also k = 1 (empty context)")
     parser.add_argument("--next-step-title", action="store_true", help="add the target step's title")
-    parser.add_argument("--format", choices=trajectories.FORMATS,
-                        help="agent trajectories: read every record in this format (default: detected per record)")
+    parser.add_argument("--format", choices=["gsm8k", *trajectories.FORMATS],
+                        help="read every record in this format: gsm8k (question, answer: worked solution then "
+                             "#### N), or an agent trajectory format (default: detected from the records)")
     parser.add_argument("--context-pairs", type=int, default=2,
                         help="agentic: previous action/observation pairs in the context (paper: 2)")
     parser.add_argument("--max-observation-chars", type=int, default=4000,
@@ -610,8 +575,11 @@ def main(argv=None):
                 question=args.question_field, solution=args.solution_field, answer=args.answer_field,
                 reasoning=args.reasoning_field, grade=args.grade_field)
             records, locations, names = _load(source)
+            if args.format == "gsm8k" or (args.format is None and is_gsm8k(records[0])):
+                records, fields = gsm8k_records(records, locations), BUILTIN_FIELDS
         folder = args.synthetic is None and Path(source).is_dir()
-        if args.synthetic is None and (args.format or folder or trajectories.detect_format(records[0])):
+        if args.synthetic is None and args.format != "gsm8k" and (args.format or folder or
+                                                                   trajectories.detect_format(records[0])):
             problems, skipped = trajectories.trajectories_of(records, locations, names, args.format, folder)
             if not problems:
                 raise DataError(f"{source}: no agent trajectory among its files")
@@ -621,7 +589,7 @@ def main(argv=None):
                                  args.fallback, args.val_problems, args.seed, args.max_observation_chars,
                                  args.test_problems, args.one_step, args.correct_only)
         write_outputs(args.out_dir, outputs)
-    except (DataError, TrajectoryError) as e:
+    except (DataError, TrajectoryError, InputError) as e:
         refuse(str(e))
     if skipped:
         print(f"skipped {len(skipped)} files that hold no agent trajectory: {', '.join(skipped[:5])}"

@@ -1,31 +1,27 @@
 """
-The engine: the batched KV-cache sampler and the per-token log-probabilities that training needs (after nanochat's
-engine.py and nano-vllm's engine/). It works on any decoder with model.py's interface (hidden_states, decode_step,
-lm_head, config, stop_token_ids) and imports no file of this project; model.py re-exports generate and
-completion_logprobs, so `from model import generate` works.
+The engine: from a chat to token ids and back, the inference forward through a KV cache, the sampler, and the
+per-token log-probabilities that training needs (after nanochat's engine.py and nano-vllm). It imports model.py.
 
-    1. Sampling. `generate(model, prompts, max_new_tokens, ..., max_rows=S)` keeps S rows (a prompt's samples are
-       rows) in S slots of a KV cache allocated once, and runs in four phases:
-         1) prefill: the prompts of rows about to start, each distinct prompt once, through the training forward,
-            which writes their keys and values as it goes;
-         2) a prompt's keys and values are copied into the slot of each of its rows, whose first token comes from
-            the prefill's last logits; from here every row is sampled on its own;
-         3) decode: one token for every slot per step, attending over the columns the live rows have written
-            (rounded up to a bucket), the shapes fixed within a bucket, so that on CUDA a graph replays the step;
-         4) a row that stops (its stop token, or max_new_tokens) frees its slot, and the next waiting row starts
-            there (phases 1 and 2 again): continuous batching, so no step is spent on rows that are done.
-       Every row draws its random numbers from its own generator, seeded by (its prompt's seed, its sample index):
-       a row's tokens depend on its prompt and seed alone, not on the rows around it, the number of slots or the
-       process that samples it. (In exact arithmetic: in floating point another batch can move a row's logits in
-       their last bits, which changes a token drawn at a near tie, rarely: the tests' small models never do.)
-    2. Log-probabilities for training. `completion_logprobs_reference` is the plain version (one row per sample):
-       read it first. `completion_logprobs` computes the same numbers with the samples of one prompt packed into one
-       sequence (the prompt once), and `token_budget_batches` cuts a batch into micro-batches of N positions.
-
-The model (the network, loading, saving) is in model.py; the GRPO update that calls these is in grpo.py.
+    1. Text in and out: encode_chat (the chat template), decode_text.
+    2. The inference forward: decode_step, one new token per row, reading and writing a KVCache allocated once.
+    3. Sampling. `generate_static` is the plain sampler, every row in one batch until the last one stops: read it
+       first. `generate` gives the same tokens with continuous batching: at most max_rows rows in slots of the
+       cache; each distinct prompt is prefilled once and copied into the slots of its samples; a decode step
+       attends only over the columns the live rows have written (on CUDA replayed from a graph); a row that stops
+       frees its slot for the next waiting one, and once none wait the live rows move to the first slots, so no
+       step is spent on rows that are done. Every row draws its random numbers from its own generator, seeded by
+       (its prompt's seed, its sample index): its tokens depend on its prompt and seed, not on the rows around it
+       or the process that samples it (in exact arithmetic; in floating point another batch can move a logit in
+       its last bits, which changes a token drawn at a near tie, rarely).
+    4. Log-probabilities for training: `completion_logprobs_reference`, one row per sample (read it first), and
+       `completion_logprobs`, the same numbers with a group's samples packed after one copy of their prompt;
+       `token_budget_batches` cuts a batch into micro-batches of N positions.
 """
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
+
+from model import rotary_cos_sin
 
 
 def mix_seed(seed, index):
@@ -35,7 +31,23 @@ def mix_seed(seed, index):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# 1. Sampling: the cache, the next token, one seeded random stream per row, generate
+# 1. Text in and out
+
+
+def encode_chat(tokenizer, messages):
+    """Token ids of a chat (list of {"role", "content"}) through the tokenizer's chat template, ending with the
+    assistant's turn opened, ready for generation."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def decode_text(tokenizer, ids):
+    """The text of generated token ids, without special tokens (an end-of-turn token is not part of the text)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 2. The inference forward: one new token per row, through a KV cache
 
 
 class KVCache:
@@ -55,6 +67,33 @@ class KVCache:
         rows = KVCache(None, 0, 0, None, None)
         rows.k, rows.v = self.k[:, :batch], self.v[:, :batch]
         return rows
+
+
+def decode_step(model, ids, positions, cache, column, attn_mask):
+    """model.py's decoder, one new token per row: ids and positions [B, 1]; each layer writes the token's key and
+    value at the row's `column` ([B], or one for every row) of its cache, then attends over the first L columns,
+    attn_mask [B, 1, 1, L] (boolean, or added to the scores) hiding those the row has not written. The shapes depend
+    on B and L alone, so that a CUDA graph can replay the step. Returns the logits [B, vocab]."""
+    cfg = model.config
+    B, L = ids.shape[0], attn_mask.shape[-1]
+    x = model.model.embed_tokens(ids)
+    cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    where = column.expand(B).view(B, 1, 1, 1).expand(B, cfg.num_kv_heads, 1, cfg.head_dim)
+    for layer, cache_k, cache_v in zip(model.model.layers, cache.k, cache.v):
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+        cache_k.scatter_(2, where, k)
+        cache_v.scatter_(2, where, v)
+        # fold the query heads that share a KV head into the "time" axis of the query, so that grouped-query
+        # attention needs no copy of the cache: [B, kv_heads, group, head_dim]
+        q = q.view(B, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        y = F.scaled_dot_product_attention(q, cache_k[:, :, :L], cache_v[:, :, :L], attn_mask=attn_mask)
+        x = x + layer.self_attn.o_proj(y.reshape(B, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.model.norm(x[:, -1]))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 3. Sampling: the next token, one seeded random stream per row, the static sampler, continuous batching
 
 
 def sample_next_token(logits, temperature, top_k, top_p, uniform, with_logprob=False):
@@ -97,6 +136,49 @@ def sampling_uniforms(num_prompts, num_samples, steps, seed):
     return torch.stack([torch.rand(steps, dtype=torch.float64,
                                    generator=torch.Generator().manual_seed(mix_seed(s, j)))
                         for s in seeds for j in range(num_samples)])
+
+
+@torch.no_grad()
+def generate_static(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=1,
+                    stop_token_ids=None, seed=None):
+    """The plain sampler (read it first; generate below gives the same tokens, faster): every row, a prompt's
+    num_samples rows one after another, in one batch from the first token to the last. Returns one list of new
+    token ids per row, each cut after its first stop token (kept). Arguments as generate's."""
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    if not rows:
+        return []
+    cfg, device, dtype = model.config, model.lm_head.weight.device, model.lm_head.weight.dtype
+    lengths = torch.tensor([len(p) for p in rows], device=device)
+    capacity = int(lengths.max()) + max_new_tokens
+    stop = torch.tensor(model.stop_token_ids if stop_token_ids is None else list(stop_token_ids), device=device)
+    uniforms = sampling_uniforms(len(prompts), num_samples, max_new_tokens, seed).to(device) if temperature else None
+    was_training = model.training
+    model.eval()
+    # 1) prefill: the prompts right-padded, through the training forward, which writes the cache; causal attention
+    # keeps a row's padding out of the view of its real tokens, and the decode steps overwrite it
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
+    for i, prompt in enumerate(rows):
+        ids[i, :len(prompt)] = torch.tensor(prompt, device=device)
+    cache = KVCache(cfg, len(rows), capacity, device, dtype)
+    hidden = model.hidden_states(ids, cache=cache)
+    logits = model.lm_head(hidden[torch.arange(len(rows), device=device), lengths - 1])
+    # 2) one token for every row per step, until every row has stopped
+    tokens, done, position = [], torch.zeros(len(rows), dtype=torch.bool, device=device), lengths.clone()
+    for step in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_k, top_p, uniforms[:, step:step + 1] if temperature
+                                  else None)
+        tokens.append(token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        visible = torch.arange(capacity, device=device) <= position[:, None]  # the prompt and what it wrote
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        logits = decode_step(model, token[:, None], position[:, None], cache, position, mask[:, None, None])
+        position += 1
+    model.train(was_training)
+    out = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in rows]
+    stops = set(stop.tolist())
+    return [row[:next((j + 1 for j, t in enumerate(row) if t in stops), len(row))] for row in out]
 
 
 def captured_in_cuda_graph(fn, pool=None):
@@ -245,13 +327,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             holes += stopped
         return live
 
-    def decode_step(width, batch):
+    def decode_live_rows(width, batch):
         # an additive mask in the model's dtype, made once per step: SDPA would convert a boolean one in every layer
         visible = torch.arange(width, device=device) <= position_in[:batch]
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
         rows_cache = cache.view(batch)
-        return model.decode_step(token_in[:batch], position_in[:batch], rows_cache, position_in[:batch].view(-1),
-                                 mask[:, None, None, :])
+        return decode_step(model, token_in[:batch], position_in[:batch], rows_cache, position_in[:batch].view(-1),
+                           mask[:, None, None, :])
 
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph  # on CUDA unless told otherwise
     graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
@@ -263,8 +345,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         batch = min(slots, 1 << (live - 1).bit_length()) if use_graph else live
         width = min(capacity, -(-(int(position_in[:live].max()) + 1) // COLUMN_BUCKET) * COLUMN_BUCKET)
         if use_graph and (width, batch) not in graphs:
-            graphs[width, batch] = captured_in_cuda_graph(lambda w=width, b=batch: decode_step(w, b), pool)
-        logits = graphs[width, batch]() if use_graph else decode_step(width, batch)
+            graphs[width, batch] = captured_in_cuda_graph(lambda w=width, b=batch: decode_live_rows(w, b), pool)
+        logits = graphs[width, batch]() if use_graph else decode_live_rows(width, batch)
         alive = (row_of[:live] >= 0).nonzero().view(-1)  # (all of them, but without COMPACT_TAIL)
         token, done = sample(logits[alive], row_of[alive])
         token_in[alive, 0] = token

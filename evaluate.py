@@ -1,6 +1,7 @@
 """
-Evaluation on math benchmarks: the paper's prompt, answer extraction, an equivalence grader, greedy accuracy,
-avg@k and pass@k, per-problem result files and a summary table shaped like the paper's Table 1.
+Evaluation on math benchmarks, as the paper's: the prompt, greedy accuracy, avg@k and pass@k, per-problem result
+files and a summary table shaped like its Table 1. The final answer and the equivalence of two answers are
+tasks/grader.py's (a grader that never calls two different answers equal: it is also the RLVR reward).
 
     python evaluate.py                                    # the tiny model on a few built-in problems (~1 min CPU)
     python evaluate.py --model qwen-1.5b --benchmarks amc23,aime24,aime25 --samples 32 --max-new-tokens 4096
@@ -8,29 +9,13 @@ avg@k and pass@k, per-problem result files and a summary table shaped like the p
     python evaluate.py --benchmarks my_problems.jsonl     # any JSONL with problem/question and answer fields
     torchrun --nproc_per_node 8 evaluate.py --model runs/srl --benchmarks amc23 --samples 32   # problems shared out
 
-Results already in --out are never replaced without --overwrite; every benchmark file, the model and the flags are
-checked before the model loads (check_arguments), and a mistake ends the run in one line. The problems go through
-the sampler's continuous batch (--batch-size slots) a chunk at a time, and each chunk's graded records are kept in
-<out>/<name>.partial.jsonl as it finishes: the same command after a stop (Ctrl-C, a kill, a preemption) continues
-from there instead of starting over.
-
 Benchmarks are JSONL files in --data-dir (default ../shared/data/benchmarks beside the checkout if present, else
-data/benchmarks). Nothing is downloaded: get each file from its public repository and save it as NAME.jsonl
-  amc23, aime24, gsm8k  github.com/QwenLM/Qwen2.5-Math        evaluation/data/{amc23,aime24,gsm8k}/test.jsonl
-  aime25                github.com/Gen-Verse/ReasonFlux       ReasonFlux_v2/eval/dataset/AIME25/aime25_nofigures.jsonl
-  minerva               github.com/GAIR-NLP/LIMO              eval/data/minerva/test.jsonl
-  math500               github.com/hkust-nlp/simpleRL-reason  examples/simplelr_math_eval/data/math500/test.jsonl
-A record needs `problem` or `question`, and `answer` (string, integer or float; 27.0 reads as "27"; GSM8K's
-full solution is cut at "#### N") or else a `solution` holding a \\boxed{} answer.
-
-Prompt: the chain-of-thought system message (MATH_INSTRUCTION) of Qwen2.5-Math's evaluation package, which the
-paper grades with, then the problem as the user message, through the model's chat template. Metrics, as in the
-paper: greedy accuracy; with --samples k also avg@k (mean accuracy of k samples at temperature 1.0; the paper uses
-k = 32 on AMC23/AIME) and pass@k. The table's mean column averages every number in the row, as Table 1 does.
-
-The grader (extract_answer, is_equiv) lives in grader.py, a file that needs only sympy and can be copied on its
-own; it is also the RLVR reward, so it never calls two different answers equal: when unsure, it says "wrong" (its
-docstring lists what counts as equal). evaluate.py re-exports it: `from evaluate import extract_answer, is_equiv`.
+data/benchmarks); nothing is downloaded (docs/grader.md lists where each file comes from). A record needs `problem`
+or `question`, and `answer` (GSM8K's worked solution is cut at "#### N") or a `solution` with a \\boxed{} answer.
+Results already in --out are never replaced without --overwrite, and each chunk of graded problems is kept in
+<out>/<name>.partial.jsonl as it finishes: the same command after a stop continues from there.
+Departures from the paper: the grader is stricter than Qwen2.5-Math's (tasks/grader.py says where); the prompt is
+its chain-of-thought system message (MATH_INSTRUCTION); the table's mean averages every number in the row.
 """
 import argparse
 import json
@@ -39,10 +24,17 @@ import re
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from data_prep import write_jsonl
-from grader import answer_to_str, extract_answer, is_equiv  # re-exported: from evaluate import is_equiv works
+from engine import decode_text, encode_chat, mix_seed, sample_groups
+from grpo import gather, get_rank, get_world_size
+from machinery.checks import check_device, check_folder, read_config
+from machinery.distributed import end_distributed, init_distributed
+from machinery.files import InputError, jsonl_text, read_jsonl, write_jsonl
+from machinery.setup import check_flags, refuse, refusing
+from model import load_model
+from tasks.grader import answer_to_str, extract_answer, is_equiv
 
 # -----------------------------------------------------------------------------------------------------------------
 # Benchmarks, prompt, answer extraction
@@ -69,34 +61,25 @@ def load_benchmark(name_or_path, data_dir=DEFAULT_DATA_DIR, limit=None):
         return [dict(p) for p in BUILTIN_PROBLEMS[:limit]]
     path = Path(data_dir) / f"{name_or_path}.jsonl" if name_or_path in BENCHMARKS else Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {path} not found; names: builtin, {', '.join(BENCHMARKS)} "
-                                f"(download sources are listed at the top of evaluate.py) or a JSONL path")
+        raise InputError(f"benchmark file {path} not found; names: builtin, {', '.join(BENCHMARKS)} (where to get "
+                         "each: docs/grader.md) or a JSONL path")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: a JSON {type(record).__name__}, not an object with named fields")
-            problem = record.get("problem") or record.get("question")
-            if not problem:
-                raise ValueError(f"{path}:{line_no}: no 'problem' or 'question' field")
-            answer = record.get("answer")
-            if isinstance(answer, str) and "####" in answer:  # GSM8K: a worked solution ending in "#### N"
-                answer = answer.rsplit("####", 1)[1]
-            if answer is None and record.get("solution"):
-                answer = extract_answer(record["solution"])
-            answer = "" if answer is None else answer_to_str(answer)
-            if not answer:
-                raise ValueError(f"{path}:{line_no}: no 'answer' field (nor a \\boxed{{}} answer in 'solution')")
-            problem_id = next((record[k] for k in ("id", "idx", "unique_id") if k in record), line_no - 1)
-            problems.append({"id": problem_id, "problem": problem, "answer": answer})
-            if limit is not None and len(problems) >= limit:
-                break
+    for line_no, record in read_jsonl(path, with_lines=True):
+        problem = record.get("problem") or record.get("question")
+        if not problem:
+            raise InputError(f"{path}:{line_no}: no 'problem' or 'question' field")
+        answer = record.get("answer")
+        if isinstance(answer, str) and "####" in answer:  # GSM8K: a worked solution ending in "#### N"
+            answer = answer.rsplit("####", 1)[1]
+        if answer is None and record.get("solution"):
+            answer = extract_answer(record["solution"])
+        answer = "" if answer is None else answer_to_str(answer)
+        if not answer:
+            raise InputError(f"{path}:{line_no}: no 'answer' field (nor a \\boxed{{}} answer in 'solution')")
+        problem_id = next((record[k] for k in ("id", "idx", "unique_id") if k in record), line_no - 1)
+        problems.append({"id": problem_id, "problem": problem, "answer": answer})
+        if limit is not None and len(problems) >= limit:
+            break
     return problems
 
 
@@ -134,10 +117,6 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
     The problems go through the sampler a chunk at a time (a few times --batch-size rows, in its continuous batch of
     batch_size slots), and each chunk's graded records reach on_graded({index: record}) as it finishes, so that a
     stopped evaluation keeps them; done ({index: record}) holds those graded before, which are not done again."""
-    from common import gather, get_rank, get_world_size  # here: the grader needs no torch
-    from engine import mix_seed, sample_groups
-    from model import encode_chat
-
     runs = ([(0.0, 1)] if greedy else []) + ([(1.0, samples)] if samples > 0 else [])  # (temperature, count)
     if not problems or not runs:
         raise ValueError("nothing to evaluate: no problems, or neither greedy nor samples")
@@ -164,7 +143,7 @@ def evaluate_benchmark(model, tokenizer, problems, samples=0, max_new_tokens=102
         records = {}
         for j, outs in outputs.items():
             problem = problems[j]
-            texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+            texts = [decode_text(tokenizer, o) for o in outs]
             extracted = [extract_answer(t) for t in texts]
             records[j] = {
                 "id": problem["id"], "problem": problem["problem"], "answer": problem["answer"],
@@ -216,42 +195,27 @@ def summary_table(model_name, results):
 PARTIAL_SETTINGS = ("model", "samples", "max_new_tokens", "seed", "limit")
 
 
-def graded_before(path, args, num_problems):
+def graded_before(path, settings, num_problems):
     """{index: record} of a partial evaluation in path made with the same settings ({} if none, or if its settings
     differ: it is then started again); a line cut short by a stop is dropped."""
     if not path.is_file():
         return {}
-    lines = path.read_text(errors="replace").splitlines()
-    settings = {name: getattr(args, name) for name in PARTIAL_SETTINGS}
-    try:
-        if json.loads(lines[0]) != {"settings": settings}:
-            return {}
-    except (json.JSONDecodeError, IndexError):
+    records = read_jsonl(path, torn_lines=[])  # the last line of a stopped run may be cut short
+    if not records or records[0] != {"settings": settings}:
         return {}
-    done = {}
-    for line in lines[1:]:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a stopped run, cut short
-            continue
-        if 0 <= record.get("index", -1) < num_problems:
-            done[record.pop("index")] = record
-    return done
+    return {record.pop("index"): record for record in records[1:] if 0 <= record.get("index", -1) < num_problems}
 
 
 class PartialRecords:
     """<name>.partial.jsonl: the settings, then one line per graded problem, each flushed as its chunk finishes."""
 
-    def __init__(self, path, args):
-        done = graded_before(path, args, float("inf"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(path, [{"settings": {name: getattr(args, name) for name in PARTIAL_SETTINGS}}]
-                    + [dict(record, index=j) for j, record in done.items()])
+    def __init__(self, path, settings):
+        done = graded_before(path, settings, float("inf"))
+        write_jsonl(path, [{"settings": settings}] + [dict(record, index=j) for j, record in done.items()])
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, records):
-        self.file.writelines(json.dumps(dict(record, index=j), ensure_ascii=False) + "\n"
-                             for j, record in records.items())
+        self.file.write(jsonl_text(dict(record, index=j) for j, record in records.items()))
         self.file.flush()
 
     def close(self):
@@ -259,48 +223,40 @@ class PartialRecords:
 
 
 def check_arguments(args):
-    """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    checks.refuse): the flags, the device, every benchmark file, --out (results already there are kept unless
-    --overwrite) and the model. Returns ({name: problems}, the result files --overwrite replaces)."""
-    from checks import check_device, check_flags, check_folder, read_config, refuse
+    """Every user error, before any process group forms or any weight loads, each refused in one line: the flags,
+    the device, every benchmark file, --out (results already there are kept unless --overwrite) and the model.
+    Returns ({name: problems}, the result files --overwrite replaces)."""
     check_flags(args, ["max_new_tokens", "limit", "batch_size"], lambda v: v >= 1, "at least 1")
     check_flags(args, ["samples"], lambda v: v >= 0, "0 or more")
-    check_device(args.device)
     benchmarks = {}
-    for name in [b for b in re.split(r"[,\s]+", " ".join(args.benchmarks)) if b]:
-        key = Path(name).stem if name.endswith(".jsonl") else name
-        if key in benchmarks:
-            refuse(f"--benchmarks: two benchmarks named {key!r} would write the same {key}.jsonl")
-        try:
+    with refusing():  # the checks' messages name the flag, the file and the line
+        check_device(args.device)
+        for name in [b for b in re.split(r"[,\s]+", " ".join(args.benchmarks)) if b]:
+            key = Path(name).stem if name.endswith(".jsonl") else name
+            if key in benchmarks:
+                refuse(f"--benchmarks: two benchmarks named {key!r} would write the same {key}.jsonl")
             benchmarks[key] = load_benchmark(name, args.data_dir, args.limit)
-        except UnicodeDecodeError:
-            refuse(f"--benchmarks {name}: not a text file (JSONL)")
-        except (FileNotFoundError, ValueError) as e:  # load_benchmark's messages name the file and the line
-            refuse(str(e))
-        if not benchmarks[key]:
-            refuse(f"--benchmarks {name}: no problems in it")
-    if not benchmarks:
-        refuse("--benchmarks: no benchmark given")
-    out = Path(args.out)
-    check_folder(out)
+            if not benchmarks[key]:
+                refuse(f"--benchmarks {name}: no problems in it")
+        if not benchmarks:
+            refuse("--benchmarks: no benchmark given")
+        out = Path(args.out)
+        check_folder(out)
+        read_config(args.model)
     held = [path for path in [out / "summary.json", *(out / f"{key}.jsonl" for key in benchmarks)] if path.exists()]
     if held and not args.overwrite:
         refuse(f"--out {out} already holds results ({', '.join(path.name for path in held)}): add --overwrite to "
                f"replace them, or choose another --out")
     if args.overwrite:  # a stopped evaluation's graded records go too: it starts again
         held += [path for path in (out / f"{key}.partial.jsonl" for key in benchmarks) if path.exists()]
-    read_config(args.model)
     return benchmarks, held
 
 
 def main(argv=None):
-    import torch
-    from common import end_distributed, init_distributed
-    from model import load_model
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="alias (tiny, qwen-1.5b, ...), hub id or checkpoint folder")
+    parser.add_argument("--model", default="tiny", help="alias (tiny, qwen-1.5b, smollm2-135m, ...), hub id or "
+                        "checkpoint folder")
     parser.add_argument("--benchmarks", nargs="+", default=["builtin"],
                         help=f"names ({', '.join(['builtin'] + BENCHMARKS)}) or JSONL paths, comma or space separated")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder holding NAME.jsonl files")
@@ -322,16 +278,21 @@ def main(argv=None):
     for path in held if rank == 0 else []:  # --overwrite: the old results go only now, when the model has loaded
         path.unlink()
     results, started = {}, time.time()
+    settings = {name: getattr(args, name) for name in PARTIAL_SETTINGS}
     for name, problems in benchmarks.items():
         # records are kept as their chunk is graded, in <name>.partial.jsonl: a rerun after a stop continues there
         partial = Path(args.out) / f"{name}.partial.jsonl"
-        done = graded_before(partial, args, len(problems))
+        done = graded_before(partial, settings, len(problems))
         if done and rank == 0:
             print(f"{name}: {len(done)} of {len(problems)} problems graded before, in {partial}: continuing")
-        keep = PartialRecords(partial, args) if rank == 0 else None  # every process holds every record; one writes
-        records, metrics = evaluate_benchmark(model, tokenizer, problems, args.samples, args.max_new_tokens,
-                                              args.batch_size, seed=args.seed, desc=name, done=done,
-                                              on_graded=keep.write if keep else None)
+        keep = PartialRecords(partial, settings) if rank == 0 else None  # every process holds every record
+        try:
+            records, metrics = evaluate_benchmark(model, tokenizer, problems, args.samples, args.max_new_tokens,
+                                                  args.batch_size, seed=args.seed, desc=name, done=done,
+                                                  on_graded=keep.write if keep else None)
+        except KeyboardInterrupt:  # Ctrl-C: the graded chunks are kept, and the same command continues
+            print(f"\nstopped: the problems graded so far are kept in {partial}; the same command continues")
+            raise SystemExit(130)
         results[name] = metrics
         if rank == 0:
             write_jsonl(Path(args.out) / f"{name}.jsonl", records)

@@ -1,27 +1,30 @@
 """
-GRPO as SRL trains with it, in one file that reads without SRL around it (after GRPO-Zero's grpo.py): the
-group-relative advantage (Shao et al. 2024, DeepSeekMath), the clipped surrogate with DAPO's asymmetric clip and
-its dynamic sampling (Yu et al. 2025), the rollouts and the update. srl.py and rlvr.py call collect_groups and
-update_policy once per step, each with its own prompt and reward.
+GRPO as SRL trains with it, in one file that reads (and copies) without the rest of the project, after GRPO-Zero's
+grpo.py: the group-relative advantage (Shao et al. 2024, DeepSeekMath), the clipped surrogate with DAPO's asymmetric
+clip and its dynamic sampling (Yu et al. 2025), the rollouts and the update. srl.py and rlvr.py call collect_groups
+and update_policy once per step, each with its own prompt and reward.
 
     1. group_advantages, keep_group, grpo_loss: the three formulas.
-    2. Group, Rollout, PromptStream: what a step passes around.
+    2. GRPOConfig, Group, Rollout, PromptStream: the settings, and what a step passes around.
     3. collect_groups: rollouts and rewards, with dynamic sampling; rollouts_of: their advantages.
     4. update_policy: the clipped policy-gradient step, in micro-batches that add up to the step's token mean.
+    5. Several processes (torchrun): the few collectives the two steps use; without torchrun each is the identity.
 
-Under torchrun each process samples its share of every draw of prompts and trains on its share of the kept groups;
-the lines where that shows are commented "torchrun:". The sampler and the log-probs are engine.py's; the helpers
-for several processes are common.py's.
+It imports engine.py (the sampler, the log-probs) and model.py (the decoder), nothing else: the three files copy
+out together. Under torchrun each process samples its share of every draw of prompts and trains on its share of the
+kept groups; the lines where that shows are commented "torchrun:".
 """
 import math
 import random
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
-from common import clip_gradients, gather, get_rank, get_world_size, sum_across, sum_gradients
-from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
-from model import adapters_off, autocast, decode_text, encode_chat
+from engine import completion_logprobs, decode_text, encode_chat, mix_seed, sample_groups, token_budget_batches
+from model import Linear
 
 FORMAT_FAILURE = -1.0  # the reward of a completion that breaks the output format (the paper's SRL reward: -1)
 
@@ -118,7 +121,32 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, re
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. What a step passes around
+# 2. The settings, and what a step passes around
+
+
+@dataclass
+class GRPOConfig:
+    """Every setting collect_groups, rollouts_of and update_policy read (srl.py's flags of the same names)."""
+    batch_prompts: int = 16  # kept groups per step (paper: 512 SRL, 128 RLVR)
+    group_size: int = 8  # rollouts per prompt, G
+    max_new_tokens: int = 1024  # longest completion; longer ones are cut (truncated)
+    temperature: float = 1.0  # of the rollouts, and of the log-probs that train on them
+    std_threshold: float = 0.01  # dynamic sampling keeps a group whose reward std is above this
+    max_draws: int = 4  # sampling rounds per step before training on fewer groups
+    sample_batch: int | None = None  # prompts sampled at once (None: the whole draw)
+    seed: int = 0  # with a prompt's place in the stream, seeds its rollouts
+    scale_by_std: bool = True  # advantage (r - mean) / std, else r - mean
+    mask_truncated: bool = False  # completions cut at max_new_tokens get no loss (DAPO's overlong filtering)
+    tis_cap: float = 0.0  # truncated importance sampling against the sampler's log-probs (0: off)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    beta: float = 0.0  # k3 KL coefficient to the reference (paper: 0)
+    loss_agg: str = "token-mean"  # LOSS_AGGREGATIONS
+    updates_per_batch: int = 1  # optimiser steps on each rollout batch (paper: 1)
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 8192  # positions per forward/backward pass
+    device: str = "cpu"
+    precision: str = "fp32"  # "bf16": bf16 autocast over fp32 weights
 
 
 class Group(NamedTuple):
@@ -126,7 +154,7 @@ class Group(NamedTuple):
     prompt: list  # token ids of the chat prompt
     completions: list  # G lists of sampled token ids, the stop token kept
     rewards: torch.Tensor  # [G]
-    sampler_logps: list = None  # with --tis-cap: each token's log-probability under the sampler
+    sampler_logps: list = None  # with tis_cap: each token's log-probability under the sampler
     example: dict = None  # the training example it came from (for samples.jsonl)
 
 
@@ -135,7 +163,7 @@ class Rollout(NamedTuple):
     prompt: list
     completion: list
     advantage: float  # group-relative, shared by every token of the completion
-    sampler_logp: list = None  # with --tis-cap: each token's log-probability under the sampler
+    sampler_logp: list = None  # with tis_cap: each token's log-probability under the sampler
 
 
 class PromptStream:
@@ -155,35 +183,36 @@ class PromptStream:
 # 3. Rollouts with dynamic sampling
 
 
-def collect_groups(args, policy, tokenizer, examples, stream, build_prompt, reward_fn):
+def collect_groups(cfg: GRPOConfig, policy, tokenizer, examples, stream, build_prompt, reward_fn):
     """Rollouts with dynamic sampling (the paper's SRL section, after DAPO): draw prompts, sample G completions
     each, score them, keep the groups whose reward std exceeds the threshold; repeat until batch_prompts groups are
-    kept or max_draws rounds are spent. Returns the kept Groups and counters for the log."""
+    kept or max_draws rounds are spent. build_prompt(example) -> chat messages; reward_fn(completion text, example)
+    -> float. Returns the kept Groups and counters for the log."""
     kept_groups = []
     drawn = []  # (completions, rewards) of every group sampled in this step, kept or not: for the log
-    for _ in range(args.max_draws):
-        need = args.batch_prompts - len(kept_groups)
+    for _ in range(cfg.max_draws):
+        need = cfg.batch_prompts - len(kept_groups)
         if need <= 0:
             break
         # each prompt's rollouts draw from their own seed, (run seed, place in the prompt stream): a resumed run, or
         # another number of processes, samples the same tokens
-        seeds = [mix_seed(args.seed, stream.position + i) for i in range(need)]
+        seeds = [mix_seed(cfg.seed, stream.position + i) for i in range(need)]
         batch = [examples[stream.next()] for _ in range(need)]
         prompts = [encode_chat(tokenizer, build_prompt(example)) for example in batch]
         # torchrun: this process samples and scores every world-th prompt of the draw, then every process gets
         # every group, so that each keeps what one process would
         share = list(range(get_rank(), need, get_world_size()))
-        groups = sample_groups(policy, [prompts[i] for i in share], args.group_size, args.max_new_tokens,
-                               args.sample_batch, [seeds[i] for i in share], temperature=args.temperature,
-                               return_logprobs=bool(args.tis_cap))
-        groups, logps = groups if args.tis_cap else (groups, [None] * len(share))
+        groups = sample_groups(policy, [prompts[i] for i in share], cfg.group_size, cfg.max_new_tokens,
+                               cfg.sample_batch, [seeds[i] for i in share], temperature=cfg.temperature,
+                               return_logprobs=bool(cfg.tis_cap))
+        groups, logps = groups if cfg.tis_cap else (groups, [None] * len(share))
         scored = {i: (group, [reward_fn(decode_text(tokenizer, c), batch[i]) for c in group], logp)
                   for i, group, logp in zip(share, groups, logps)}
         scored = {i: value for part in gather(scored) for i, value in part.items()}
         for i in range(need):
             completions, rewards, logp = scored[i][0], torch.tensor(scored[i][1]), scored[i][2]
             drawn.append((completions, rewards))
-            if bool(keep_group(rewards, args.std_threshold)) and len(kept_groups) < args.batch_prompts:
+            if bool(keep_group(rewards, cfg.std_threshold)) and len(kept_groups) < cfg.batch_prompts:
                 kept_groups.append(Group(prompts[i], completions, rewards, logp, batch[i]))
     rewards = torch.cat([r for _, r in drawn])
     completions = [c for group, _ in drawn for c in group]
@@ -197,7 +226,7 @@ def collect_groups(args, policy, tokenizer, examples, stream, build_prompt, rewa
                              sampled_tokens=tokens)
 
 
-def rollouts_of(kept_groups, scale_by_std, drop_truncated=False, stop_ids=()):
+def rollouts_of(kept_groups, scale_by_std=True, drop_truncated=False, stop_ids=()):
     """Every completion of the kept groups as a Rollout, its advantage taken within its group, grouped as the groups
     are; with drop_truncated, not those cut at the length limit (no stop token at the end): DAPO's overlong
     filtering, which leaves their rewards in their group's advantages but gives them no loss. Returns (rollouts,
@@ -216,18 +245,39 @@ def rollouts_of(kept_groups, scale_by_std, drop_truncated=False, stop_ids=()):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The update
 
+def autocast(device, precision):
+    """The context of a training forward. "bf16": bf16 matmuls over fp32 master weights (autocast), on CUDA and on
+    CPU alike, so that CPU tests run the code a GPU runs; "fp32": nothing changes."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside, the model is its frozen base (every LoRA adapter's scale 0): under LoRA the KL term's reference model
+    is the policy itself with its adapters switched off, not a copy."""
+    adapted = [m for m in model.modules() if isinstance(m, Linear) and m.lora_scale]
+    scales = [m.lora_scale for m in adapted]
+    for m in adapted:
+        m.lora_scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(adapted, scales):
+            m.lora_scale = scale
+
+
 # an empty micro-batch: a one-token row with advantage 0 (no loss, no gradient) that keeps FSDP's collectives in step
 PADDING = [Rollout([0], [0], 0.0)]
 
 
-def update_policy(model, optimizer, groups, args, reference=None):
-    """The GRPO update on one step's rollouts: --updates-per-batch AdamW steps, each a forward and backward in
-    micro-batches of at most --micro-batch-tokens positions, whose losses add up to the loss of the whole step
-    (--loss-agg: by default the token mean over every completion token of the step). groups: the kept groups as
-    lists of Rollouts. Returns the stats of the log; a step whose loss or gradient is not finite is skipped and
-    counted.
+def update_policy(model, optimizer, groups, cfg: GRPOConfig, reference=None):
+    """The GRPO update on one step's rollouts: cfg.updates_per_batch AdamW steps, each a forward and backward in
+    micro-batches of at most cfg.micro_batch_tokens positions, whose losses add up to the loss of the whole step
+    (cfg.loss_agg: by default the token mean over every completion token of the step). groups: the kept groups as
+    lists of Rollouts. reference: the frozen model of the KL term (beta > 0). Returns the stats of the log; a step
+    whose loss or gradient is not finite is skipped and counted.
 
-    --tis-cap C: truncated importance sampling (TRL's vllm_importance_sampling_correction, verl's rollout_is), for
+    tis_cap C: truncated importance sampling (TRL's vllm_importance_sampling_correction, verl's rollout_is), for
     when the policy that sampled is not exactly the one trained (the bf16 sampling copy, or bf16 kernels): each
     token's surrogate is weighted by min(pi_old / pi_sampler, C), detached, pi_old the trainer's probability of the
     token before this step's update."""
@@ -237,22 +287,22 @@ def update_policy(model, optimizer, groups, args, reference=None):
     # passes as every other process (under FSDP each pass gathers the weights from all of them)
     rollouts = [r for group in groups[get_rank()::get_world_size()] for r in group]
     micro_batches = [rollouts[part] for part in token_budget_batches(
-        [r.prompt for r in rollouts], [r.completion for r in rollouts], args.micro_batch_tokens)]
+        [r.prompt for r in rollouts], [r.completion for r in rollouts], cfg.micro_batch_tokens)]
     micro_batches += [PADDING] * (max(gather(len(micro_batches))) - len(micro_batches))
-    mixed = autocast(args.device, args.precision)
+    mixed = autocast(cfg.device, cfg.precision)
 
     def logprobs(net, batch, **kw):
-        return completion_logprobs(net, [r.prompt for r in batch], [r.completion for r in batch], args.temperature,
+        return completion_logprobs(net, [r.prompt for r in batch], [r.completion for r in batch], cfg.temperature,
                                    **kw)
 
     old_logps = None
-    if args.updates_per_batch > 1:  # the rollout policy's log-probs: the ratio's denominator in later updates
+    if cfg.updates_per_batch > 1:  # the rollout policy's log-probs: the ratio's denominator in later updates
         with torch.no_grad(), mixed:
             old_logps = [logprobs(model, batch)[0] for batch in micro_batches]
     stats = dict(loss=0.0, grad_norm=0.0, clip_fraction=0.0, entropy=0.0, skipped=0)
     tis = [0.0, 0.0]  # sum of the importance ratios pi_old / pi_sampler over the tokens, and the largest
-    is_weights = {}  # --tis-cap: each micro-batch's, the same in every update (pi_old and pi_sampler do not change)
-    for _ in range(args.updates_per_batch):
+    is_weights = {}  # tis_cap: each micro-batch's, the same in every update (pi_old and pi_sampler do not change)
+    for _ in range(cfg.updates_per_batch):
         sums = [0.0, 0.0, 0.0]  # loss, clipped tokens, entropy: summed over micro-batches (and processes)
         for i, batch in enumerate(micro_batches):
             with mixed:
@@ -264,15 +314,15 @@ def update_policy(model, optimizer, groups, args, reference=None):
             # with one update per batch old_logp is logp itself, detached: the ratio is 1, the clip inactive
             old_logp = old_logps[i] if old_logps else logp.detach()
             advantages = torch.tensor([r.advantage for r in batch], device=logp.device)
-            if args.tis_cap and batch is not PADDING and i not in is_weights:
+            if cfg.tis_cap and batch is not PADDING and i not in is_weights:
                 sampler = torch.zeros_like(old_logp)
                 for row, r in enumerate(batch):
                     sampler[row, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp, device=sampler.device)
                 ratio = torch.exp(old_logp - sampler) * mask
-                is_weights[i] = ratio.clamp(max=args.tis_cap)
+                is_weights[i] = ratio.clamp(max=cfg.tis_cap)
                 tis = [tis[0] + ratio.sum().item(), max(tis[1], ratio.max().item())]
-            loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, args.clip_low, args.clip_high, ref_logp,
-                                         args.beta, num_tokens, args.loss_agg, num_sequences, args.max_new_tokens,
+            loss, loss_stats = grpo_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, ref_logp,
+                                         cfg.beta, num_tokens, cfg.loss_agg, num_sequences, cfg.max_new_tokens,
                                          is_weights.get(i))
             loss.backward()
             if batch is not PADDING:  # (a padding pass adds no loss, but its one token has an entropy)
@@ -281,7 +331,7 @@ def update_policy(model, optimizer, groups, args, reference=None):
         # torchrun: the gradient of the whole step on every process, and the logged sums of every process
         sum_gradients(model)
         loss_sum, clipped_tokens, entropy_sum = sum_across(sums)
-        grad_norm = clip_gradients(model, args.grad_clip)
+        grad_norm = clip_gradients(model, cfg.grad_clip)
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             optimizer.step()
             stats.update(loss=loss_sum, grad_norm=grad_norm, clip_fraction=clipped_tokens / num_tokens,
@@ -289,6 +339,64 @@ def update_policy(model, optimizer, groups, args, reference=None):
         else:  # a non-finite loss would poison the weights and AdamW's moments: skip the step
             stats["skipped"] += 1
         optimizer.zero_grad(set_to_none=True)  # no gradient memory held while the next rollouts are sampled
-    if args.tis_cap:
+    if cfg.tis_cap:
         stats.update(tis_ratio_mean=sum_across([tis[0]])[0] / num_tokens, tis_ratio_max=max(gather(tis[1])))
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Several processes (torchrun): each rank takes every world-th piece of the work, the gradients are summed.
+# Without torchrun's process group every helper is the single-process identity.
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather(value):
+    """Every process's `value` (any picklable value), in rank order, on every process."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def sum_across(values):
+    """Element-wise sums over the processes of a list of numbers (logged statistics)."""
+    if not dist.is_initialized():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def sum_gradients(model):
+    """Sum every gradient over the processes: the all-reduce that DistributedDataParallel does, written out
+    because the losses call hidden_states, not forward. Each process's loss is its share of a mean over the
+    whole batch, so the sum is the batch's gradient. A model sharded by FSDP has averaged its gradients in backward
+    (its reduce-scatter): they are multiplied by the number of processes."""
+    from torch.distributed.fsdp import FSDPModule
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if isinstance(model, FSDPModule):
+            if p.grad is not None:
+                p.grad.mul_(get_world_size())
+            continue
+        if p.grad is None:  # a process with nothing to train on this step still takes part
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def clip_gradients(model, max_norm):
+    """Clip the gradients' global norm to max_norm; returns the norm before clipping, a float (under FSDP the norm
+    over every process's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()

@@ -1,60 +1,45 @@
 """
-The paper's claim in miniature, on a CPU (Deng et al. 2025, Table 1): on problems a model almost never solves,
-RLVR gets little learning signal (most groups of rollouts are all wrong and dynamic sampling drops them), while SRL's
+The paper's claim in miniature, on a CPU (Deng et al. 2025, Table 1): on problems a model almost never solves, RLVR
+gets little learning signal (most groups of rollouts are all wrong and dynamic sampling drops them), while SRL's
 step-wise reward still tells better rollouts from worse ones, so SRL learns, and SRL then RLVR ends best. This script
-puts that claim to the test; the README's Quickstart section gives what came out.
+puts that claim to the test on the tiny model; docs/study.md gives what came out and how the study is built.
 
-    python quickstart.py                       # one seed: about 11 minutes on 2 CPU cores
+    python quickstart.py                       # one seed on 2 CPU cores (docs/study.md says how long)
     python quickstart.py --seeds 1 2 3         # the whole study once per seed; mean and std per arm
     python quickstart.py --ablations           # also SRL without dynamic sampling and SRL with a one-step reward
-    python quickstart.py --tune                # the learning-rate search on validation problems (README), every arm
+    python quickstart.py --tune                # the learning-rate search on validation problems, every arm
     python quickstart.py --probe CHECKPOINT    # per-step skills of a checkpoint on the validation problems
     python quickstart.py --arms srl --lora-rank 8 --srl-lr 3e-3   # the SRL arm alone, with LoRA adapters
 
-The task is synthetic.py's chains (written by data_prep.py --synthetic), one operation repeated ("Start with 17. Add
-3, 6 times. What number do you end with?"), solved one application per step ("2. Add 3: 20 + 3 = 23."). The regime
-is built in the warm start: it learns from a sloppy teacher whose steps apply the operation twice 60% of the time
-(--warm-slip), so the base writes well-formed steps but slips at most of them, and a six-step chain comes out right
-almost never.
-The expert solutions the arms train on are correct. A single step is within reach (right or slipped, its arithmetic
-is the model's own), a whole chain is not: the paper's regime, with the base's weakness named. Per seed:
-  1. data_prep.py: warm-start problems (1 to 6 operations) and the study's hard problems (6 operations), split into
-     training, validation (only for --tune) and held-out test problems.
-  2. sft.py --model tiny: the warm start on the sloppy teacher's solutions, the base that every arm starts from. It
-     learns both formats: the whole solution after the evaluation prompt, and SRL's "<think>...</think> + next
-     step" after the SRL prompt.
-  3. The arms, on the same hard training problems:
-       sft        sft.py on the expert solutions (the paper's SFT baseline)
-       rlvr       rlvr.py: final-answer reward
-       sft_rlvr   rlvr.py from sft
-       srl        srl.py: step-similarity reward on the step-wise examples
-       srl_rlvr   rlvr.py from srl (the paper's best)
-     With --ablations: srl_no_ds (dynamic sampling off: --std-threshold -1 keeps every group) and srl_one_step (the
-     whole expert solution as the one target: data_prep.py --one-step).
-     The budget is counted in rollouts: every RL stage samples --rl-steps x --prompts x --group-size of them.
-     Dynamic sampling filters each draw and does not draw again (--max-draws 1), so no arm samples more than another.
-  4. evaluate.py on the held-out test problems: greedy accuracy (the table's main number) and avg@k at temperature 1;
-     then, from its outputs, the greedy answers that are right with every step right (synthetic.check_steps).
-Every stage is its ordinary command line, printed as it starts, with its output in <out>/seed<N>/<name>.log; up to
---jobs of them run at once. At the end: a table shaped like the paper's Table 1, <out>/summary.json and a picture of
-the training curves and held-out accuracies (<out>/study.png with matplotlib, text sparklines without).
+The task is tasks/synthetic.py's chains ("Start with 17. Add 3, 6 times. What number do you end with?"), solved one
+application per step ("2. Add 3: 20 + 3 = 23."). The warm start learns from a sloppy teacher whose steps apply the
+operation twice 60% of the time (--warm-slip): the base writes well-formed steps but slips at most of them, and a
+six-step chain comes out right almost never, while the arms' expert solutions are correct. Per seed:
+  1. data_prep.py: warm-start problems (1 to 6 operations) and hard problems (6), split into training, validation
+     (for --tune only) and held-out test problems.
+  2. sft.py --model tiny: the warm start, the base every arm starts from (both formats: whole solutions, SRL steps).
+  3. The arms, on the same hard training problems: sft (sft.py on the expert solutions), rlvr, sft_rlvr (RLVR from
+     sft), srl, srl_rlvr (RLVR from srl, the paper's best); with --ablations srl_no_ds and srl_one_step. Every RL
+     stage samples --rl-steps x --prompts x --group-size rollouts (--max-draws 1: no arm samples more).
+  4. evaluate.py on the held-out test problems: greedy accuracy and avg@k; and the greedy answers that are right
+     with every step right.
+Every stage is its ordinary command line (study/stages.py), printed as it starts, its output in
+<out>/seed<N>/<name>.log. At the end: the table, <out>/summary.json and <out>/study.png.
 """
 import argparse
 import os
 import random
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from data_prep import read_records, write_json, write_jsonl
-from plot import figure
-from synthetic import check_steps, every_step_right
+from machinery.files import read_jsonl, write_json, write_jsonl
+from study.report import draw, table
+from study.stages import logged, python, resumable, run_stages
+from study.tuning import search_learning_rate
+from tasks.synthetic import every_step_right
 
-ROOT = Path(__file__).resolve().parent
 ARMS = ["sft", "rlvr", "sft_rlvr", "srl", "srl_rlvr", "srl_no_ds", "srl_one_step"]
 PREPARED_BY = ["hard_steps", "max_value", "warm_problems", "train_problems", "val_problems", "test_problems",
                "warm_epochs", "warm_lr", "warm_slip", "warm_srl_share", "device"]  # what a seed's warm start depends on
@@ -64,7 +49,7 @@ CHAINED = ["sft_rlvr", "srl_rlvr"]  # RLVR started from another arm's checkpoint
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="study folder (a seed's folder is made again, unless "
                    "its warm start was made with the same settings)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole study per seed")
@@ -110,68 +95,16 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running stages: each one its own command line and log file, up to --jobs at once
-
-
-def run_stages(stages, jobs, threads, every=30):
-    """Run {name: (command, log path)}, at most `jobs` at a time, each with threads // jobs CPU threads, saying
-    every `every` seconds how far each running stage is (from the progress bar in its log). Stops the study with
-    the log's tail when a stage fails. Returns {name: seconds}."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // max(1, min(jobs, len(stages))))))
-    waiting, running, seconds, said = list(stages.items()), {}, {}, time.time()
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            name, (command, log) = waiting.pop(0)
-            print(f"=== {name}: python {' '.join(map(str, command[1:]))}", flush=True)
-            with open(log, "w") as f:
-                running[name] = (subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                                 time.time(), log)
-        time.sleep(0.2)
-        for name, (process, started, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[name]
-            seconds[name] = time.time() - started
-            if process.returncode != 0:
-                for other, _, _ in running.values():
-                    other.kill()
-                tail = Path(log).read_text(errors="replace")[-3000:]
-                raise SystemExit(f"quickstart.py: stage {name} failed (exit {process.returncode}); "
-                                 f"end of {log}:\n{tail}")
-            print(f"    {name} done in {seconds[name]:.0f} s", flush=True)
-        if running and time.time() - said > every:
-            said = time.time()
-            print("    running: " + "; ".join(progress(name, started, log) for name, (_, started, log)
-                                             in running.items()), flush=True)
-    return seconds
-
-
-def progress(name, started, log):
-    """"base 45% (1688/3750), 252 s, about 308 s left": the last progress bar a stage's log holds."""
-    tail = Path(log).read_text(errors="replace")[-2000:]
-    bars = re.findall(r"(\d+)/(\d+) \[[^<\]]*<([0-9:?]+)", tail)
-    said = f"{name} {time.time() - started:.0f} s"
-    if bars:
-        done, total, left = bars[-1]
-        said += f", {int(done) / max(int(total), 1):.0%} of its {total}, about {left} left"
-    return said
-
-
-def python(script, *args):
-    return [sys.executable, str(ROOT / script), *map(str, args)]
+# One seed: data and warm start, the arms, their evaluation
 
 
 def warm_start_file(data, out_path, srl_share, seed):
     """The warm start's data: every whole solution, plus SRL-format examples (srl_share per solution, drawn at
     random), in one file sft.py reads (it tells the two kinds apart per record)."""
-    solutions, srl_format = read_records(data / "sft_train.jsonl"), read_records(data / "sft_srl_train.jsonl")
+    solutions, srl_format = read_jsonl(data / "sft_train.jsonl"), read_jsonl(data / "sft_srl_train.jsonl")
     random.Random(seed).shuffle(srl_format)
     records = solutions + srl_format[:int(srl_share * len(solutions))]
     write_jsonl(out_path, records)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One study: data, warm start, arms, evaluation
 
 
 def prepare_seed(args, seed):
@@ -181,7 +114,7 @@ def prepare_seed(args, seed):
     work = Path(args.out).resolve() / f"seed{seed}"
     made_with = {name: getattr(args, name) for name in PREPARED_BY} | {"seed": seed, "ablations": args.ablations}
     stamp = work / "prepared.json"
-    if stamp.is_file() and read_records(stamp) == [made_with] and (work / "base" / "last").is_dir():
+    if stamp.is_file() and read_jsonl(stamp) == [made_with] and (work / "base" / "last").is_dir():
         print(f"=== seed {seed}: the data and warm start in {work} were made with these settings: kept", flush=True)
         return work, {}
     shutil.rmtree(work, ignore_errors=True)
@@ -204,11 +137,6 @@ def prepare_seed(args, seed):
         "--save-every", 10_000, "--seed", seed, "--device", args.device)}), 1, args.threads))
     write_jsonl(stamp, [made_with])
     return work, seconds
-
-
-def logged(work, stages):
-    """{name: command} -> {name: (command, <work>/<name>.log)}"""
-    return {name: (command, work / f"{name}.log") for name, command in stages.items()}
 
 
 def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
@@ -241,22 +169,13 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file):
         "--seed", seed, "--out", arms_dir / "eval" / arm, "--device", args.device)
     arms_dir.mkdir(parents=True, exist_ok=True)
 
-    def again(stages):
-        """A stopped study goes on where it stopped: a training stage that began continues (--resume; a finished
-        one has nothing left to do) and an evaluation whose summary is written is not run again."""
-        todo = {}
-        for name, command in stages.items():
-            out = Path(command[command.index("--out") + 1])
-            if not (out / "summary.json").exists():
-                todo[name] = [*command, "--resume"] if (out / "metrics.jsonl").exists() else command
-        return logged(arms_dir, todo)
-
-    # an evaluation waits only for its own arm: the first wave's run beside the second wave's training
-    seconds = run_stages(again(first), args.jobs, args.threads)
+    # a stopped study goes on where it stopped (study/stages.py's resumable); an evaluation waits only for its own
+    # arm: the first wave's run beside the second wave's training
+    seconds = run_stages(resumable(arms_dir, first), args.jobs, args.threads)
     second = {**then, **{f"eval_{arm}": evaluate(arm) for arm in ["base", *first]}}
-    seconds.update(run_stages(again(second), args.jobs, args.threads))
+    seconds.update(run_stages(resumable(arms_dir, second), args.jobs, args.threads))
     last = {f"eval_{arm}": evaluate(arm) for arm in then}
-    seconds.update(run_stages(again(last), args.jobs, args.threads))
+    seconds.update(run_stages(resumable(arms_dir, last), args.jobs, args.threads))
     return read_results(arms_dir, ["base"] + arms, problems_file, args.samples), seconds
 
 
@@ -264,18 +183,18 @@ def read_results(arms_dir, arms, problems_file, samples):
     """{arm: results} from the files the arms and their evaluations wrote under arms_dir."""
     results = {}
     for arm in arms:
-        [summary] = read_records(arms_dir / "eval" / arm / "summary.json")
+        [summary] = read_jsonl(arms_dir / "eval" / arm / "summary.json")
         metrics = next(iter(summary["results"].values()))
         results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"]}
         # the greedy answers that are right with every step right: a right number reached by wrong steps is not
         clean = []
-        for record in read_records(arms_dir / "eval" / arm / problems_file):
+        for record in read_jsonl(arms_dir / "eval" / arm / problems_file):
             greedy = record["temperatures"].index(0.0)
             clean.append(record["correct"][greedy]
                          and every_step_right(record["problem"], record["completions"][greedy]))
         results[arm]["every_step_right"] = statistics.mean(clean)
         if arm in RL_ARMS:
-            log = read_records(arms_dir / arm / "metrics.jsonl")
+            log = read_jsonl(arms_dir / arm / "metrics.jsonl")
             results[arm].update(reward_curve=[m["reward_mean"] for m in log],
                                 kept_group_curve=[m["kept_group_rate"] for m in log],
                                 kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
@@ -283,52 +202,29 @@ def read_results(arms_dir, arms, problems_file, samples):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reporting: the table, summary.json, the picture
+# The study, the table and the picture
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def columns(samples):
+    """The table's columns (study/report.py's table): held-out greedy accuracy and avg@k, the greedy answers right
+    with every step right, and each RL arm's kept-group rate (the share of drawn groups whose rewards differed)."""
+    return [("held-out greedy (%)", "accuracy", "percent"), (f"avg@{samples} (%)", f"avg@{samples}", "percent"),
+            ("greedy, every step right (%)", "every_step_right", "percent"),
+            ("kept-group rate", "kept_group_rate", "rate")]
 
 
-def percent(values):
-    """"12.5 ± 3.0" (mean ± std over seeds, in %), or "12.5" for one seed."""
-    mean, std = mean_std(values)
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if len(values) > 1 else "")
-
-
-def table(arms_results, samples):
-    """Rows as the paper's Table 1: greedy accuracy and avg@k on the held-out problems (%), mean ± std over seeds,
-    the greedy answers right with every step right (%), and each RL arm's kept-group rate (the share of drawn groups
-    whose rewards differed)."""
-    head = (f"| arm | held-out greedy (%) | avg@{samples} (%) | greedy, every step right (%) | kept-group rate "
-            "| per seed (greedy %) |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- |"]
-    for arm, r in arms_results.items():
-        kept = f"{mean_std(r['kept_group_rate'])[0]:.2f}" if "kept_group_rate" in r else ""
-        per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy"])
-        lines.append(f"| {arm} | {percent(r['accuracy'])} | {percent(r[f'avg@{samples}'])} | "
-                     f"{percent(r['every_step_right'])} | {kept} | {per_seed} |")
-    return "\n".join(lines)
-
-
-def draw(arms_results, png_path, title):
-    """The picture of the study (plot.figure): the training curves, each arm one colour and one line per seed, drawn
-    as moving averages over the raw values (faint), on the rewards' whole ranges; then the held-out greedy accuracy
-    and the answers right with every step right, side by side (bars: the mean over seeds, dots: each seed). A PNG
-    with matplotlib; text sparklines of the seed-mean curves without it."""
-    rl = {arm: r for arm, r in arms_results.items() if "reward_curve" in r}
-    series = lambda arms, key: {arm: [list(enumerate(curve, 1)) for curve in rl[arm][key]] for arm in arms}
-    srl_arms = [a for a in rl if a.startswith("srl") and not a.endswith("rlvr")]
-    rlvr_arms = [a for a in rl if a.endswith("rlvr")]
-    curves = [("SRL: mean step-similarity reward (-1 = bad format)", (-1.05, 1.05), series(srl_arms, "reward_curve"),
-               True),
-              ("RLVR: mean final-answer reward", (-0.03, 1.03), series(rlvr_arms, "reward_curve"), True),
-              ("kept-group rate (dynamic sampling)", (-0.03, 1.03), series(list(rl), "kept_group_curve"), True)]
-    bars = [("held-out greedy accuracy (%)", (0, 100),
-             {arm: [100 * a for a in r["accuracy"]] for arm, r in arms_results.items()}),
-            ("greedy, every step right (%)", (0, 100),
-             {arm: [100 * a for a in r["every_step_right"]] for arm, r in arms_results.items()})]
-    drawn = figure([panel for panel in curves if panel[2]], png_path, title, bars)
+def report(arms_results, samples, png, title):
+    """The table and the picture: the SRL arms' and the RLVR arms' mean rewards and every RL arm's kept-group rate,
+    step by step; the held-out greedy accuracy and every-step-right rate."""
+    print(table(arms_results, columns(samples)))
+    rl = [arm for arm, r in arms_results.items() if "reward_curve" in r]
+    drawn = draw(arms_results, png, title, curves=[
+        ("SRL: mean step-similarity reward (-1 = bad format)", (-1.05, 1.05), "reward_curve",
+         [a for a in rl if a.startswith("srl") and not a.endswith("rlvr")]),
+        ("RLVR: mean final-answer reward", (-0.03, 1.03), "reward_curve", [a for a in rl if a.endswith("rlvr")]),
+        ("kept-group rate (dynamic sampling)", (-0.03, 1.03), "kept_group_curve", rl)],
+        bars=[("held-out greedy accuracy (%)", (0, 100), "accuracy"),
+              ("greedy, every step right (%)", (0, 100), "every_step_right")])
     if drawn:
         print(f"picture: {drawn}")
 
@@ -345,89 +241,58 @@ def main(argv=None):
     started = time.time()
     default_lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr,
                    "sft_rlvr": args.sft_rlvr_lr, "srl_rlvr": args.srl_rlvr_lr}
-    if args.tune:
-        return tune(args, default_lrs, [m for m in default_lrs if not args.arms or m in args.arms])
-    if args.probe:
-        for checkpoint in args.probe:
-            print(checkpoint + ": " + step_skills(checkpoint, out / f"seed{args.seeds[0]}" / "data"), flush=True)
-        return
-    arms_results, times = {}, {}
-    for seed in args.seeds:
-        work, seconds = prepare_seed(args, seed)
-        results, more_seconds = run_arms(args, seed, work, work, default_lrs, arms, "test.jsonl")
-        times[seed] = {name: round(t) for name, t in {**seconds, **more_seconds}.items()}
-        print(f"seed {seed}: stage times " + ", ".join(f"{k} {v} s" for k, v in times[seed].items()))
-        for arm, r in results.items():
-            for key, value in r.items():
-                arms_results.setdefault(arm, {}).setdefault(key, []).append(value)
+    try:
+        if args.tune:
+            return tune(args, default_lrs, [m for m in default_lrs if not args.arms or m in args.arms])
+        if args.probe:
+            from study.probe import step_skills
+            for checkpoint in args.probe:
+                print(checkpoint + ": " + step_skills(checkpoint, out / f"seed{args.seeds[0]}" / "data"), flush=True)
+            return
+        arms_results, times = {}, {}
+        for seed in args.seeds:
+            work, seconds = prepare_seed(args, seed)
+            results, more_seconds = run_arms(args, seed, work, work, default_lrs, arms, "test.jsonl")
+            times[seed] = {name: round(t) for name, t in {**seconds, **more_seconds}.items()}
+            print(f"seed {seed}: stage times " + ", ".join(f"{k} {v} s" for k, v in times[seed].items()))
+            for arm, r in results.items():
+                for key, value in r.items():
+                    arms_results.setdefault(arm, {}).setdefault(key, []).append(value)
+    except RuntimeError as e:  # a stage failed: its log's tail says why
+        raise SystemExit(f"quickstart.py: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("\nquickstart.py: stopped; the same command goes on where it stopped")
     rollouts = args.rl_steps * args.prompts * args.group_size
     settings = {**vars(args), "rollouts_per_rl_stage": rollouts, "seconds": round(time.time() - started)}
     write_json(out / "summary.json", {"settings": settings, "arms": arms_results, "stage_seconds": times})
     print(f"\nHeld-out test: {args.test_problems} problems of {args.hard_steps} operations, {len(args.seeds)} seed(s) "
           f"{args.seeds}; every RL stage sampled {rollouts} rollouts (summary: {out / 'summary.json'})")
-    print(table(arms_results, args.samples))
-    draw(arms_results, out / "study.png",
-         f"SRL vs RLVR in miniature: tiny model, {args.hard_steps}-step arithmetic chains, seeds {args.seeds}")
+    report(arms_results, args.samples, out / "study.png",
+           f"SRL vs RLVR in miniature: tiny model, {args.hard_steps}-step arithmetic chains, seeds {args.seeds}")
     print(f"total {time.time() - started:.0f} s")
 
 
-def step_skills(checkpoint, data):
-    """What a checkpoint can do one step at a time, on the validation problems (the README's diagnosis): in its own
-    whole solutions, greedy and sampled (4 per problem, temperature 1), how often a step is right and how often it
-    makes the sloppy teacher's slip; in SRL's format (the expert's steps so far given), how often its greedy next
-    step is exactly the expert's."""
-    import evaluate
-    import model
-    import srl
-    net, tokenizer = model.load_model(checkpoint)
-    problems = read_records(data / "rlvr_val.jsonl")
-    prompts = [model.encode_chat(tokenizer, evaluate.math_messages(p["problem"])) for p in problems]
-    report = []
-    for name, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, 4)):
-        solutions = model.generate(net, prompts * copies, 150, temperature=temperature)
-        counts = [check_steps(p["problem"], model.decode_text(tokenizer, s))
-                  for p, s in zip(problems * copies, solutions)]
-        steps, right, slipped = (sum(column) for column in zip(*counts))
-        report.append(f"{name} right {right / max(steps, 1):.0%} slip {slipped / max(steps, 1):.0%}")
-    examples = read_records(data / "srl_val.jsonl")
-    actions = model.generate(net, [model.encode_chat(tokenizer, srl.srl_messages(e)) for e in examples], 64,
-                             temperature=0)
-    exact = sum(srl.srl_reward(model.decode_text(tokenizer, a), e["target_step"]) == 1.0
-                for a, e in zip(actions, examples))
-    return (f"steps of whole solutions: {', '.join(report)}; SRL format: greedy next step exactly the expert's "
-            f"{exact / max(len(examples), 1):.0%} ({len(examples)} examples)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Tuning: the same learning-rate search for every method, judged on the validation problems only
+# Tuning: the same learning-rate search for every method (study/tuning.py), judged on the validation problems only
 
 
-def tune(args, default_lrs, methods, factors=(1 / 3, 1, 3), max_extensions=3):
-    """Each method's learning rate times 1/3, 1 and 3 (the others at their defaults), scored on the validation
-    problems only (never the test problems): avg@k first (k samples per problem, less noisy than greedy on a few
-    dozen problems), greedy accuracy second. While a method's best rate is the highest (lowest) tried, the search
-    goes one factor of 3 further that way, for every method alike, at most max_extensions times."""
+def tune(args, default_lrs, methods):
+    """Each method's learning rate by the rule every method gets (study/tuning.py's search_learning_rate, the others
+    at their defaults), scored on the validation problems: avg@k first, greedy accuracy second. A chained method's
+    RLVR starts from its own first stage (trained at its default rate) on the same seed."""
     out, rows, k = Path(args.out), [], f"avg@{args.samples}"
     for seed in args.seeds:
         work, _ = prepare_seed(args, seed)
         for method in methods:
-            tried = {}
-            for _ in range(len(factors) + max_extensions):
-                untried = [lr for lr in sorted({default_lrs[method] * f for f in factors}) if lr not in tried]
-                if not untried:
-                    best = max(tried, key=tried.get)
-                    if best not in (min(tried), max(tried)):
-                        break
-                    untried = [best * 3 if best == max(tried) else best / 3]
-                lrs = dict(default_lrs, **{method: untried[0]})
-                # a chained arm's RLVR starts from its own first stage (at its default rate), trained on this seed
+            def score(lr):
+                lrs = dict(default_lrs, **{method: lr})
                 arms = [method.split("_")[0], method] if method in CHAINED else [method]
-                results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lrs[method]:.2g}", lrs, arms,
-                                      "rlvr_val.jsonl")
-                tried[lrs[method]] = (results[method][k], results[method]["accuracy"])
-                rows.append({"method": method, "lr": lrs[method], "seed": seed, "base": results["base"],
+                results, _ = run_arms(args, seed, work, work / f"tune_{method}_{lr:.2g}", lrs, arms, "rlvr_val.jsonl")
+                rows.append({"method": method, "lr": lr, "seed": seed, "base": results["base"],
                              k: results[method][k], "accuracy": results[method]["accuracy"]})
                 print(rows[-1], flush=True)
+                return results[method][k], results[method]["accuracy"]
+            search_learning_rate(default_lrs[method], score)
     write_json(out / "tune.json", rows)
     print(f"| method | lr | validation {k} (%) | validation greedy (%) |\n| --- | --- | --- | --- |")
     for method in methods:

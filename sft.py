@@ -1,53 +1,28 @@
 """
-Supervised fine-tuning (SFT): the paper's SFT baseline, and the warm start that teaches a small model SRL's
-output format before SRL.
-
-Two kinds of data, told apart per record by a "completion" field:
-  - data/sft_srl_train.jsonl (the default): SRL examples with "completion" = "<think>...</think>" + the next step;
-    prompt = srl.srl_messages(example). This is the warm start: a random `tiny` model learns to write a monologue
-    in the tags and then one step, so that SRL's rewards vary instead of being -1 for every rollout.
+Supervised fine-tuning (SFT): the paper's SFT baseline, and the warm start that teaches a model SRL's output format
+before SRL. Two kinds of records, told apart by a "completion" field:
+  - data/sft_srl_train.jsonl (the default): SRL examples, "completion" = "<think>...</think>" + the next step, after
+    srl.srl_messages' prompt: the warm start. A random tiny model, or a real one that never closes </think>, learns to
+    write a monologue in the tags and then one step, so that SRL's rewards vary instead of being -1 for every rollout.
   - data/sft_train.jsonl: problem -> the expert's solution (or, with --target reasoning, "<think>" + the reasoning
-    trace + "</think>" + the solution); prompt = evaluate.math_messages(problem). The paper's SFT baselines.
+    trace + "</think>" + the solution) after evaluate.math_messages' prompt: the paper's SFT baselines.
 
     python data_prep.py && python sft.py                     # tiny warm start on the built-in data (CPU, ~30 s)
     python sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning --out runs/sft_r1
     python sft.py --model qwen-1.5b --data data/sft_train.jsonl --lora-rank 32 --out runs/sft_lora   # a 16 GB GPU
     python sft.py --resume                                   # continue runs/sft/last exactly where it stopped
-    python sft.py --overwrite                                # start again (a folder holding a run is refused)
     torchrun --nproc_per_node 8 sft.py --model qwen-1.5b --data data/sft_train.jsonl --target reasoning   # DDP
 
-Every prompt goes through the model's chat template (model.encode_chat); the target is the completion's tokens
-plus the end-of-turn token (<|im_end|>), and the loss is the mean negative log-likelihood over those tokens
-only: the prompt is masked, the stop token is trained. Outputs: <out>/last (a Hugging Face folder plus the
-training state for --resume), <out>/metrics.jsonl (one line per optimiser step), and for SRL-format data a
-format check on held-out SRL prompts at the end (<out>/format_check.json).
-
-Defaults per model (the flags override them):
-  small       (under 50M parameters, memory.is_small_model: tiny) lr 3e-3, 12 epochs, batch 4, warm-up 0.05 (a
-              random model needs a high learning rate and many small steps). On the built-in data: 312 steps, 31-34 s
-              on the 2-core machine, one thread each, with other work beside it (2026-12-01); the 36-sample format
-              check at the end said 81%, 86% and 78% well formed for --seed 0, 1 and 2.
-  any other   the paper's SFT settings: lr 5e-6, 3 epochs, warm-up ratio 0.3 then cosine decay, batch 16
-A batch runs in micro-batches of at most --micro-batch-tokens padded positions, which the memory plan (memory.py)
-picks with activation checkpointing to fit the card before any weight loads: Qwen2.5-1.5B with --target reasoning
---max-length 4096 is estimated at 53 GB, 7 GB with --lora-rank 32 (--plan-only prints the plan and stops).
-
+The loss is the mean negative log-likelihood of the target tokens and the end-of-turn token after them (the prompt
+masked). Writes <out>/last (and metrics.jsonl); for SRL-format data, a format check on held-out SRL prompts at the end
+(format_check.json). Defaults: a model under 50M parameters (tiny) lr 3e-3, 12 epochs, batch 4, warm-up 0.05; any
+other the paper's lr 5e-6, 3 epochs, warm-up 0.3 then cosine decay, batch 16.
 Departures from the paper and choices it leaves open:
-  - Not reported in the paper: the batch size (we use 16 examples), AdamW betas (0.9, 0.95), weight decay 0 and
-    gradient clipping at norm 1.0.
-  - The learning rate follows a plan of --epochs epochs; --max-steps only ends the run early and does not stretch
-    or shrink the schedule (so a run cut in parts with --resume equals the run in one piece).
-  - --precision bf16 (the default on GPU) keeps float32 master weights under bfloat16 autocast (the paper trains in
-    bf16); with float32 AdamW a 1.5B model needs about 28 GB before activations, a 7B model more than one 80 GB GPU.
-  - Batches group examples of similar length (sorted within shuffled chunks, then the batches shuffled), which
-    changes the order the examples are seen in, not the loss.
-  - --lora-rank R trains LoRA adapters instead of every weight (srl.py's docstring says how; the paper fine-tunes
-    fully); the default learning rate is then 10x the full one.
-
-Sections: 1. data (records -> prompt and target ids), 2. the learning-rate schedule, 3. one optimiser step
-(train_step), 4. the format check, 5. the run. The setup before the first step, checkpoints and torchrun are
-common.py's; the log-probs engine.py's; the prompts srl.py's and evaluate.py's. Next: srl.py, which starts from
-the checkpoint this writes.
+  - Not reported in the paper: the batch size (16), AdamW betas (0.9, 0.95), weight decay 0, gradient clip 1.0.
+  - The schedule spans --epochs; --max-steps ends the run early without changing it (so a run cut in parts with
+    --resume equals the run in one piece).
+  - Batches group examples of similar length (sorted within shuffled chunks, then shuffled): less padding.
+  - bf16 on GPU keeps fp32 master weights under bf16 autocast; --lora-rank R trains LoRA adapters (lr 10x).
 """
 import argparse
 import math
@@ -56,21 +31,22 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from checks import check_fields, check_flags, print0, read_jsonl, refuse
-from common import (card_memory, clip_gradients, end_distributed, get_rank, get_world_size, init_distributed,
-                    load_for_training, prepare_run, save_checkpoint, sum_across, sum_gradients)
-from data_prep import write_json
-from engine import completion_logprobs, mix_seed, sample_groups, token_budget_batches
+from engine import completion_logprobs, decode_text, encode_chat, mix_seed, sample_groups, token_budget_batches
 from evaluate import math_messages
-from memory import plan_memory
-from model import autocast, build_tiny, decode_text, default_stop_token_ids, encode_chat
-from run import RunLog, Stop, start_run
-from srl import parse_action, srl_fields, srl_messages, srl_reward
+from grpo import autocast, clip_gradients, get_rank, get_world_size, sum_across, sum_gradients
+from machinery.checks import print0
+from machinery.distributed import end_distributed, init_distributed
+from machinery.files import InputError, check_fields, read_jsonl, write_json
+from machinery.run import Run, RunLog
+from machinery.setup import (add_training_flags, apply_plan, check_flags, load_for_training, refuse, refusing,
+                             resolve_training, run_settings)
+from model import build_tiny, chatml_tokenizer
+from srl import parse_action, srl_fields, srl_messages, srl_reward, validation_sample
 
 SMALL_MODEL_DEFAULTS = dict(lr=3e-3, epochs=12, batch_size=4, warmup_ratio=0.05)  # tiny (memory.is_small_model)
 PAPER_DEFAULTS = dict(lr=5e-6, epochs=3, batch_size=16, warmup_ratio=0.3)
+STATE_KEYS = ("args", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "skipped_steps")  # what --resume reads
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Data: JSONL records -> (prompt ids, target ids)
@@ -85,14 +61,14 @@ def end_of_turn_id(tokenizer):
 
 def messages_and_target(record, target="solution", where="data"):
     """(chat messages, target text) of one record: SRL format if it has "completion", else problem -> solution. A
-    record without the fields it needs ends the program with a message naming `where` ("file:line")."""
+    record without the fields it needs raises InputError naming `where` ("file:line")."""
     if "completion" in record:
         check_fields(record, dict(srl_fields(record), completion=str), where)
         return srl_messages(record), record["completion"]
     if "steps" in record:
-        refuse(f"{where}: an agent trajectory; train on sft_srl_train.jsonl (one action each)")
+        raise InputError(f"{where}: an agent trajectory; train on sft_srl_train.jsonl (one action each)")
     if target == "reasoning" and not record.get("reasoning"):
-        refuse(f"{where}: no 'reasoning' field (--target reasoning needs data_prep's --reasoning-field data)")
+        raise InputError(f"{where}: no 'reasoning' field (--target reasoning needs data_prep's --reasoning-field data)")
     check_fields(record, {"problem": str, "solution": str}, where)
     text = record["solution"]
     if target == "reasoning":
@@ -101,14 +77,21 @@ def messages_and_target(record, target="solution", where="data"):
 
 
 def fitted_tiny(records, target="solution"):
-    """A fresh tiny model whose tokenizer is fitted to these records (model.build_tiny), each rendered as the chat
-    the model will be trained on, so the prompts' wording and the data's words and numbers become single tokens."""
+    """A fresh tiny model (model.build_tiny) whose tokenizer is fitted to these records: byte-level BPE merges (1,024
+    tokens) learned from each record rendered as the chat it is trained on, as a real model's tokenizer is learned
+    from its corpus. The prompts' wording and the data's words and numbers become single tokens: sequences are
+    about 3x shorter, and a number is one token, which a model this small learns to add far sooner than digit by
+    digit. The merges are deterministic for the same records."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     chat = build_tiny()[1]  # one token per byte: used here only to render the chat template
     texts = [chat.apply_chat_template(messages + [{"role": "assistant", "content": text}], tokenize=False)
              for messages, text in (messages_and_target(record, target) for record in records)]
-    model, tokenizer = build_tiny(texts=texts)
-    model.stop_token_ids = default_stop_token_ids(tokenizer)
-    return model, tokenizer
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's word split
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        special_tokens=["<|im_end|>", "<|endoftext|>", "<|im_start|>"]))
+    return build_tiny(tokenizer=chatml_tokenizer(core))
 
 
 def tokenize(records, tokenizer, target="solution", max_length=4096, where="data"):
@@ -217,11 +200,12 @@ def train_step(model, optimizer, batch, micro_batch_tokens, lr, device, clip=1.0
 
 
 def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_tokens=256, seed=0, batch_prompts=8):
-    """Sample at temperature 1.0 (as SRL's rollouts do) and score with srl.py. Returns a dict with format_rate
-    (fraction that srl.parse_action accepts), reward_mean (srl_reward, -1 for format failures) and a sample."""
+    """Sample at temperature 1.0 (as SRL's rollouts do) and score with srl.py, with a progress bar. Returns a dict
+    with format_rate (fraction that srl.parse_action accepts), reward_mean (srl_reward, -1 for format failures) and
+    a sample."""
     prompts = [encode_chat(tokenizer, srl_messages(example)) for example in examples]
     groups = sample_groups(model, prompts, samples_per_prompt, max_new_tokens, batch_prompts,
-                           [mix_seed(seed, i) for i in range(len(prompts))], temperature=1.0)
+                           [mix_seed(seed, i) for i in range(len(prompts))], temperature=1.0, desc="format check")
     texts = [decode_text(tokenizer, c) for group in groups for c in group]
     experts = [example["target_step"] for example in examples for _ in range(samples_per_prompt)]
     rewards = [srl_reward(t, e) for t, e in zip(texts, experts)]
@@ -234,41 +218,42 @@ def format_check(model, tokenizer, examples, samples_per_prompt=4, max_new_token
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. The run: plan, resume, loop, checkpoints
-
-STATE_KEYS = ("args", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "skipped_steps")  # what --resume reads
+# 5. The run: the command line, the checks, the loop
 
 
 def check_arguments(args):
-    """Every user error, before any process group forms or any weight loads (each ends the program in one line:
-    checks.refuse): the device, the run folder and the model (common.prepare_run, which also fills the flags left
-    at None: tiny's defaults for a small model, else the paper's), the flags, every record of the data and of the
-    format check's prompts. Returns (training state or None, records, format-check examples, model config)."""
-    state, config = prepare_run(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, PAPER_DEFAULTS)
-    check_flags(args, ["epochs", "max_steps", "batch_size", "micro_batch_tokens", "max_length", "save_every"],
-                lambda v: v >= 1, "at least 1")
+    """Every user error, before any process group forms or any weight loads, each refused in one line: the device,
+    the run folder and the model (machinery/setup.py's resolve_training, which also fills the flags left at None:
+    tiny's defaults for a small model, else the paper's), the flags, every record of the data and of the format
+    check's prompts. Returns (training state or None, records, format-check examples, model config)."""
+    state, config = resolve_training(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, PAPER_DEFAULTS)
+    check_flags(args, ["epochs", "max_steps", "batch_size", "micro_batch_tokens", "max_length", "save_every",
+                       "check_prompts"], lambda v: v >= 1, "at least 1")
     check_flags(args, ["check_samples"], lambda v: v >= 0, "0 or more")
     check_flags(args, ["lr"], lambda v: 0 < v < math.inf, "above 0")
     check_flags(args, ["warmup_ratio"], lambda v: 0 <= v <= 1, "in [0, 1]")
     if args.plan_only and not Path(args.data).is_file():
         return state, [], [], config  # the memory plan does not need the data
-    records = read_jsonl(args.data)
+    with refusing():
+        records = read_jsonl(args.data, flag="--data", with_lines=True)
+        for line_no, record in records:
+            messages_and_target(record, args.target, f"{args.data}:{line_no}")
+    records = [record for _, record in records]
     if not records:
         refuse(f"--data {args.data}: no records in it")
-    for line_no, record in enumerate(records, 1):
-        messages_and_target(record, args.target, f"{args.data}:{line_no}")
     # the format check at the end samples SRL prompts: read them now, not after training
     val_path = Path(args.val_data or Path(args.data).with_name("srl_val.jsonl"))
     val_examples = []
     if args.check_samples > 0 and "completion" in records[0] and (args.val_data or val_path.is_file()):
         args.val_data = str(val_path)
-        val_examples = read_jsonl(val_path, srl_fields, flag="--val-data")
+        with refusing():
+            val_examples = read_jsonl(val_path, srl_fields, flag="--val-data")
     return state, records, val_examples, config
 
 
 def load_model_and_data(args, state, records):
-    """The model (common.load_for_training; a fresh tiny one gets a tokenizer fitted to this data) and the examples
-    as token ids, whose lengths and what --max-length cuts from them are printed."""
+    """The model (a fresh tiny one gets a tokenizer fitted to this data) and the examples as token ids, whose
+    lengths and what --max-length cuts from them are printed."""
     fitted = fitted_tiny(records, args.target) if args.model == "tiny" and (state is None or args.lora_rank) else None
     model, tokenizer, _, _ = load_for_training(args, state, base=fitted)
     examples, lost, dropped = tokenize(records, tokenizer, args.target, args.max_length, where=args.data)
@@ -283,28 +268,23 @@ def load_model_and_data(args, state, records):
 
 def train(args, model, tokenizer, examples, state, plan=None):
     """The loop: batches of similar length, the learning-rate schedule of the whole plan, a line of metrics.jsonl per
-    optimiser step and <out>/last every --save-every steps. Returns (steps done, steps skipped)."""
+    optimiser step and <out>/last every --save-every steps (machinery/run.py's Run). Returns (steps done, steps
+    skipped, the exit status)."""
     rank, world = get_rank(), get_world_size()
-    out = Path(args.out)
     lengths = [len(p) + len(t) for p, t in examples]  # prompt + target tokens of each example
     batches_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = args.epochs * batches_per_epoch  # the plan: the schedule runs over these steps
     end_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
-    step = 0  # optimiser steps done
-    skipped = 0  # steps skipped for a non-finite loss or gradient
+    skipped = state["skipped_steps"] if state else 0  # steps skipped for a non-finite loss or gradient
     if state is not None:
-        step, skipped = state["step"], state["skipped_steps"]
-        print0(f"resuming {out / 'last'} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    run_log = start_run(out, model, optimizer, state, args.overwrite, plan, args.report_to)
-    stop = Stop(args.max_skipped_steps)  # SIGTERM / Ctrl-C, and a run whose steps are all skipped
-    if step >= end_step:
-        print0(f"nothing left to do: {out} finished its {end_step} steps (its model: {out / 'last'})")
+        print0(f"resuming {Path(args.out) / 'last'} at step {state['step']} (epoch {state['epoch']}, batch "
+               f"{state['batch_in_epoch']})")
+    run = Run(run_settings(args, plan), model, tokenizer, optimizer, state, end_step, keeps_best=False)
     model.train()
-    bar = tqdm(total=end_step, initial=step, desc="sft", unit="step", disable=rank != 0)
     batches, batches_epoch = None, None  # the batches of one epoch, and which epoch they are
-    while step < end_step:
+    for step in run.steps():
         epoch, index = divmod(step, batches_per_epoch)  # the data position follows from the step alone
         if batches_epoch != epoch:
             batches, batches_epoch = length_grouped_batches(lengths, args.batch_size, args.seed, epoch), epoch
@@ -315,85 +295,49 @@ def train(args, model, tokenizer, examples, state, plan=None):
         step_tokens = sum(len(t) for _, t in batch)
         loss, grad_norm, was_skipped = train_step(model, optimizer, batch[rank::world], args.micro_batch_tokens, lr,
                                                   args.device, precision=args.precision, step_tokens=step_tokens)
-        seconds = time.time() - started
-        step, skipped = step + 1, skipped + was_skipped
-        run_log.metrics({
-            "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": step_tokens,  # trained (target) tokens of this step
-            "tokens_per_s": sum(lengths[i] for i in batches[index]) / seconds,  # prompt + target tokens
-            "skipped": was_skipped, "skipped_total": skipped})
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        bar.update()
-        stopping = stop.requested()  # a signal: this step is finished, and the run stops after it
-        if step % args.save_every == 0 or step == end_step or stopping:
-            save_checkpoint(model, tokenizer, out / "last", optimizer, args, step=step, epoch=step // batches_per_epoch,
-                            batch_in_epoch=step % batches_per_epoch, skipped_steps=skipped)
-        if stopping and step < end_step:
-            run_log.close()
-            stop.preempted(step)
-        stop.count(was_skipped, step)
-    bar.close()
-    run_log.close()
-    stop.release()
-    return step, skipped
+        skipped += was_skipped
+        metrics = {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": step_tokens,  # trained (target) tokens of this step
+                   "tokens_per_s": sum(lengths[i] for i in batches[index]) / (time.time() - started),  # prompt + target
+                   "skipped": was_skipped, "skipped_total": skipped}
+        progress = dict(epoch=(step + 1) // batches_per_epoch, batch_in_epoch=(step + 1) % batches_per_epoch,
+                        skipped_steps=skipped)
+        if run.end_step(metrics, progress, was_skipped):
+            break
+    return run.done, skipped, run.finish()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="alias (tiny, qwen-1.5b, ...), hub id or checkpoint folder")
-    parser.add_argument("--data", default="data/sft_srl_train.jsonl", help="JSONL from data_prep.py")
-    parser.add_argument("--target", choices=["solution", "reasoning"], default="solution",
-                        help="sft_train.jsonl records: train on the solution, or on <think>reasoning</think>solution")
-    parser.add_argument("--out", default="runs/sft", help="run folder: last/ and metrics.jsonl")
-    parser.add_argument("--epochs", type=int, help="length of the plan (tiny: 12, otherwise the paper's 3)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (the plan is unchanged)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (tiny: 3e-3, otherwise the paper's 5e-6)")
-    parser.add_argument("--warmup-ratio", type=float, help="warm-up fraction of the plan (tiny: 0.05, otherwise 0.3)")
-    parser.add_argument("--batch-size", type=int, help="examples per optimiser step (tiny: 4, otherwise 16)")
-    parser.add_argument("--micro-batch-tokens", type=int, default=None, help="padded positions per forward/backward; "
-                        "an example longer than this is one on its own (default: the memory plan's, 8192 on CPU)")
-    parser.add_argument("--max-length", type=int, default=4096, help="longer examples lose the end of their target")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="recompute layers in backward: less memory, ~30%% more time (default: the memory "
-                             "plan's)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on every linear "
-                        "layer of every block, the base frozen (0: full fine-tuning, as the paper)")
-    parser.add_argument("--lora-alpha", type=float, default=None,
-                        help="LoRA's scale is alpha / rank (default: 2 x rank)")
-    parser.add_argument("--save-every", type=int, default=100, help="write <out>/last every N steps and at the end")
-    parser.add_argument("--val-data", help="SRL prompts for the final format check (default: srl_val.jsonl "
-                                           "beside --data)")
-    parser.add_argument("--check-samples", type=int, default=4, help="samples per prompt in the format check (0: off)")
-    parser.add_argument("--report-to", choices=["none", "tensorboard"], default="none", help="also write the metrics "
-                        "and the format check's samples for TensorBoard, in <out>/tensorboard")
-    parser.add_argument("--gpu-memory", type=float, help="plan for a card of this many GB (2^30 bytes; default: the "
-                        "card present)")
-    parser.add_argument("--plan-only", action="store_true", help="print the memory plan and stop before any weight "
-                        "loads (works offline, without a GPU, for the aliases)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data order and the format check's samples")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                        help="bf16: fp32 master weights with bf16 autocast (default on cuda); fp32 (default on cpu)")
-    parser.add_argument("--max-skipped-steps", type=int, default=3, help="stop after this many steps in a row "
-                        "skipped for a non-finite loss or gradient (0: never)")
-    parser.add_argument("--resume", action="store_true", help="continue <out>/last (its plan overrides the flags)")
-    parser.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run, "
-                                                                  "deleting it")
+    add_training_flags(parser, "tiny", "data/sft_srl_train.jsonl", "runs/sft", save_every=100)
+    arg = parser.add_argument
+    arg("--target", choices=["solution", "reasoning"], default="solution",
+        help="sft_train.jsonl records: train on the solution, or on <think>reasoning</think>solution")
+    arg("--epochs", type=int, help="length of the plan (tiny: 12, otherwise the paper's 3)")
+    arg("--warmup-ratio", type=float, help="warm-up fraction of the plan (tiny: 0.05, otherwise 0.3)")
+    arg("--batch-size", type=int, help="examples per optimiser step (tiny: 4, otherwise 16)")
+    arg("--max-length", type=int, default=4096, help="longer examples lose the end of their target")
+    arg("--check-samples", type=int, default=4, help="format check at the end (SRL-format data): samples per prompt "
+        "(0: no check)")
+    arg("--check-prompts", type=int, default=32, help="format check: held-out SRL prompts sampled (a seeded choice "
+        "spread over problems)")
     args = parser.parse_args(argv)
 
     state, records, val_examples, config = check_arguments(args)  # before any process group or weight
     rank, _, args.device = init_distributed(args.device)  # (0, 1, device) without torchrun
-    # the memory plan (memory.py): the micro-batch and activation checkpointing that fit the card, or a refusal
-    plan = plan_memory(config, args, card_memory(args), longest_row=args.max_length)
+    # the memory plan (machinery/memory.py): the micro-batch and activation checkpointing that fit the card
+    plan = apply_plan(args, config, longest_row=args.max_length)
     if args.plan_only:
         end_distributed()
         return
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, tokenizer, examples = load_model_and_data(args, state, records)
-    step, skipped = train(args, model, tokenizer, examples, state, plan)
+    step, skipped, status = train(args, model, tokenizer, examples, state, plan)
     end_distributed()  # what follows (the format check) is rank 0's alone
+    if status:
+        raise SystemExit(status)
     if rank != 0:
         return
     out = Path(args.out)
@@ -404,9 +348,16 @@ def main(argv=None):
     # The warm start's purpose: a format SRL can reward. Check it on held-out prompts (read by check_arguments).
     if val_examples:
         model.eval()
+        chosen = validation_sample(val_examples, args.check_prompts, args.seed)
         longest_target = max(len(t) for _, t in examples)
-        check = format_check(model, tokenizer, val_examples, args.check_samples,
-                             max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
+        print(f"format check: {len(chosen)} held-out SRL prompts x {args.check_samples} samples, up to "
+              f"{min(1024, longest_target + 32)} new tokens each (Ctrl-C skips it; --check-samples 0 leaves it out)")
+        try:
+            check = format_check(model, tokenizer, chosen, args.check_samples,
+                                 max_new_tokens=min(1024, longest_target + 32), seed=args.seed)
+        except KeyboardInterrupt:
+            print(f"\nformat check stopped; the model is whole in {out / 'last'}")
+            raise SystemExit(130)
         shown = check.pop("shown")
         write_json(out / "format_check.json", check)
         samples = RunLog(out, args.report_to)  # the format check's samples, to read beside the rate

@@ -1,81 +1,44 @@
 """
 Supervised Reinforcement Learning (SRL), after Deng et al. 2025, "Supervised Reinforcement Learning: From Expert
-Trajectories to Step-wise Reasoning" (arXiv 2510.25992).
-
-SRL turns each expert solution into step-wise examples: given the problem and the expert's first k-1 steps, the
-policy writes a private monologue in <think> ... </think> and then one action, its guess at step k. The reward
-compares only that action with the expert's step k (R = 2M/T, Ratcliff/Obershelp similarity, -1 when the output
-breaks the format), and the policy is trained with GRPO plus dynamic sampling.
+Trajectories to Step-wise Reasoning" (arXiv 2510.25992). Given a problem and the expert's first k-1 steps, the policy
+writes a monologue in <think> ... </think> and then one action, its guess at step k; the reward compares only the
+action with the expert's step k (R = 2M/T, Ratcliff/Obershelp; -1 when the output breaks the format), and GRPO with
+dynamic sampling (grpo.py) trains on it. Sections: 1. step_similarity, 2. srl_reward, 3. the prompt, 4. the run.
 
     python data_prep.py && python sft.py && python srl.py    # tiny model on the built-in data, a few CPU minutes
     python srl.py --model qwen-1.5b --data data/srl_train.jsonl --out runs/srl     # one 80 GB GPU
     python srl.py --model qwen-1.5b --lora-rank 32 --out runs/srl_lora            # LoRA: one 8-24 GB GPU
     python srl.py --model qwen-7b --lora-rank 32 --gpu-memory 24 --plan-only      # will it fit? (any machine)
     python srl.py --resume --out runs/srl                                           # continue a stopped run
-    python srl.py --overwrite --out runs/srl                                        # start it again instead
     torchrun --nproc_per_node 8 srl.py --model qwen-7b --fsdp --batch-prompts 512 --sample-batch 16   # 8 GPUs
 
-Writes to --out: last/ (checkpoint and training state, for --resume) and best/ (best on validation), Hugging Face
-folders any stage's --model accepts; metrics.jsonl, samples.jsonl (texts to read) and plan.json (the memory plan).
-Every user error is refused before anything loads; SIGTERM or Ctrl-C stop after the step in progress, last/ written.
-
-Sections: 1. step_similarity, 2. srl_reward, 3. the prompt (srl_messages), 4. the run: its command line and the
-loop, rollouts -> advantages -> update -> validation -> checkpoints (train), which rlvr.py imports. The GRPO pieces
-it calls are grpo.py's (re-exported here); the run's logs, stops and checkpoints run.py's; the setup and torchrun
-common.py's; the model and the sampler model.py's and engine.py's.
-
-Defaults by model size (flags override them): under 50M parameters (tiny) 4 prompts x G 8, 64 new tokens, lr 3e-5,
-20 steps; larger models 16 prompts x G 8, 1024 new tokens, lr 1e-6, one epoch (the paper: 512 prompts x G 8, lr
-5e-7, Qwen2.5-7B on several GPUs). Before any weight loads a memory plan (memory.py) picks the prompts sampled at
-once, the micro-batch positions and activation checkpointing that fit the card (or --gpu-memory GB), or stops
-naming the flag to change: Qwen2.5-1.5B at the defaults needs 57 GB, 16 GB with --lora-rank 32.
-
-Under torchrun the same flags mean the same optimisation: --batch-prompts is the global batch, each process samples
-and scores its share of every draw, the groups are gathered so that dynamic sampling keeps what one process would,
-and the gradients of each process's share of the kept groups are summed; --fsdp also shards the weights, gradients
-and AdamW states. A prompt's rollouts draw from (seed, its place in the prompt stream, sample), so one process and
-several sample the same tokens.
-
+Writes to --out: last/ (for --resume) and best/ (best on validation), Hugging Face folders; metrics.jsonl,
+samples.jsonl and plan.json. Defaults by model size: under 50M parameters 4 prompts x G 8, 64 new tokens, lr 3e-5,
+20 steps; larger 16 x 8, 1024 tokens, lr 1e-6, one epoch (paper: 512 x 8, lr 5e-7).
 Departures from the paper and choices it leaves open:
-  - The similarity is our own code, not a difflib call; the tests check it equals
-    difflib.SequenceMatcher(None, a, b).ratio() bit for bit, including difflib's "autojunk" rule.
-  - The paper gives -1 to outputs that break the format but does not define the format; srl_reward's docstring
-    states our rule.
-  - The advantage divides by the population std of the group (the paper says "group std").
-  - Clip range 0.2 low / 0.28 high (DAPO's asymmetric clip); the paper does not report it.
-  - The loss is a token mean over all completion tokens of the optimiser step, so micro-batches add up exactly
-    (--loss-agg offers verl's two others; --tis-cap and --mask-truncated, TRL's and DAPO's corrections, are off).
-  - Dynamic sampling keeps a group when its reward std exceeds --std-threshold (default 0.01; not reported in
-    the paper), and gives up after --max-draws rounds, training on the groups it has (logged as kept_groups).
-  - KL coefficient 0 as in the paper; the k3 estimator against a frozen reference is available with beta > 0.
-  - AdamW without weight decay, constant lr, no warm-up (paper: no warm-up). --precision bf16 (the default on
-    GPU): fp32 master weights, bf16 autocast, and a bf16 copy of the policy that samples, refreshed after each
-    update; its token probabilities differ slightly from the trainer's, as a bf16 vLLM's do in verl.
-  - Validation (the paper selects its checkpoint on it) scores the greedy action of each held-out example: mean
-    similarity with format failures counted as 0 ("val_score"), and the format rate.
-  - Prompts over --max-prompt-tokens (default 4096; not reported in the paper) are dropped once, when the
-    training and validation examples are loaded, and the count is printed (drop_long_prompts).
-  - Agent steps (data_prep.py on agent trajectories: the paper's software-engineering setting) get their own
-    system prompt, asking for the next command; the target is the command, never the agent's thought.
-  - --lora-rank R (off by default) trains LoRA adapters (Hu et al. 2021) on every linear layer of every block
-    instead of every weight: one 8-24 GB card then runs SRL. The base stays frozen (bf16 on a GPU), the adapters
-    fp32; alpha defaults to 2R, the common choice; the default learning rate is 10x full fine-tuning's ("LoRA
-    Without Regret", Thinking Machines 2025). The policy that trains also samples; the KL reference is the base,
-    adapters off. Checkpoints hold the merged weights, and the adapters alone in PEFT's format (adapter/).
+  - The similarity is our own code, equal to difflib.SequenceMatcher(None, a, b).ratio() (tests check it).
+  - The format the -1 punishes is not defined in the paper; parse_action's docstring states ours.
+  - Advantages divide by the population std; clip 0.2 / 0.28 (DAPO's); KL coefficient 0, as the paper.
+  - The loss is a token mean over the optimiser step (--loss-agg: verl's others); std threshold 0.01; at most
+    --max-draws rounds of dynamic sampling a step, then the step trains on the groups it has.
+  - AdamW, no weight decay, constant lr, no warm-up; bf16 on GPU samples from a bf16 copy of the fp32 policy.
+  - Validation scores each held-out example's greedy action (format failures count 0) and keeps the best.
+  - Prompts over --max-prompt-tokens are dropped (counted); agent steps get their own system prompt.
+  - --lora-rank R trains LoRA adapters instead of every weight (default lr 10x, the base is the KL reference).
 """
 import argparse
+import random
 from pathlib import Path
 
 import torch
 
-from common import (check_rl_arguments, copy_weights, drop_long_prompts, end_distributed, load_for_training,
-                    on_rank_zero, planned_steps, prepare_run, start_rl_run, validation_sample)
-from engine import sample_groups
-from grpo import (FORMAT_FAILURE, LOSS_AGGREGATIONS, Group, PromptStream, Rollout, collect_groups,  # noqa: F401
-                  group_advantages, grpo_loss, keep_group, rollouts_of,
-                  update_policy)  # re-exported: `from srl import grpo_loss` is the public name
-from model import decode_text, encode_chat
-from run import Run, expected
+from engine import decode_text, encode_chat, sample_groups
+from grpo import FORMAT_FAILURE, LOSS_AGGREGATIONS, PromptStream, collect_groups, rollouts_of, update_policy
+from machinery.distributed import copy_weights, end_distributed, on_rank_zero
+from machinery.checks import print0
+from machinery.run import Run, expected, rollout_samples
+from machinery.setup import (add_training_flags, drop_long_prompts, grpo_config, load_for_training, planned_steps,
+                             resolve_training, run_settings, start_rl_run)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Step similarity: the reward of the paper's step-wise reward section, R = 2M / T, where T = len(a) + len(b) and
@@ -197,7 +160,7 @@ AGENT_SYSTEM_PROMPT = (
 
 def srl_fields(example):
     """What srl_messages and the reward read from an example ({field: type}): the command lines check every record
-    for them before training starts (checks.check_fields)."""
+    for them before training starts (machinery/files.py's check_fields)."""
     if "issue" in example:  # an agent step
         return {"issue": str, "previous_pairs": list, "step_index": int, "target_step": str}
     return {"problem": str, "previous_steps": list, "target_step": str}
@@ -229,8 +192,8 @@ def srl_messages(example):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. The run: the command line, then the loop (rollouts, advantages, update, validation, checkpoints), shared with
-# rlvr.py
+# 4. The run: the command line, validation, then the loop (rollouts, advantages, update, validation, checkpoints),
+# shared with rlvr.py
 
 SMALL_MODEL_DEFAULTS = dict(batch_prompts=4, group_size=8, max_new_tokens=64, lr=3e-5, max_steps=20)
 LARGE_MODEL_DEFAULTS = dict(batch_prompts=16, group_size=8, max_new_tokens=1024, lr=1e-6, max_steps=None)
@@ -238,16 +201,13 @@ STATE_KEYS = ("args", "optimizer", "rng", "step", "position", "best", "skipped")
 
 
 def training_arguments(description, data_default, out_default, std_threshold_default):
-    """The command line of the GRPO loop; rlvr.py builds its own from the same function. Flags left at None take
-    the defaults of the model's size class (SMALL_MODEL_DEFAULTS / LARGE_MODEL_DEFAULTS)."""
+    """The command line of the GRPO loop (rlvr.py builds its own with this function): the flags every training
+    stage shares (machinery/setup.py), then GRPO's. Flags left at None take the model's size class's defaults
+    (SMALL_MODEL_DEFAULTS / LARGE_MODEL_DEFAULTS)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_flags(p, "runs/sft" if Path("runs/sft").is_dir() else "tiny", data_default, out_default,
+                       save_every=10)
     arg = p.add_argument
-    # Data and run folder
-    arg("--model", default="runs/sft" if Path("runs/sft").is_dir() else "tiny",
-        help="alias, hub id, checkpoint or run folder (default: runs/sft from sft.py, else tiny)")
-    arg("--data", default=data_default, help="training JSONL from data_prep.py")
-    arg("--val-data", default=None, help="validation JSONL (default: the _val file beside --data)")
-    arg("--out", default=out_default, help="run folder: best/, last/, metrics.jsonl")
     arg("--max-prompt-tokens", type=int, default=4096,
         help="examples whose prompt is longer are dropped before training (counted and printed)")
     # Rollouts
@@ -272,50 +232,42 @@ def training_arguments(description, data_default, out_default, std_threshold_def
         "pi_sampler, cap), for a sampler that is not exactly the trainer, the bf16 copy (0: off)")
     arg("--mask-truncated", action="store_true", help="completions cut at --max-new-tokens get no loss (DAPO's "
         "overlong filtering; their rewards still count in their group)")
-    # Optimisation
-    arg("--lr", type=float, default=None, help="AdamW learning rate, constant (paper: 5e-7)")
-    arg("--max-steps", type=int, default=None, help="optimiser steps (default for large models: --epochs)")
+    # Optimisation and validation
     arg("--epochs", type=float, default=1.0, help="passes over the training prompts when --max-steps is not set")
-    arg("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch (paper: 1)")
+    arg("--updates-per-batch", type=int, default=1, help="optimiser steps on each rollout batch (paper: 1; with 1 "
+        "the importance ratio is 1 and the clip never acts)")
     arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper: 1.0)")
-    arg("--micro-batch-tokens", type=int, default=None, help="positions per forward/backward pass; a group's "
-        "prompt counts once (its completions share it). Default: the memory plan's (8192 on CPU)")
-    arg("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-        help="recompute layers in backward: less memory, ~30%% more time (default: the memory plan's)")
-    arg("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on every linear layer of every "
-        "block, the base frozen (0: full fine-tuning, as the paper)")
-    arg("--lora-alpha", type=float, default=None, help="LoRA's scale is alpha / rank (default alpha: 2 x rank)")
-    # Validation and checkpoints
     arg("--eval-every", type=int, default=10, help="validate every N steps (0: only at the end)")
+    arg("--val-limit", type=int, default=64, help="validation examples used")
     arg("--log-samples", type=int, default=10, help="every N steps, a training group's best and worst rollouts go "
         "to <out>/samples.jsonl, as the first validation outputs do at each validation (0: none)")
-    arg("--report-to", choices=["none", "tensorboard"], default="none", help="also write the metrics and samples "
-        "for TensorBoard, in <out>/tensorboard (needs pip install tensorboard)")
-    arg("--val-limit", type=int, default=64, help="validation examples used")
-    arg("--save-every", type=int, default=10, help="write <out>/last every N steps and at the end")
-    arg("--max-skipped-steps", type=int, default=3, help="stop the run after this many steps in a row whose "
-        "updates were all skipped for a non-finite loss or gradient (0: never)")
-    arg("--resume", action="store_true", help="continue from <out>/last, with the plan stored there")
-    arg("--overwrite", action="store_true", help="start again in an --out that holds a run, deleting it")
-    # Runtime
-    arg("--gpu-memory", type=float, default=None, help="plan for a card of this many GB (2^30 bytes; default: the "
-        "card present)")
-    arg("--plan-only", action="store_true", help="print the memory plan and its estimate by part, and stop before "
-        "any weight loads (works offline, without a GPU, for the aliases)")
-    arg("--seed", type=int, default=0, help="seeds the data order and every rollout")
-    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     arg("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW states (FSDP2)")
-    arg("--precision", choices=["bf16", "fp32"], default=None,
-        help="bf16: fp32 master weights, bf16 autocast and a bf16 sampling copy (default on cuda); fp32 (on cpu)")
     return p
 
 
-def validate(args, policy, tokenizer, examples, build_prompt, reward_fn, shown=3):
-    """The greedy action of each validation example (common.validation_sample): the mean reward, format failures
-    counted as 0, and the format rate; and the first `shown` outputs, for samples.jsonl."""
-    examples = validation_sample(examples, args.val_limit, args.seed)
+def validation_sample(examples, limit, seed):
+    """The validation examples scored: a seeded sample spread over as many held-out problems as possible (one
+    example of every problem, in a seeded order, before any problem gives a second). The first examples of the
+    file would be consecutive steps of a few problems. It depends only on the file and the seed, so every
+    evaluation of a run, resumed or not, scores the same examples."""
+    rng = random.Random(seed)
+    by_problem = {}
+    for index, example in enumerate(examples):
+        by_problem.setdefault(str(example.get("id", f"#{index}")), []).append(example)
+    groups = list(by_problem.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    rounds = [[group[k] for group in groups if k < len(group)] for k in range(max(map(len, groups), default=0))]
+    return [example for round_ in rounds for example in round_][:limit]
+
+
+def validate(policy, tokenizer, examples, build_prompt, reward_fn, max_new_tokens, limit=64, seed=0, shown=3):
+    """The greedy action of each validation example (validation_sample): the mean reward, format failures counted as
+    0, and the format rate; and the first `shown` outputs, for samples.jsonl."""
+    examples = validation_sample(examples, limit, seed)
     prompts = [encode_chat(tokenizer, build_prompt(example)) for example in examples]
-    groups = sample_groups(policy, prompts, 1, args.max_new_tokens, temperature=0, desc="validate")
+    groups = sample_groups(policy, prompts, 1, max_new_tokens, temperature=0, desc="validate")
     texts = [decode_text(tokenizer, c) for [c] in groups]
     rewards = [reward_fn(text, example) for text, example in zip(texts, examples)]
     samples = [dict(kind="validation", id=example.get("id"), completion=text, expected=expected(example),
@@ -327,40 +279,55 @@ def validate(args, policy, tokenizer, examples, build_prompt, reward_fn, shown=3
 def train(args, build_prompt, reward_fn, fields=None):
     """The GRPO loop shared by SRL (reward: step similarity) and RLVR (reward: final-answer correctness).
     build_prompt(example) -> chat messages; reward_fn(completion text, example) -> float; fields(example): what the
-    two read from an example, checked in every record before anything loads."""
-    # Setup (common.py): every user error refused in one line before any process group forms or any weight loads,
-    # then torchrun, the memory plan, the model (on --resume: where the run stopped)
-    state, config = prepare_run(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, LARGE_MODEL_DEFAULTS)
-    examples, val_examples = check_rl_arguments(args, fields)
-    plan = start_rl_run(args, config, len(examples))
+    two read from an example, checked in every record before anything loads. Returns the trained model."""
+    # The setup (machinery/setup.py): every flag, file and folder checked, --resume's flags and the size class's
+    # defaults filled in, torchrun and the memory plan, each decision printed, before any weight loads
+    state, config = resolve_training(args, STATE_KEYS, SMALL_MODEL_DEFAULTS, LARGE_MODEL_DEFAULTS)
+    examples, val_examples, plan = start_rl_run(args, config, fields)
     model, tokenizer, policy, reference = load_for_training(args, state, sampling=True)
     examples, val_examples = drop_long_prompts(args, tokenizer, build_prompt, examples, val_examples)
-    total_steps = planned_steps(args, len(examples))  # fewer when prompts were dropped and --epochs sets the length
+    cfg = grpo_config(args)  # from here on the loop reads plain values
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    stream = PromptStream(len(examples), args.seed)  # the order of the training prompts, epoch after epoch
-    # the run's plumbing (run.Run): --resume's state, the logs, the checkpoints, the clock, stopping
-    run = Run(args, model, tokenizer, optimizer, state, plan, stream, total_steps, validating=bool(val_examples))
+    stream = PromptStream(len(examples), args.seed, state["position"] if state else 0)  # the prompts' order
+    skipped = state["skipped"] if state else 0  # updates skipped for a non-finite loss or gradient, in all
+    run = Run(run_settings(args, plan), model, tokenizer, optimizer, state, planned_steps(args, len(examples)),
+              validating=bool(val_examples))  # logs, checkpoints, the clock, stopping (machinery/run.py)
     stop_ids = set(policy.stop_token_ids)
     for _ in run.steps():
+        position = stream.position
         # 1. rollouts and rewards, with dynamic sampling: groups whose rewards do not vary are dropped
-        kept_groups, log = collect_groups(args, policy, tokenizer, examples, stream, build_prompt, reward_fn)
+        kept_groups, log = collect_groups(cfg, policy, tokenizer, examples, stream, build_prompt, reward_fn)
         if run.stopped_before_update():  # a signal (SIGTERM, Ctrl-C): the step is dropped, the run stops
+            stream.position = position
             break
         # 2. advantages within each group; every completion becomes one Rollout of the update
-        rollouts, truncated = rollouts_of(kept_groups, not args.no_std_scale, args.mask_truncated, stop_ids)
+        rollouts, truncated = rollouts_of(kept_groups, cfg.scale_by_std, cfg.mask_truncated, stop_ids)
         # 3. the clipped GRPO update; then the sampling copy, if there is one, takes the new weights
-        stats = update_policy(model, optimizer, rollouts, args, reference) if kept_groups else {}
+        stats = update_policy(model, optimizer, rollouts, cfg, reference) if kept_groups else {}
         if policy is not model and kept_groups:
             copy_weights(policy, model)
         # 4. validation: the paper keeps the checkpoint that scores best on held-out steps. Under torchrun rank 0
         # validates and every process learns the result, since saving gathers FSDP's shards from all of them
         if run.validation_due():
-            run.keep_if_best(*on_rank_zero(validate, args, policy, tokenizer, val_examples, build_prompt, reward_fn))
+            run.keep_if_best(*on_rank_zero(validate, policy, tokenizer, val_examples, build_prompt, reward_fn,
+                                           cfg.max_new_tokens, args.val_limit, args.seed))
         # 5. the log line, the samples to read, and the checkpoint that --resume continues from
-        if run.end_step(log, stats, kept_groups, rollouts, truncated):
+        skipped_now = stats.pop("skipped", 0)
+        skipped += skipped_now
+        log.update(stats, kept_groups=len(kept_groups), skipped_steps=skipped,
+                   **({"masked_truncated": truncated} if cfg.mask_truncated else {}))
+        samples = rollout_samples(tokenizer, kept_groups[0], rollouts[0]) if kept_groups else ()
+        if run.end_step(log, dict(position=stream.position, skipped=skipped), skipped_now == cfg.updates_per_batch,
+                        samples):
             break
-    run.finish()
+    status = run.finish()
     end_distributed()
+    if status:
+        raise SystemExit(status)
+    if run.done > run.started_at:
+        score = f", best validation score {run.best:.3f}" if run.validating else ""
+        print0(f"done: {run.total_steps} steps{score}; the model: {Path(args.out) / 'best'} (last step: "
+               f"{Path(args.out) / 'last'}); next: python evaluate.py --model {Path(args.out) / 'best'}")
     return model
 
 

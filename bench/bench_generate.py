@@ -34,6 +34,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import engine  # noqa: E402
 import model as M  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +99,7 @@ else:
                  "A train travels 120 km in 1.5 hours. What is its average speed?",
                  "Simplify (3x + 2) - (x - 4).", "What is the area of a circle of radius 3?",
                  "Write 0.375 as a fraction in lowest terms."]
-    prompt_ids = [M.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompt_ids = [engine.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     name = "SmolLM2-135M-Instruct"
 
 weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights counted once
@@ -110,7 +111,7 @@ print(f"weights {weight_bytes / 1e6:.0f} MB; measured bandwidth {bandwidth:.1f} 
 
 
 def run_ours(prompts):
-    return M.generate(ours, prompts, args.new_tokens, temperature=1.0, stop_token_ids=[], seed=0)
+    return engine.generate(ours, prompts, args.new_tokens, temperature=1.0, stop_token_ids=[], seed=0)
 
 
 def run_hf(prompts):

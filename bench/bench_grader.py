@@ -1,5 +1,5 @@
 """
-Benchmark: our grader (grader.is_equiv) against math-verify, the grader TRL and open-r1 use, on labelled pairs.
+Benchmark: our grader (tasks/grader.py's is_equiv) against math-verify, the grader TRL and open-r1 use, on labelled pairs.
 
     pip install math-verify          # optional: without it the bench says so and reports ours alone
     python bench/bench_grader.py [--data-dir ../shared/data/benchmarks] [--limit N] [--all-pairs]
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from evaluate import BENCHMARKS, DEFAULT_DATA_DIR, load_benchmark  # noqa: E402
-from grader import answer_structure, is_equiv, letters, matching_bracket, split_top_level  # noqa: E402
+from tasks.grader import answer_structure, is_equiv, letters, matching_bracket, split_top_level  # noqa: E402
 
 
 def truth_table_pairs():

@@ -43,8 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import data_prep  # noqa: E402
+import grpo  # noqa: E402
 import srl  # noqa: E402
-from model import completion_logprobs, decode_text, encode_chat, generate, load_model  # noqa: E402
+from engine import completion_logprobs, decode_text, encode_chat, generate  # noqa: E402
+from model import load_model  # noqa: E402
 from smollm2 import smollm2_folder  # noqa: E402
 
 S1K = ROOT.parent / "shared" / "data" / "trajectories" / "s1k_problems_solutions.json"
@@ -95,7 +97,7 @@ def run_ours(args, folder, examples):
         t["reward"] = time.perf_counter() - start
 
         # the update, as in srl.train with one update per rollout batch (old_logp = logp detached)
-        advantages = srl.group_advantages(rewards).flatten().tolist()
+        advantages = grpo.group_advantages(rewards).flatten().tolist()
         rows = [(prompts[i // G], c, a) for i, (c, a) in enumerate(zip(outputs, advantages)) if len(c) > 0]
         num_tokens = max(sum(len(c) for _, c, _ in rows), 1)
         model.train()
@@ -106,7 +108,7 @@ def run_ours(args, folder, examples):
             logp, mask, entropy = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk], 1.0,
                                                       with_entropy=True)
             adv = torch.tensor([r[2] for r in chunk])
-            loss, _ = srl.grpo_loss(logp, logp.detach(), adv, mask, 0.2, 0.28, num_tokens=num_tokens)
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), adv, mask, 0.2, 0.28, num_tokens=num_tokens)
             t["forward"] += time.perf_counter() - start
             start = time.perf_counter()
             loss.backward()

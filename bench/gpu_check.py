@@ -45,13 +45,12 @@ from torch.nn.attention import SDPBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
 import engine  # noqa: E402
 import grpo  # noqa: E402
-import memory  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 import srl  # noqa: E402
+from machinery import checkpoints, distributed, memory  # noqa: E402
 
 QWEN_1_5B = memory.PUBLISHED_SHAPES["qwen-1.5b"]  # the published config.json shapes (memory.py)
 QWEN_7B = memory.PUBLISHED_SHAPES["qwen-7b"]
@@ -170,13 +169,13 @@ def check_kernels(ours, size, device):
     vocab = size["shape"]["vocab_size"]
     prompts = random_prompts(8, 64, vocab, ragged=True)  # mixed lengths: the prefill needs its padding mask
     # eager decoding: a CUDA graph replays the same kernels, but the profiler sees no call inside a replay
-    prefill = sdpa_kernels(lambda: M.generate(ours, prompts, 1, temperature=0, cuda_graph=False))
-    with_decode = sdpa_kernels(lambda: M.generate(ours, prompts, 3, temperature=0, cuda_graph=False))
+    prefill = sdpa_kernels(lambda: engine.generate(ours, prompts, 1, temperature=0, cuda_graph=False))
+    with_decode = sdpa_kernels(lambda: engine.generate(ours, prompts, 3, temperature=0, cuda_graph=False))
     decode = {k for k, n in with_decode.items() if n > prefill.get(k, 0)}  # what the two decode steps added
     model = random_decoder(size["shape"], device).train()
     group = random_prompts(1, 64, vocab)[0]
-    with M.autocast(device, "bf16"):
-        train = sdpa_kernels(lambda: M.completion_logprobs(model, [group] * 4, random_prompts(4, 32, vocab, 1))[0]
+    with grpo.autocast(device, "bf16"):
+        train = sdpa_kernels(lambda: engine.completion_logprobs(model, [group] * 4, random_prompts(4, 32, vocab, 1))[0]
                              .sum().backward())
     for phase, kernels in (("prefill", prefill), ("decode step", decode), ("packed training forward", train)):
         report(f"SDPA kernel, {phase}", ", ".join(sorted(kernels)), "not the math kernel",
@@ -199,7 +198,7 @@ def check_sampler(size, device):
     ids = torch.tensor(prompts, device=device)
 
     def run_ours(tokens, graph, temperature=1.0):
-        return M.generate(ours, prompts, tokens, temperature=temperature, stop_token_ids=[], seed=0,
+        return engine.generate(ours, prompts, tokens, temperature=temperature, stop_token_ids=[], seed=0,
                           cuda_graph=graph and device.type == "cuda")
 
     def run_hf(tokens):
@@ -230,11 +229,11 @@ def check_sampler(size, device):
            None if device.type != "cuda" else differ == differ_sampled == 0)  # off CUDA both are the eager path
 
 
-def srl_arguments(device, **flags):
-    args = srl.training_arguments("", "", "", 0.01).parse_args(["--device", str(device)])
-    vars(args).update(srl.LARGE_MODEL_DEFAULTS, **dict(dict(precision="bf16", activation_checkpointing=False,
-                                                            micro_batch_tokens=8192), **flags))
-    return args
+def srl_settings(device, **settings):
+    """srl.py's large-model defaults as the GRPO step reads them (grpo.GRPOConfig), bf16, 8192-position micro-batches."""
+    defaults = {k: v for k, v in srl.LARGE_MODEL_DEFAULTS.items() if k in grpo.GRPOConfig.__dataclass_fields__}
+    return grpo.GRPOConfig(**{**defaults, "precision": "bf16", "micro_batch_tokens": 8192, "device": str(device),
+                              **settings})
 
 
 def bf16_peak(device):
@@ -251,15 +250,15 @@ def bf16_peak(device):
 
 def check_srl_step(size, device):
     shape, prompts_n, group = size["shape"], size["srl_prompts"], size["srl_group"]
-    args = srl_arguments(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=size["srl_new"])
+    args = srl_settings(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=size["srl_new"])
     model = random_decoder(shape, device).train()
     policy = copy.deepcopy(model).to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=srl.LARGE_MODEL_DEFAULTS["lr"], weight_decay=0.0)
     prompts = random_prompts(prompts_n, size["srl_prompt"], shape["vocab_size"])
     # a first small update creates AdamW's states, as every later step finds them
     grpo.update_policy(model, optimizer, [[grpo.Rollout(prompts[0], [1, 2, 3], 1.0)]], args)
     reset_peak(device)
-    outputs, t_sample = timed(device, lambda: M.generate(policy, prompts, args.max_new_tokens, num_samples=group,
+    outputs, t_sample = timed(device, lambda: engine.generate(policy, prompts, args.max_new_tokens, num_samples=group,
                                                          stop_token_ids=[], seed=0))
     peak_sample = peak_gb(device)
     advantages = torch.randn(prompts_n * group, generator=torch.Generator().manual_seed(0)).tolist()  # all kept
@@ -269,7 +268,7 @@ def check_srl_step(size, device):
     reset_peak(device)
     stats, t_update = timed(device, lambda: grpo.update_policy(model, optimizer, groups, args))
     peak_update = peak_gb(device)
-    _, t_refresh = timed(device, lambda: common.copy_weights(policy, model))
+    _, t_refresh = timed(device, lambda: distributed.copy_weights(policy, model))
     estimate = memory.estimate_memory(model.config, "bf16", args.micro_batch_tokens, False, prompts_n * group,
                                       size["srl_prompt"] + args.max_new_tokens)
     expected_update = memory.held_plus(estimate, "update") / memory.GB
@@ -368,8 +367,8 @@ def check_masked_backward(size, device):
             saved, M.MASKED_TRAINING_KERNELS = M.MASKED_TRAINING_KERNELS, kernels
             try:
                 model.zero_grad(set_to_none=True)
-                with M.autocast(device, "fp32" if name == "fp32" else "bf16"):
-                    logp, mask = M.completion_logprobs(model, prompts, completions)
+                with grpo.autocast(device, "fp32" if name == "fp32" else "bf16"):
+                    logp, mask = engine.completion_logprobs(model, prompts, completions)
                 (logp * mask).sum().backward()
                 grads[name] = attn.q_proj.weight.grad.float().clone()
             except RuntimeError as e:  # cuDNN may refuse the shape: then it cannot be the cause
@@ -396,17 +395,19 @@ def check_lora_step(size, device, shape, card_gb):
     card present), with the process capped at that size: the time, and each phase's measured peak against the
     estimate for the prompts used here."""
     prompts_n, group, new = size["srl_prompts"], size["srl_group"], size["srl_new"]
-    args = srl_arguments(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=new, lora_rank=32,
-                         lora_alpha=64.0, micro_batch_tokens=None, activation_checkpointing=None)
     cfg = M.ModelConfig.from_hf(shape)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     card = card_gb * memory.GB if card_gb else total
-    memory.plan_memory(cfg, args, card, group, prompts_n, 1024 + new, longest_row=1024 + new)  # sets the picks
+    plan, _ = memory.plan_memory(cfg, card, "bf16", lora_rank=32, group_size=group, prompts=prompts_n,
+                                 sample_length=1024 + new, longest_row=1024 + new)  # the picks, as srl.py's setup
+    args = srl_settings(device, batch_prompts=prompts_n, group_size=group, max_new_tokens=new,
+                        micro_batch_tokens=plan["micro_batch_tokens"], sample_batch=plan["sample_batch"])
+    checkpointing = plan["activation_checkpointing"]
     if card_gb and device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), device)
     try:
         model = random_decoder(shape, device).to(torch.bfloat16).add_lora(32, 64.0).train()
-        model.activation_checkpointing = args.activation_checkpointing
+        model.activation_checkpointing = checkpointing
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
         prompts = random_prompts(prompts_n, size["srl_prompt"], shape["vocab_size"])
         grpo.update_policy(model, optimizer, [[grpo.Rollout(prompts[0], [1, 2, 3], 1.0)]], args)  # AdamW's states
@@ -423,11 +424,11 @@ def check_lora_step(size, device, shape, card_gb):
     finally:
         if card_gb and device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-    estimate = memory.estimate_memory(cfg, "bf16", args.micro_batch_tokens, args.activation_checkpointing,
+    estimate = memory.estimate_memory(cfg, "bf16", args.micro_batch_tokens, checkpointing,
                                       args.sample_batch * group, size["srl_prompt"] + new, lora_rank=32)
     where = f"capped at {card_gb:g} GB" if card_gb else "the whole card"
     picks = (f"{args.sample_batch} prompts at once, micro-batches of {args.micro_batch_tokens}, checkpointing "
-             f"{'on' if args.activation_checkpointing else 'off'}")
+             f"{'on' if checkpointing else 'off'}")
     report(f"SRL step, LoRA 32, {memory.parameter_count(cfg) / 1e9:.1f}B shape, {where}",
            f"{t_sample + t_update:.1f} s: sampling {t_sample:.1f}, update {t_update:.1f} ({picks})")
     ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / memory.GB
@@ -453,7 +454,7 @@ def check_command_line(size, device, tmp):
     first = subprocess.run(command + ["--max-steps", "2"], **run)
     subprocess.run(command + ["--max-steps", "3", "--resume"], **run)
     steps = [json.loads(line)["step"] for line in open(tmp / "run" / "metrics.jsonl")]
-    state = common.load_training_state(tmp / "run" / "last")
+    state = checkpoints.load_training_state(tmp / "run" / "last")
     estimate = [line for line in first.stdout.splitlines() if line.startswith("fits: peak")]
     report("srl.py command line: 2 steps, then --resume", f"steps logged {steps}, checkpoint at step "
            f"{state['step']}, {time.perf_counter() - started:.0f} s" + (f"; {estimate[0]}" if estimate else ""),

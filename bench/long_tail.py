@@ -45,7 +45,7 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
         try:
             for start in range(0, len(prompts), slots):
                 stats = {}
-                outputs += M.generate(model, prompts[start:start + slots], new_tokens, seed=seeds[start:start + slots],
+                outputs += engine.generate(model, prompts[start:start + slots], new_tokens, seed=seeds[start:start + slots],
                                       max_rows=slots, stats=stats, **sample)
                 work += stats["row_steps"]
         finally:
@@ -54,7 +54,7 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
 
     def continuous():
         stats = {}
-        return M.generate(model, prompts, new_tokens, seed=seeds, max_rows=slots, stats=stats, **sample), \
+        return engine.generate(model, prompts, new_tokens, seed=seeds, max_rows=slots, stats=stats, **sample), \
             stats["row_steps"]
 
     ways = {"static, every column (the sampler before)": lambda: static(True),
@@ -62,7 +62,7 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
     if not middle:
         del ways["static, written columns only"]
     try:
-        M.generate(model, prompts[:2], 8, seed=0, **sample)  # warm-up
+        engine.generate(model, prompts[:2], 8, seed=0, **sample)  # warm-up
         results = {}
         for _ in range(repeats):
             for name, fn in ways.items():

@@ -2,6 +2,7 @@
 import torch
 
 import model as M
+import engine as E
 
 
 def supervised_warm_start(model, prompt, targets, steps, lr=1e-3):
@@ -9,7 +10,7 @@ def supervised_warm_start(model, prompt, targets, steps, lr=1e-3):
     random tiny model a known output distribution before an RL test."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
-        logp, mask = M.completion_logprobs(model, [prompt] * len(targets), targets)
+        logp, mask = E.completion_logprobs(model, [prompt] * len(targets), targets)
         loss = -(logp * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
 import data_prep
 import evaluate
 import model as M
 import rlvr
 import sft
 import srl
+from machinery import checkpoints, setup
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"data_prep": data_prep.main, "sft": sft.main, "srl": srl.main, "rlvr": rlvr.main, "evaluate": evaluate.main}
@@ -33,7 +33,7 @@ def small_checkpoint(folder, state=None):
     cfg = M.ModelConfig.from_hf(dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=8,
                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                      intermediate_size=16, tie_word_embeddings=True, eos_token_id=256))
-    M.save_model(M.Decoder(cfg), tokenizer, folder, training_state=state)
+    checkpoints.write_checkpoint(M.Decoder(cfg), tokenizer, folder, training_state=state)
 
 
 def finished_run(folder, state):
@@ -110,9 +110,10 @@ def checked(project, monkeypatch):
     def past_the_checks(*args, **kwargs):
         raise PastTheChecks
 
-    for module in (common, sft):  # srl.py and rlvr.py start torchrun through common.start_rl_run
+    for module in (setup, sft, evaluate):  # srl.py and rlvr.py start torchrun in setup.start_rl_run
         monkeypatch.setattr(module, "init_distributed", past_the_checks)
-    monkeypatch.setattr(M, "load_model", past_the_checks)
+    for module in (M, setup, evaluate):
+        monkeypatch.setattr(module, "load_model", past_the_checks)
     return project
 
 
@@ -140,9 +141,9 @@ CASES = [
     ("data_prep", "--val-problems -1", ["--val-problems"]),
     ("data_prep", "--val-problems 500", ["--val-problems 500"]),
     ("data_prep", "--input data/missing.jsonl", ["data/missing.jsonl"]),
-    ("data_prep", "--input data/not_json.jsonl", ["data/not_json.jsonl", "line 2"]),
+    ("data_prep", "--input data/not_json.jsonl", ["data/not_json.jsonl:2"]),
     ("data_prep", "--input data/binary.jsonl", ["data/binary.jsonl", "UTF-8"]),
-    ("data_prep", "--input data/s1k_like.jsonl", ["data/s1k_like.jsonl", "line 2", "deepseek_attempt"]),
+    ("data_prep", "--input data/s1k_like.jsonl", ["data/s1k_like.jsonl:2", "deepseek_attempt"]),
     ("data_prep", "--out-dir a_file", ["--out-dir", "a_file"]),
     ("data_prep", "--hf-file train.parquet", ["--hf-file"]),
     # sft.py: flags
@@ -311,7 +312,7 @@ def test_overwrite_starts_again_and_removes_only_the_old_run(project):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert "reward_mean" in json.loads((run / "metrics.jsonl").read_text())
     assert (run / "last" / "model.safetensors").read_bytes() != old_weights
-    assert common.load_training_state(run / "last")["step"] == 1 and (run / "best" / "config.json").is_file()
+    assert checkpoints.load_training_state(run / "last")["step"] == 1 and (run / "best" / "config.json").is_file()
     assert (run / "notes.txt").read_text() == "mine\n"
 
 

@@ -15,8 +15,10 @@ import pytest
 import sympy
 
 import data_prep
-import synthetic
+from machinery.files import write_jsonl
+from tasks import synthetic
 from data_prep import DataError, last_boxed, read_records, split_paragraphs, split_steps, step_title
+import engine as E
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ["srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl", "rlvr_train.jsonl",
@@ -606,7 +608,7 @@ def test_s1k_11_validation_problems_and_grade_spellings(tmp_path):
 
 def test_correct_only_on_ungraded_data_names_the_record_and_column(tmp_path):
     result = write_then_fail(tmp_path, json.dumps(make_problem("a", 3)) + "\n", *S1K_FLAGS, "--correct-only")
-    assert "in.jsonl, line 1: --correct-only needs graded attempts" in result.stderr
+    assert "in.jsonl:1: --correct-only needs graded attempts" in result.stderr
     assert "'deepseek_grade'" in result.stderr and "--grade-field" in result.stderr
 
 
@@ -643,15 +645,15 @@ def write_then_fail(tmp_path, content, *flags, name="in.jsonl"):
 def test_malformed_json_line_names_file_and_line(tmp_path):
     good = json.dumps(make_problem("a", 3))
     result = write_then_fail(tmp_path, f"{good}\n\n{{\"id\": \"b\", oops}}\n{good}\n", *S1K_FLAGS)
-    assert "in.jsonl, line 3: malformed JSON" in result.stderr
+    assert "in.jsonl:3: not valid JSON" in result.stderr
     result = write_then_fail(tmp_path, '[\n{"id": 1},\n{"id": 2,,}\n]', *S1K_FLAGS, name="in.json")
-    assert "in.json, line 3: malformed JSON" in result.stderr
+    assert "in.json:3: not valid JSON" in result.stderr
 
 
 def test_missing_field_lists_the_fields_the_record_has(tmp_path):
     content = json.dumps(make_problem("a", 3)) + "\n" + json.dumps({"id": "b", "question": "q", "text": "t"}) + "\n"
     result = write_then_fail(tmp_path, content, *S1K_FLAGS)
-    assert "line 2: no field 'problem', 'solution'; the record has: id, question, text" in result.stderr
+    assert ":2: no field 'problem', 'solution'; the record has: id, question, text" in result.stderr
     result = write_then_fail(tmp_path, json.dumps(make_problem("a", 3)) + "\n")  # s1K-1.1 defaults
     assert "no field 'question', 'deepseek_attempt'" in result.stderr and "--question-field" in result.stderr
 
@@ -661,7 +663,7 @@ def test_other_bad_inputs(tmp_path):
     assert "empty input" in write_then_fail(tmp_path, "[]", *S1K_FLAGS, name="e.json").stderr
     assert "expected a JSON object" in write_then_fail(tmp_path, "[1, 2]", *S1K_FLAGS, name="n.json").stderr
     dup = json.dumps(make_problem("a", 3)) + "\n"
-    assert "line 2: duplicate id 'a'" in write_then_fail(tmp_path, dup * 2, *S1K_FLAGS).stderr
+    assert ":2: duplicate id 'a'" in write_then_fail(tmp_path, dup * 2, *S1K_FLAGS).stderr
     missing = run_cli("--input", tmp_path / "nope.jsonl", "--out-dir", tmp_path / "o")
     assert missing.returncode != 0 and "no such file" in missing.stderr and not (tmp_path / "o").exists()
 
@@ -672,7 +674,7 @@ def test_write_outputs_is_all_or_nothing(tmp_path):
     with pytest.raises(TypeError):  # the second file cannot be serialised
         data_prep.write_outputs(tmp_path, {"a.jsonl": [{"x": 3}], "b.jsonl": [{"y": object()}]})
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl"]
-    data_prep.write_jsonl(tmp_path / "c.jsonl", [{"z": "é"}])
+    write_jsonl(tmp_path / "c.jsonl", [{"z": "é"}])
     assert read_records(tmp_path / "c.jsonl") == [{"z": "é"}]
 
 

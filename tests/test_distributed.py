@@ -18,13 +18,13 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 SRL_DRIVER = """
 import json, sys
 from pathlib import Path
-import common, srl
+import grpo, srl
 args = srl.training_arguments("", "", "", 0.01).parse_args(sys.argv[1:])
 collect = srl.collect_groups
 
 def recording(*a, **k):
     kept, log = collect(*a, **k)
-    if common.get_rank() == 0:
+    if grpo.get_rank() == 0:
         with open(Path(args.out) / "kept.jsonl", "a") as f:
             f.write(json.dumps([[g.prompt, g.completions, g.rewards.tolist()] for g in kept]) + "\\n")
     return kept, log

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 import evaluate
-import grader
-from evaluate import extract_answer, is_equiv, load_benchmark, pass_at_k
+from tasks import grader
+from evaluate import load_benchmark, pass_at_k
+from machinery.files import InputError
+from tasks.grader import extract_answer, is_equiv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,7 +329,7 @@ def test_bad_benchmark_lines_name_file_and_line(tmp_path, line, message):
 
 
 def test_missing_benchmark_file_says_where_to_look(tmp_path):
-    with pytest.raises(FileNotFoundError, match="aime24.jsonl not found"):
+    with pytest.raises(InputError, match="aime24.jsonl not found"):
         load_benchmark("aime24", data_dir=tmp_path)
 
 
@@ -431,9 +433,10 @@ def test_a_stopped_evaluation_continues_where_it_stopped(tmp_path, monkeypatch, 
         return generate(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(engine, "generate", stopping)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: exit status 130, saying where the graded problems are
         evaluate.main(flags + ["--out", str(tmp_path / "run")])
     partial = tmp_path / "run" / "builtin.partial.jsonl"
+    assert stopped.value.code == 130 and f"kept in {partial}" in capsys.readouterr().out
     kept = len(partial.read_text().splitlines()) - 1  # the first line: the settings
     assert 0 < kept < 6 and not (tmp_path / "run" / "builtin.jsonl").exists()
     with open(partial, "a") as f:

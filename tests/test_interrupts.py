@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import grpo
 import model as M
 import srl
 from test_srl_loop import EXAMPLE, loop_args, short_prompt
+from machinery import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [dict(EXAMPLE, id=f"e{i}", problem=f"Compute {i}+3+4.") for i in range(5)]
@@ -130,7 +130,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, m
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (not the progress bar)
     assert stopped.value.code == 2 and len(err) == 1 and str(tmp_path / "run" / "last") in err[0]
     assert "No space left on device" in err[0] and "intact" in err[0]
-    assert common.load_training_state(tmp_path / "run" / "last")["step"] == 2  # the previous one, whole
+    assert checkpoints.load_training_state(tmp_path / "run" / "last")["step"] == 2  # the previous one, whole
     assert not (tmp_path / "run" / "last.tmp").exists()
 
 
@@ -203,7 +203,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     print(f"SIGTERM once the log holds {step} steps (seed {seed})")
     code, stdout, stderr = signal_at_step(command, tmp_path / "run", step, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, stderr[-2000:]
-    stopped_at = common.load_training_state(tmp_path / "run" / "last")["step"]
+    stopped_at = checkpoints.load_training_state(tmp_path / "run" / "last")["step"]
     assert f"stopped at step {stopped_at}: --resume continues" in stdout and step <= stopped_at < 8
     subprocess.run(command + ["--out", str(tmp_path / "run"), "--resume"], env=ENV, check=True, capture_output=True)
     expected, got = weights(tmp_path / "straight"), weights(tmp_path / "run")
@@ -226,7 +226,7 @@ def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
     subprocess.run(command + ["--out", str(tmp_path / "straight")], env=ENV, check=True, capture_output=True)
     code, stdout, stderr = signal_at_step(command, tmp_path / "run", 2, signal.SIGTERM)
     assert code != 0
-    stopped_at = common.load_training_state(tmp_path / "run" / "last")["step"]
+    stopped_at = checkpoints.load_training_state(tmp_path / "run" / "last")["step"]
     assert stdout.count(f"stopped at step {stopped_at}: --resume continues") == 1 and 2 <= stopped_at < 8, stderr
     subprocess.run(command + ["--out", str(tmp_path / "run"), "--resume"], env=ENV, check=True, capture_output=True)
     expected, got = weights(tmp_path / "straight"), weights(tmp_path / "run")

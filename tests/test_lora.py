@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import common
 import model as M
 import sft
 import srl
@@ -15,6 +14,9 @@ from rlvr import math_reward
 from test_model import hf_pair, random_prompts
 from test_sft import MATH_RECORDS, write_jsonl
 from test_srl_loop import EXAMPLE, loop_args, short_prompt
+import engine as E
+import grpo
+from machinery import checkpoints
 
 
 def random_adapters(model, seed=0):
@@ -46,7 +48,7 @@ def test_step_zero_is_the_base_model_and_only_adapters_train(name):
     ours(ids).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ours.named_parameters() if n in adapters)
     assert all(p.grad is None for n, p in ours.named_parameters() if n not in adapters)
-    with M.adapters_off(ours), torch.no_grad():
+    with grpo.adapters_off(ours), torch.no_grad():
         assert torch.equal(ours(ids), before)  # the reference of the KL term: the base, adapters off
     with torch.no_grad():
         assert not torch.allclose(ours(ids), before)  # and back on after it
@@ -60,7 +62,7 @@ def test_our_lora_equals_peft_and_peft_loads_our_adapter(name, tmp_path):
     M.save_model(ours, tokenizer, tmp_path / "base")  # the base, as an ordinary checkpoint
     ours.add_lora(4, 6.0, base=str(tmp_path / "base"))
     random_adapters(ours)
-    config = peft.LoraConfig(r=4, lora_alpha=6.0, lora_dropout=0.0, target_modules=M.LORA_TARGETS)
+    config = peft.LoraConfig(r=4, lora_alpha=6.0, lora_dropout=0.0, target_modules=checkpoints.LORA_TARGETS)
     theirs = peft.get_peft_model(hf, config).eval()
     with torch.no_grad():  # PEFT's LoRA with our A and B
         for key, p in theirs.named_parameters():
@@ -71,7 +73,7 @@ def test_our_lora_equals_peft_and_peft_loads_our_adapter(name, tmp_path):
     with torch.no_grad():
         logits = ours(ids)
         assert (theirs(ids).logits - logits).abs().max().item() <= 1e-5
-    M.save_model(ours, tokenizer, tmp_path / "trained")
+    checkpoints.write_checkpoint(ours, tokenizer, tmp_path / "trained")  # merged weights, and adapter/ for PEFT
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "trained" / "adapter")).eval()
@@ -92,7 +94,7 @@ def test_srl_with_lora_writes_checkpoints_every_tool_reads(tmp_path):
     trained = srl.train(args, short_prompt, varied)
     assert trained.lora["rank"] == 4 and args.lora_alpha == 8.0  # alpha defaults to 2 x rank
     base, tokenizer = M.load_model("tiny")
-    ids = torch.tensor([M.encode_chat(tokenizer, short_prompt(examples[0]))])
+    ids = torch.tensor([E.encode_chat(tokenizer, short_prompt(examples[0]))])
     with torch.no_grad():
         logits, base_logits = trained(ids), base(ids)
     assert not torch.allclose(logits, base_logits, atol=1e-4)  # the adapters moved
@@ -118,7 +120,7 @@ def test_sft_srl_and_rlvr_steps_with_lora(tmp_path, precision):
               "--max-steps", "2", "--lr", "1e-2", "--lora-rank", "4", "--precision", precision])
     log = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(log) == 2 and not any(entry["skipped"] for entry in log)
-    state = common.load_training_state(tmp_path / "sft" / "last")
+    state = checkpoints.load_training_state(tmp_path / "sft" / "last")
     assert state["args"]["lora_rank"] == 4
     assert all(".lora_" in name for name in state["optimizer"]["state"])  # AdamW's states: the adapters' alone
     examples = [dict(EXAMPLE, id=f"e{i}", problem=f"Compute {i}+3+4.") for i in range(4)]
@@ -178,11 +180,11 @@ def test_prompts_sampled_by_the_lora_policy_match_the_model():
     """Under LoRA the policy that samples is the trained model itself (no copy): generate reads the adapters."""
     model, _ = M.load_model("tiny")
     prompts = random_prompts(3, 200, lo=4, hi=9)
-    before = M.generate(model, prompts, 12, temperature=0, stop_token_ids=[])
+    before = E.generate(model, prompts, 12, temperature=0, stop_token_ids=[])
     model.add_lora(4, 8)
-    assert M.generate(model, prompts, 12, temperature=0, stop_token_ids=[]) == before  # B = 0
+    assert E.generate(model, prompts, 12, temperature=0, stop_token_ids=[]) == before  # B = 0
     random_adapters(model, seed=3)
-    assert M.generate(model, prompts, 12, temperature=0, stop_token_ids=[]) != before
+    assert E.generate(model, prompts, 12, temperature=0, stop_token_ids=[]) != before
 
 
 def test_lora_under_fsdp_is_refused_in_one_line(tmp_path, monkeypatch, capsys):

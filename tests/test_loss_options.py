@@ -11,6 +11,7 @@ import torch
 import grpo
 import srl
 from test_srl_loop import EXAMPLE, loop_args, short_prompt
+import engine as E
 
 
 def batch(seed=0, B=5, T=7):
@@ -105,7 +106,7 @@ def test_the_importance_weight_is_capped(monkeypatch, updates):
     net, _ = M.load_model("tiny")
     prompt, completions = [1, 2, 3], [[4, 5, 6], [7, 8]]
     with torch.no_grad():
-        trainer, _ = M.completion_logprobs(net, [prompt] * 2, completions)
+        trainer, _ = E.completion_logprobs(net, [prompt] * 2, completions)
     planted = [(trainer[0, :3] - math.log(3)).tolist(), (trainer[1, :2] + math.log(2)).tolist()]
     groups = [[grpo.Rollout(prompt, c, a, s) for c, a, s in zip(completions, (1.0, -1.0), planted)]]
     args = types.SimpleNamespace(micro_batch_tokens=8192, device="cpu", precision="fp32", temperature=1.0,

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
-import memory
+from machinery import memory, setup
 import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_check import QWEN_1_5B, QWEN_7B  # noqa: E402  (the published shapes)
+import grpo
 
 SMALL = M.ModelConfig.from_hf(dict(  # Qwen2.5's proportions (intermediate ~5.8 x hidden, 3 query heads per KV head)
     model_type="qwen2", vocab_size=300, hidden_size=192, num_hidden_layers=3, num_attention_heads=6,
@@ -30,7 +30,7 @@ def saved_bytes(model, tokens, precision, masked, checkpointing):
 
     ids = torch.randint(0, 300, (1, tokens), generator=torch.Generator().manual_seed(tokens))
     model.activation_checkpointing = checkpointing
-    with M.autocast("cpu", precision):
+    with grpo.autocast("cpu", precision):
         mask = None
         if masked:  # any additive mask (here causal) makes attention repeat the KV heads, as for packed groups
             dtype = M.compute_dtype(model.lm_head.weight)
@@ -105,11 +105,11 @@ class LoadedWeights(Exception):
 
 def start_on_a_gpu(monkeypatch, module, config):
     """Run a stage up to its memory plan as if on an 80 GB GPU with `config`'s shape: loading weights raises. (The
-    setup lives in common.py; a stage may call these itself.)"""
+    setup lives in machinery/setup.py; a stage may call these itself.)"""
     def load_model(*args, **kwargs):
         raise LoadedWeights
 
-    for place in (common, module):
+    for place in (setup, module):
         for name, value in (("gpu_memory", lambda device: CARD), ("load_model", load_model),
                             ("read_config", lambda source: M.ModelConfig.from_hf(config))):
             if hasattr(place, name):
@@ -191,7 +191,7 @@ def test_the_packing_mask_is_kept_once_not_once_per_layer():
 
         mask = torch.full((40, 40), float("-inf")).triu(1)[None, None]
         mask = mask == 0 if dtype == torch.bool else mask.to(dtype)
-        with M.autocast("cpu", "bf16"), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with grpo.autocast("cpu", "bf16"), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             model.hidden_states(ids, attn_mask=mask)
         copies[dtype] = len(squares)
     assert copies == {torch.bfloat16: 1, torch.float32: SMALL.num_layers, torch.bool: 1}, copies
@@ -225,7 +225,7 @@ def test_plan_only_works_offline_for_every_alias(alias, tmp_path, monkeypatch, c
     assert lines[-1].startswith("fits: peak") and status == 0, lines
     assert any(line.startswith("memory plan:") for line in lines) and not (tmp_path / "runs").exists()
     lines, status = plan_lines("sft", ["--model", alias, "--gpu-memory", "80"], capsys, tmp_path, monkeypatch)
-    assert lines[-1].startswith(("fits: peak", "does not fit:")) and status in (0, 1), lines
+    assert (lines[-1].startswith("fits: peak") and status == 0) or ("error: does not fit:" in lines[-1] and status == 2)
 
 
 # the targets of the plan (the README's table "which card runs what"): the estimate must fit them within 85%
@@ -248,14 +248,14 @@ def test_a_plan_that_cannot_fit_names_the_flag(tmp_path, monkeypatch, capsys):
     LoRA on 8 GB even the frozen base does not, and it names a smaller model. Settings given on the command line are
     kept, not re-picked: --micro-batch-tokens 16384 without checkpointing does not fit 16 GB."""
     lines, status = plan_lines("srl", ["--model", "qwen-7b", "--gpu-memory", "24"], capsys, tmp_path, monkeypatch)
-    assert status == 1 and lines[-1].startswith("does not fit:") and "--lora-rank" in lines[-1]
+    assert status == 2 and "error: does not fit:" in lines[-1] and "--lora-rank" in lines[-1]  # an error: exit 2
     lines, status = plan_lines("srl", ["--model", "qwen-7b", "--lora-rank", "16", "--gpu-memory", "8"], capsys,
                                tmp_path, monkeypatch)
-    assert status == 1 and "smaller model" in lines[-1]
+    assert status == 2 and "smaller model" in lines[-1]
     lines, status = plan_lines("srl", ["--model", "qwen-1.5b", "--lora-rank", "32", "--gpu-memory", "16",
                                        "--micro-batch-tokens", "16384", "--no-activation-checkpointing"], capsys,
                                tmp_path, monkeypatch)
-    assert status == 1 and "--micro-batch-tokens" in lines[-1]
+    assert status == 2 and "--micro-batch-tokens" in lines[-1]
     lines, status = plan_lines("srl", ["--model", "qwen-1.5b", "--lora-rank", "32", "--gpu-memory", "16"], capsys,
                                tmp_path, monkeypatch)
     assert status == 0 and "activation checkpointing" in lines[-5]

@@ -11,6 +11,7 @@ import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from smollm2 import smollm2_folder, smollm2_missing_reason  # noqa: E402
+import engine as E
 
 CONFIGS = {  # small random configurations covering GQA, tied/untied embeddings, bias on/off, both families
     "qwen2_gqa_tied": ("qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -70,7 +71,7 @@ def test_cached_decoding_equals_full_forward(name):
         step_logits = [ours.lm_head(ours.hidden_states(ids[:, :8], positions[:, :8], None, cache)[:, -1])]
         for t in range(8, 19):
             mask = (torch.arange(20) <= t).expand(2, 1, 1, 20)
-            step_logits.append(ours.decode_step(ids[:, t:t + 1], positions[:, t:t + 1], cache, torch.tensor([t]),
+            step_logits.append(engine.decode_step(ours, ids[:, t:t + 1], positions[:, t:t + 1], cache, torch.tensor([t]),
                                                 mask))
     assert torch.allclose(torch.stack(step_logits, 1), full[:, 7:19], atol=1e-4)
 
@@ -79,9 +80,9 @@ def test_cached_decoding_equals_full_forward(name):
 def test_batched_greedy_equals_one_by_one_and_transformers(name):
     hf, ours = hf_pair(name)
     prompts = random_prompts(5, 97, seed=1)
-    batched = M.generate(ours, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    batched = E.generate(ours, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
     for prompt, out in zip(prompts, batched):
-        assert out == M.generate(ours, [prompt], max_new_tokens=12, temperature=0, stop_token_ids=[])[0]
+        assert out == E.generate(ours, [prompt], max_new_tokens=12, temperature=0, stop_token_ids=[])[0]
         ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                           max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)
@@ -91,9 +92,9 @@ def test_batched_greedy_equals_one_by_one_and_transformers(name):
 def test_stop_token_is_kept_and_rows_stay_finished():
     _, ours = hf_pair("qwen2_gqa_tied")
     prompts = random_prompts(4, 97, seed=2)
-    free = M.generate(ours, prompts, max_new_tokens=15, temperature=0, stop_token_ids=[])
+    free = E.generate(ours, prompts, max_new_tokens=15, temperature=0, stop_token_ids=[])
     stop = free[0][4]  # a token greedy decoding of prompt 0 emits at step 5: make it a stop token
-    stopped = M.generate(ours, prompts, max_new_tokens=15, temperature=0, stop_token_ids=[stop])
+    stopped = E.generate(ours, prompts, max_new_tokens=15, temperature=0, stop_token_ids=[stop])
     for f, s in zip(free, stopped):
         cut = f.index(stop) + 1 if stop in f else len(f)
         assert s == f[:cut]
@@ -103,15 +104,15 @@ def test_stop_token_is_kept_and_rows_stay_finished():
 def test_num_samples_are_prompt_major_and_seeded():
     _, ours = hf_pair("llama_gqa_untied")
     prompts = random_prompts(3, 97, seed=3)
-    a = M.generate(ours, prompts, 10, temperature=1.0, num_samples=4, seed=7)
-    b = M.generate(ours, prompts, 10, temperature=1.0, num_samples=4, seed=7)
-    c = M.generate(ours, prompts, 10, temperature=1.0, num_samples=4, seed=8)
+    a = E.generate(ours, prompts, 10, temperature=1.0, num_samples=4, seed=7)
+    b = E.generate(ours, prompts, 10, temperature=1.0, num_samples=4, seed=7)
+    c = E.generate(ours, prompts, 10, temperature=1.0, num_samples=4, seed=8)
     assert a == b and a != c and len(a) == 12
     # prompt-major: rows 0..3 continue prompt 0. Greedy samples of one prompt are identical, and equal its
     # greedy continuation alone.
-    greedy = M.generate(ours, prompts, 6, temperature=0, num_samples=2)
+    greedy = E.generate(ours, prompts, 6, temperature=0, num_samples=2)
     for i, p in enumerate(prompts):
-        alone = M.generate(ours, [p], 6, temperature=0)[0]
+        alone = E.generate(ours, [p], 6, temperature=0)[0]
         assert greedy[2 * i] == greedy[2 * i + 1] == alone
 
 
@@ -122,14 +123,14 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch():
     _, ours = hf_pair("qwen2_gqa_tied")
     prompts = random_prompts(4, 97, lo=2, hi=14, seed=13)
     seeds = [101, 202, 303, 404]
-    together = M.generate(ours, prompts, 10, temperature=1.0, num_samples=3, seed=seeds)
+    together = E.generate(ours, prompts, 10, temperature=1.0, num_samples=3, seed=seeds)
     for i in range(4):
-        alone = M.generate(ours, [prompts[i]], 10, temperature=1.0, num_samples=3, seed=[seeds[i]])
+        alone = E.generate(ours, [prompts[i]], 10, temperature=1.0, num_samples=3, seed=[seeds[i]])
         assert alone == together[3 * i:3 * i + 3]
-    halves = M.generate(ours, prompts[1::2], 10, temperature=1.0, num_samples=3, seed=seeds[1::2])
+    halves = E.generate(ours, prompts[1::2], 10, temperature=1.0, num_samples=3, seed=seeds[1::2])
     assert halves == together[3:6] + together[9:12]
     assert together[0] != together[1]  # the samples of one prompt differ
-    assert M.generate(ours, prompts, 10, num_samples=3, seed=[1, 2, 3, 4]) != together
+    assert E.generate(ours, prompts, 10, num_samples=3, seed=[1, 2, 3, 4]) != together
 
 
 def test_first_token_frequencies_match_softmax():
@@ -139,7 +140,7 @@ def test_first_token_frequencies_match_softmax():
     temperature, n = 1.7, 30000
     with torch.no_grad():
         probs = torch.softmax(ours(torch.tensor([prompt]))[0, -1] / temperature, -1).double()
-    draws = M.generate(ours, [prompt], 1, temperature=temperature, num_samples=n, seed=0)
+    draws = E.generate(ours, [prompt], 1, temperature=temperature, num_samples=n, seed=0)
     counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=12).double()
     chi2 = (((counts - n * probs) ** 2) / (n * probs)).sum().item()
     assert chi2 < 31.26, chi2  # the 0.999 quantile of chi-square with 11 degrees of freedom
@@ -177,7 +178,7 @@ def test_completion_logprobs_match_full_forward():
     _, ours = hf_pair("llama_gqa_untied")
     prompts, completions = random_prompts(3, 97, seed=4), random_prompts(3, 97, lo=1, hi=9, seed=5)
     temperature = 0.7
-    logp, mask, entropy = M.completion_logprobs(ours, prompts, completions, temperature, with_entropy=True,
+    logp, mask, entropy = E.completion_logprobs(ours, prompts, completions, temperature, with_entropy=True,
                                                 chunk_size=3)
     assert mask.sum(1).tolist() == [len(c) for c in completions]
     for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -202,7 +203,7 @@ def test_completion_logprobs_of_shared_prompts_match_transformers_and_unshared_g
     prompts = [p1, p1, p1, p2, p3, p3, p3, p1]  # groups of 3, 1 and 3, then p1 again (not next to its group)
     completions = samples[:5] + [[]] + samples[5:7]  # an empty completion inside a group
     weights = torch.randn(len(prompts), 10, generator=torch.Generator().manual_seed(8))
-    logp, mask = M.completion_logprobs(ours, prompts, completions, temperature=0.8, chunk_size=4)
+    logp, mask = E.completion_logprobs(ours, prompts, completions, temperature=0.8, chunk_size=4)
     assert mask.sum(1).tolist() == [len(c) for c in completions]
     for b, (p, c) in enumerate(zip(prompts, completions)):
         with torch.no_grad():
@@ -215,7 +216,7 @@ def test_completion_logprobs_of_shared_prompts_match_transformers_and_unshared_g
     ours.zero_grad()
     for b in range(len(prompts)):
         if completions[b]:
-            one, _ = M.completion_logprobs(ours, [prompts[b]], [completions[b]], temperature=0.8)
+            one, _ = E.completion_logprobs(ours, [prompts[b]], [completions[b]], temperature=0.8)
             (one * weights[b:b + 1, :one.shape[1]]).sum().backward()
     for n, p in ours.named_parameters():
         assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=1e-4), n
@@ -231,7 +232,7 @@ def test_packed_logprobs_equal_the_unpacked_reference_with_gradients():
     completions[4] = []
     weights = torch.randn(6, 8, generator=torch.Generator().manual_seed(11))
     grads = []
-    for fn in (M.completion_logprobs, engine.completion_logprobs_reference):
+    for fn in (E.completion_logprobs, engine.completion_logprobs_reference):
         ours.zero_grad()
         logp, mask = fn(ours, prompts, completions, 0.9)
         (logp * weights[:, :logp.shape[1]]).sum().backward()
@@ -249,8 +250,8 @@ def test_tiny_save_then_transformers_loads_same_logits(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     messages = [{"role": "user", "content": "Solve 2 + 3 * 4 step by step."}]
-    ids = M.encode_chat(tokenizer, messages)
-    assert ids == M.encode_chat(hf_tok, messages)
+    ids = E.encode_chat(tokenizer, messages)
+    assert ids == E.encode_chat(hf_tok, messages)
     assert tokenizer.decode(ids) == hf_tok.decode(ids)
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -268,7 +269,7 @@ def test_tiny_tokenizer_round_trips_bytes():
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert ids == list(text.encode("utf-8"))
     assert tokenizer.decode(ids) == text
-    assert len(M.encode_chat(tokenizer, [{"role": "user", "content": "hi"}])) > 2
+    assert len(E.encode_chat(tokenizer, [{"role": "user", "content": "hi"}])) > 2
 
 
 def test_bad_input():
@@ -282,11 +283,11 @@ def test_bad_input():
                                    num_attention_heads=2, intermediate_size=8,
                                    rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        M.generate(ours, [[1] * 4000], max_new_tokens=200)
+        E.generate(ours, [[1] * 4000], max_new_tokens=200)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        M.generate(ours, [[1, 2], []], max_new_tokens=2)
-    assert M.generate(ours, [], max_new_tokens=5) == []
-    assert M.generate(ours, [[1, 2], [3]], max_new_tokens=0, num_samples=2) == [[], [], [], []]
+        E.generate(ours, [[1, 2], []], max_new_tokens=2)
+    assert E.generate(ours, [], max_new_tokens=5) == []
+    assert E.generate(ours, [[1, 2], [3]], max_new_tokens=0, num_samples=2) == [[], [], [], []]
 
 
 @pytest.fixture(scope="module")
@@ -303,12 +304,12 @@ def smollm2():
 def test_smollm2_real_weights_logits_and_greedy_text(smollm2):
     ours, hf, tokenizer = smollm2
     questions = ["What is the capital of France?", "Compute 12 * 7 and explain briefly."]
-    prompts = [M.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [E.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     with torch.no_grad():
         for p in prompts:
             x = torch.tensor([p])
             assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
-    outs = M.generate(ours, prompts, max_new_tokens=24, temperature=0)
+    outs = E.generate(ours, prompts, max_new_tokens=24, temperature=0)
     for p, out in zip(prompts, outs):
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                           max_new_tokens=24, do_sample=False, eos_token_id=ours.stop_token_ids,
@@ -358,7 +359,7 @@ def test_continuous_batching_gives_every_row_the_tokens_it_gets_alone(temperatur
                 p.mul_(6)
     prompts = random_prompts(7, 97, lo=1, hi=30, seed=4)
     seeds = [3 * i + 1 for i in range(7)]
-    free_running = M.generate(ours, prompts, 40, temperature=temperature, num_samples=3, seed=seeds,
+    free_running = E.generate(ours, prompts, 40, temperature=temperature, num_samples=3, seed=seeds,
                               stop_token_ids=[])
     first = {}  # token -> the step where it first appears, in each row that writes it
     for row in free_running:
@@ -367,16 +368,32 @@ def test_continuous_batching_gives_every_row_the_tokens_it_gets_alone(temperatur
     # stop tokens the rows do write, but never at their first steps: they end rows at different steps
     stops = sorted((t for t, steps in first.items() if min(steps.values()) >= 3), key=lambda t: -len(first[t]))[:3]
     kw = dict(temperature=temperature, num_samples=3, stop_token_ids=stops)
-    at_once = M.generate(ours, prompts, 40, seed=seeds, **kw)
+    at_once = E.generate(ours, prompts, 40, seed=seeds, **kw)
     lengths = [len(row) for row in at_once]
     assert min(lengths) < 20 and len(set(lengths)) > 3, lengths  # rows stop at different steps
-    alone = [row for prompt, seed in zip(prompts, seeds) for row in M.generate(ours, [prompt], 40, seed=[seed], **kw)]
+    alone = [row for prompt, seed in zip(prompts, seeds) for row in E.generate(ours, [prompt], 40, seed=[seed], **kw)]
     assert alone == at_once
+    assert E.generate_static(ours, prompts, 40, seed=seeds, **kw) == at_once  # the plain sampler a student reads
     for bucket, compact in ((16, True), (10 ** 6, True), (16, False)):  # widths of 16 columns, or the whole cache;
         monkeypatch.setattr(engine, "COLUMN_BUCKET", bucket)  # live rows moved to the front once none wait, or not
         monkeypatch.setattr(engine, "COMPACT_TAIL", compact)
         for slots in (1, 2, 5):
             stats = {}
-            assert M.generate(ours, prompts, 40, seed=seeds, max_rows=slots, stats=stats, **kw) == at_once
+            assert E.generate(ours, prompts, 40, seed=seeds, max_rows=slots, stats=stats, **kw) == at_once
             static = sum(slots * max(lengths[r:r + slots]) for r in range(0, len(lengths), slots))
             assert stats["row_steps"] < static or slots == 1, (slots, stats, static)
+
+
+def test_the_static_sampler_gives_generates_tokens_and_transformers_greedy():
+    """engine.generate_static, the sampler a student reads first, against generate (continuous batching, a few
+    slots) on mixed prompt lengths, greedy and sampled, with and without stop tokens; and greedy against
+    transformers' generate."""
+    hf, ours = hf_pair("llama_gqa_untied")
+    prompts = random_prompts(6, 97, lo=1, hi=25, seed=9)
+    for temperature, stops in ((0.0, []), (1.0, []), (1.0, [5, 17, 40]), (0.7, [3])):
+        kw = dict(temperature=temperature, num_samples=2, stop_token_ids=stops, seed=11)
+        assert E.generate_static(ours, prompts, 24, **kw) == E.generate(ours, prompts, 24, max_rows=3, **kw)
+    for prompt, out in zip(prompts, E.generate_static(ours, prompts, 10, temperature=0, stop_token_ids=[])):
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out == ref[0, len(prompt):].tolist()

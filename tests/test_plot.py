@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-import plot
+from study import plot
 
 
 def run_folder(path, steps=12, rl=True):

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import common
 import engine
 import grpo
 import model as M
@@ -16,6 +15,8 @@ from rlvr import math_reward
 from test_model import hf_pair, random_prompts
 from test_sft import MATH_RECORDS, write_jsonl
 from test_srl_loop import EXAMPLE, loop_args, short_prompt
+import engine as E
+from machinery import checkpoints
 
 
 @pytest.mark.parametrize("name", ["qwen2_gqa_tied", "llama_gqa_untied"])
@@ -35,11 +36,11 @@ def test_packed_logprobs_under_autocast(name, monkeypatch):
         return attention(q, k, v, attn_mask, is_causal)
 
     monkeypatch.setattr(M, "attention", spy)
-    with M.autocast("cpu", "bf16"):
-        packed, mask = M.completion_logprobs(ours, prompts, completions, 0.9)
+    with grpo.autocast("cpu", "bf16"):
+        packed, mask = E.completion_logprobs(ours, prompts, completions, 0.9)
         reference, _ = engine.completion_logprobs_reference(ours, prompts, completions, 0.9)
     assert dtypes == {torch.bfloat16}
-    full, _ = M.completion_logprobs(ours, prompts, completions, 0.9)
+    full, _ = E.completion_logprobs(ours, prompts, completions, 0.9)
     assert packed.dtype == torch.float32 and mask.sum().item() == sum(map(len, completions))
     torch.testing.assert_close(packed, reference, atol=2e-3, rtol=0)
     torch.testing.assert_close(packed, full, atol=1e-2, rtol=0)
@@ -113,7 +114,7 @@ def test_sft_step_under_bf16(tmp_path):
                   "--max-steps", "2", "--lr", "1e-3", "--precision", precision])
         losses[precision] = [json.loads(line)["loss"] for line in open(tmp_path / precision / "metrics.jsonl")]
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=1e-2) and losses["bf16"] != losses["fp32"]
-    state = common.load_training_state(tmp_path / "bf16" / "last")
+    state = checkpoints.load_training_state(tmp_path / "bf16" / "last")
     assert state["args"]["precision"] == "bf16"
     model, _ = M.load_model(tmp_path / "bf16" / "last")
     assert model.lm_head.weight.dtype == torch.float32
@@ -133,14 +134,14 @@ def test_the_masked_training_forward_never_asks_for_cudnn_attention(monkeypatch)
     monkeypatch.setattr(M, "sdpa_kernel", recording)
     model, _ = M.load_model("tiny")
     prompts, completions = [[1, 2, 3]] * 2, [[4, 5], [6]]  # one group: packed, under a mask
-    logp, _ = M.completion_logprobs(model, prompts, completions)
+    logp, _ = E.completion_logprobs(model, prompts, completions)
     logp.sum().backward()
     assert asked and all(torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in kernels for kernels in asked)
     assert all(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION in kernels for kernels in asked)  # CUDA's choice
     assert len(asked) == model.config.num_layers
     asked.clear()
     with torch.no_grad():
-        M.completion_logprobs(model, prompts, completions)
-    M.generate(model, prompts, 4, temperature=0)
+        E.completion_logprobs(model, prompts, completions)
+    E.generate(model, prompts, 4, temperature=0)
     model(torch.tensor([[1, 2, 3]])).sum().backward()  # unmasked (causal) training forward
     assert asked == []

@@ -9,9 +9,11 @@ import statistics
 
 import pytest
 
-import plot
+from study import plot
 import quickstart
-import synthetic
+from study.report import mean_std, table
+from study.stages import progress
+from tasks import synthetic
 
 
 def test_sparkline():
@@ -23,12 +25,12 @@ def test_table_reports_mean_std_and_every_seed():
     results = {"base": {"accuracy": [0.02, 0.04], "avg@4": [0.01, 0.03], "every_step_right": [0.0, 0.02]},
                "rlvr": {"accuracy": [0.0, 0.1], "avg@4": [0.0, 0.05], "every_step_right": [0.0, 0.0],
                         "kept_group_rate": [0.125, 0.375]}}
-    rows = quickstart.table(results, 4).splitlines()
+    rows = table(results, quickstart.columns(4)).splitlines()
     assert rows[0].startswith("| arm | held-out greedy (%) | avg@4 (%) | greedy, every step right (%)")
     # mean and sample std over the seeds, in percent: 3.0 +- 1.4 and 5.0 +- 7.1
     assert rows[2] == "| base | 3.0 ± 1.4 | 2.0 ± 1.4 | 1.0 ± 1.4 |  | 2.0, 4.0 |"
     assert rows[3] == "| rlvr | 5.0 ± 7.1 | 2.5 ± 3.5 | 0.0 ± 0.0 | 0.25 | 0.0, 10.0 |"
-    assert quickstart.mean_std([0.5]) == (0.5, 0.0)
+    assert mean_std([0.5]) == (0.5, 0.0)
 
 
 def test_every_step_right_needs_steps_and_no_wrong_one():
@@ -138,7 +140,7 @@ def test_a_running_stage_says_how_far_it_is(tmp_path):
     log = tmp_path / "base.log"
     log.write_text("3 examples\rsft:  44%|####4     | 1650/3750 [04:12<05:21, 6.5step/s]\rsft:  45%|####5     | "
                    "1688/3750 [04:18<05:08, 6.6step/s]")
-    said = quickstart.progress("base", __import__("time").time() - 258, log)
-    assert said.startswith("base 25") and "45% of its 3750, about 05:08 left" in said
+    said = progress("base", __import__("time").time() - 258, log)
+    assert said.startswith("base 25") and "45% of its 3750, about 5 min left" in said  # 258 s x 2062 / 1688 left
     log.write_text("loading\n")
-    assert quickstart.progress("data", __import__("time").time(), log) == "data 0 s"
+    assert progress("data", __import__("time").time(), log) == "data 0 s"

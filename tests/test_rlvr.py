@@ -11,6 +11,7 @@ import model as M
 from helpers import supervised_warm_start
 from evaluate import math_messages
 from rlvr import math_reward
+import engine as E
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_rlvr_steps_keep_mixed_groups_and_raise_accuracy(tmp_path):
     torch.manual_seed(0)
     model, tokenizer = M.load_model("tiny")
     problem = {"id": "p", "problem": "Compute 2+3+4.", "answer": "9"}
-    prompt = M.encode_chat(tokenizer, math_messages(problem["problem"]))
+    prompt = E.encode_chat(tokenizer, math_messages(problem["problem"]))
     targets = [tokenizer.encode(t, add_special_tokens=False) + model.stop_token_ids[:1]
                for t in ("\\boxed{9}", "\\boxed{8}")]
     supervised_warm_start(model, prompt, targets, steps=40, lr=3e-3)
@@ -39,7 +40,7 @@ def test_rlvr_steps_keep_mixed_groups_and_raise_accuracy(tmp_path):
     (tmp_path / "rlvr_val.jsonl").write_text(json.dumps(problem) + "\n")
 
     def accuracy(m, samples=256):
-        outputs = M.generate(m, [prompt], 12, num_samples=samples, seed=1)
+        outputs = E.generate(m, [prompt], 12, num_samples=samples, seed=1)
         return sum(math_reward(tokenizer.decode(o, skip_special_tokens=True), "9") for o in outputs) / samples
 
     before = accuracy(model)

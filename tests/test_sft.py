@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import sft
+from machinery.files import InputError
 from evaluate import math_messages
 from engine import token_budget_batches
-from model import encode_chat, load_model
+from engine import encode_chat
+from model import load_model
 from srl import srl_messages
 
 SRL_RECORD = {"id": "p1", "problem": "Ana has 3 apples and buys 4 more. How many?", "previous_steps": [
@@ -43,9 +45,8 @@ def test_prompt_and_target_through_the_chat_template(tiny, capsys):
     # --target reasoning wraps the trace in the think tags; a record without one is an error naming its line
     record = {**MATH_RECORDS[0], "reasoning": "Two of them."}
     assert sft.messages_and_target(record, "reasoning")[1] == "<think>\nTwo of them.\n</think>\n" + record["solution"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="x.jsonl:2: no 'reasoning'"):
         sft.tokenize([record, MATH_RECORDS[1]], tokenizer, target="reasoning", where="x.jsonl")
-    assert "x.jsonl:2: no 'reasoning'" in capsys.readouterr().err
 
 
 def test_loss_counts_exactly_the_target_and_stop_tokens(tiny):
@@ -211,8 +212,9 @@ def test_fitted_tiny_tokenizer_survives_save_and_load(tmp_path):
     same ids after save_model, through load_model and through transformers' AutoTokenizer."""
     from transformers import AutoTokenizer
     import data_prep
-    import synthetic
-    from model import encode_chat, load_model, save_model
+    from engine import encode_chat
+    from model import load_model, save_model
+    from tasks import synthetic
     problems = data_prep.normalize(synthetic.synthetic_problems(30, 3, seed=1), data_prep.BUILTIN_FIELDS)
     records = data_prep.prepare(problems, val_problems=0)[0]["sft_srl_train.jsonl"]
     model, tokenizer = sft.fitted_tiny(records)

@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-import common
 import model as M
 from helpers import supervised_warm_start
 import srl
+import engine as E
+import grpo
+from machinery import checkpoints
 
 EXAMPLE = {"id": "add", "problem": "Compute 2+3+4.", "previous_steps": ["1. 2+3=5"],
            "target_step": "2. 5+4=9", "step_index": 2, "num_steps": 2, "answer": "9"}
@@ -49,20 +51,20 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary(tmp_path):
     def reward(completion, example):  # flat examples: every rollout scores the same; "varied": they differ
         return 0.5 if example["id"].startswith("flat") else (sum(map(ord, completion)) % 97) / 97
 
-    args = loop_args(tmp_path, examples, batch_prompts=3, max_draws=2)
-    stream = srl.PromptStream(len(examples), seed=0)
-    kept, log = srl.collect_groups(args, model, tokenizer, examples, stream, short_prompt, reward)
+    cfg = grpo.GRPOConfig(batch_prompts=3, group_size=4, max_new_tokens=12, std_threshold=0.01, max_draws=2)
+    stream = grpo.PromptStream(len(examples), seed=0)
+    kept, log = grpo.collect_groups(cfg, model, tokenizer, examples, stream, short_prompt, reward)
     assert 1 <= len(kept) <= 2  # "varied" is drawn once or twice in two rounds
     for prompt, group, rewards in ((g.prompt, g.completions, g.rewards) for g in kept):
         assert rewards.std(unbiased=False) > 0.01 and len(group) == 4
-        assert prompt == M.encode_chat(tokenizer, short_prompt(examples[-1]))
+        assert prompt == E.encode_chat(tokenizer, short_prompt(examples[-1]))
     assert log["groups_drawn"] == 3 + (3 - len(kept) if len(kept) < 3 else 0) or log["groups_drawn"] <= 6
     assert stream.position == log["groups_drawn"] and log["kept_group_rate"] == len(kept) / log["groups_drawn"]
 
 
 def mean_reward(model, tokenizer, example, samples=256):
-    prompt = M.encode_chat(tokenizer, short_prompt(example))
-    outputs = M.generate(model, [prompt], 28, num_samples=samples, seed=123)
+    prompt = E.encode_chat(tokenizer, short_prompt(example))
+    outputs = E.generate(model, [prompt], 28, num_samples=samples, seed=123)
     return sum(srl_step_reward(tokenizer.decode(o, skip_special_tokens=True), example) for o in outputs) / samples
 
 
@@ -72,7 +74,7 @@ def test_srl_steps_raise_the_reward_on_a_fixed_example(tmp_path):
     (format failures included) of 256 fresh samples rises clearly."""
     torch.manual_seed(0)
     model, tokenizer = M.load_model("tiny")
-    prompt = M.encode_chat(tokenizer, short_prompt(EXAMPLE))
+    prompt = E.encode_chat(tokenizer, short_prompt(EXAMPLE))
     targets = [tokenizer.encode(t, add_special_tokens=False) + model.stop_token_ids[:1]
                for t in ("<think>+</think>2. 5+4=9", "<think>+</think>2. 1-1=0")]
     supervised_warm_start(model, prompt, targets, steps=50, lr=3e-3)
@@ -111,7 +113,7 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path, capsys, precisi
     args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, precision=precision)
     with pytest.raises(KeyboardInterrupt):
         srl.train(args, short_prompt, interrupted_reward)
-    assert common.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
+    assert checkpoints.load_training_state(tmp_path / "b" / "run" / "last")["step"] == 2
     args = loop_args(tmp_path / "b", examples, max_steps=5, save_every=2, lr=0.5, group_size=3)  # fp32 by default
     args.resume = True
     resumed = srl.train(args, short_prompt, reward)

@@ -8,11 +8,11 @@ import math
 import random
 import re
 import statistics
-import types
 
 import pytest
 import torch
 
+import grpo
 import srl
 
 
@@ -130,7 +130,7 @@ EXPERT = "2. **Substitute:** Put $x = 3$ into $f(x) = x^2 + 1$, so $f(3) = 10$."
     "Sure! <think> a </think> x = 3",                         # text before <think>
 ])
 def test_srl_reward_format_failures(completion):
-    assert srl.srl_reward(completion, EXPERT) == srl.FORMAT_FAILURE == -1.0
+    assert srl.srl_reward(completion, EXPERT) == grpo.FORMAT_FAILURE == -1.0
     assert srl.parse_action(completion) is None
 
 
@@ -153,8 +153,8 @@ def test_group_advantages_matches_hand_formula():
     rng = random.Random(4)
     rows = [[rng.choice([-1.0, 0.0, rng.random()]) for _ in range(8)] for _ in range(6)] + [[0.5] * 8]
     rewards = torch.tensor(rows, dtype=torch.float64)
-    scaled = srl.group_advantages(rewards)
-    centred = srl.group_advantages(rewards, scale_by_std=False)
+    scaled = grpo.group_advantages(rewards)
+    centred = grpo.group_advantages(rewards, scale_by_std=False)
     for g, row in enumerate(rows):
         mean, std = statistics.mean(row), statistics.pstdev(row)
         for i, r in enumerate(row):
@@ -168,8 +168,8 @@ def test_keep_group():
     threshold = 0.001
     expected = [statistics.pstdev(row) > threshold for row in rewards.tolist()]
     assert expected == [False, True, True, False]
-    assert srl.keep_group(rewards, threshold).tolist() == expected
-    assert bool(srl.keep_group(rewards[2], threshold)) and not bool(srl.keep_group(rewards[0], threshold))
+    assert grpo.keep_group(rewards, threshold).tolist() == expected
+    assert bool(grpo.keep_group(rewards[2], threshold)) and not bool(grpo.keep_group(rewards[0], threshold))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def make_batch(seed, ratios=None):
 
 
 def check_against_oracles(logp, old_logp, adv, mask, ref_logp=None, beta=0.0):
-    loss, stats = srl.grpo_loss(logp, old_logp, adv, mask, CLIP_LOW, CLIP_HIGH, ref_logp=ref_logp, beta=beta)
+    loss, stats = grpo.grpo_loss(logp, old_logp, adv, mask, CLIP_LOW, CLIP_HIGH, ref_logp=ref_logp, beta=beta)
     value, clip_fraction, ratio_mean, kl_mean = python_loss(
         logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist(),
         ref_logp.tolist() if ref_logp is not None else None, beta)
@@ -266,7 +266,7 @@ def test_grpo_loss_random_batches_and_kl():
 def test_grpo_loss_ratio_one_is_plain_policy_gradient():
     logp, _, mask, _ = make_batch(6)
     adv = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
-    loss, stats = srl.grpo_loss(logp, logp.detach(), adv, mask)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), adv, mask)
     n = mask.sum()
     assert loss.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / n.item())
     assert stats["clip_fraction"] == 0 and stats["ratio_mean"] == 1.0 and "kl_mean" not in stats
@@ -277,10 +277,10 @@ def test_grpo_loss_ratio_one_is_plain_policy_gradient():
 def test_grpo_loss_ignores_masked_tokens():
     logp, old_logp, mask, ref_logp = make_batch(7)
     adv = torch.tensor([0.3, -1.2, 0.9, -0.1], dtype=torch.float64)
-    loss, _ = srl.grpo_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.1)
+    loss, _ = grpo.grpo_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.1)
     grad, = torch.autograd.grad(loss, logp)
     changed = (logp.detach() + (1 - mask) * 5.0).requires_grad_()  # move only the masked-out positions
-    loss2, _ = srl.grpo_loss(changed, old_logp + (1 - mask) * 2.0, adv, mask, ref_logp=ref_logp, beta=0.1)
+    loss2, _ = grpo.grpo_loss(changed, old_logp + (1 - mask) * 2.0, adv, mask, ref_logp=ref_logp, beta=0.1)
     grad2, = torch.autograd.grad(loss2, changed)
     assert loss2.item() == loss.item()
     assert torch.equal(grad, grad2) and torch.all(grad[mask == 0] == 0)
@@ -289,17 +289,17 @@ def test_grpo_loss_ignores_masked_tokens():
 def test_grpo_loss_micro_batches_add_up():
     logp, old_logp, mask, ref_logp = make_batch(8)
     adv = torch.tensor([0.3, -1.2, 0.9, -0.1], dtype=torch.float64)
-    full, _ = srl.grpo_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.02)
+    full, _ = grpo.grpo_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.02)
     full_grad, = torch.autograd.grad(full, logp)
     total_tokens = int(mask.sum())
-    halves = [srl.grpo_loss(logp[s], old_logp[s], adv[s], mask[s], ref_logp=ref_logp[s], beta=0.02,
+    halves = [grpo.grpo_loss(logp[s], old_logp[s], adv[s], mask[s], ref_logp=ref_logp[s], beta=0.02,
                             num_tokens=total_tokens)[0] for s in (slice(0, 2), slice(2, 4))]
     assert (halves[0] + halves[1]).item() == pytest.approx(full.item(), rel=1e-6)
     half_grad, = torch.autograd.grad(halves[0] + halves[1], logp)
     torch.testing.assert_close(half_grad, full_grad)
     # Without the global count each half would be its own token mean, and they would not add up.
-    own = [srl.grpo_loss(logp[s], old_logp[s], adv[s], mask[s])[0].item() for s in (slice(0, 2), slice(2, 4))]
-    nokl, _ = srl.grpo_loss(logp, old_logp, adv, mask)
+    own = [grpo.grpo_loss(logp[s], old_logp[s], adv[s], mask[s])[0].item() for s in (slice(0, 2), slice(2, 4))]
+    nokl, _ = grpo.grpo_loss(logp, old_logp, adv, mask)
     assert sum(own) != pytest.approx(nokl.item(), rel=1e-3)
 
 
@@ -355,6 +355,6 @@ def test_validate_scores_the_validation_sample(monkeypatch):
     monkeypatch.setattr(srl, "sample_groups", lambda policy, prompts, n, *a, **kw: [[[]] for _ in prompts])
     monkeypatch.setattr(srl, "decode_text", lambda tokenizer, ids: "")
     scored = []
-    args = types.SimpleNamespace(val_limit=8, seed=5, max_new_tokens=4)
-    srl.validate(args, None, None, examples, lambda ex: [], lambda text, ex: scored.append(ex) or 0.5)
+    srl.validate(None, None, examples, lambda ex: [], lambda text, ex: scored.append(ex) or 0.5, max_new_tokens=4,
+                 limit=8, seed=5)
     assert scored == srl.validation_sample(examples, 8, seed=5) and len({e["id"] for e in scored}) == 6

@@ -10,7 +10,8 @@ import pytest
 import data_prep
 import model as M
 import srl
-import trajectories as T
+from tasks import trajectories as T
+import engine as E
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1000  # observation limit used on the shared samples: small enough that some observations get cut
@@ -310,10 +311,10 @@ def test_reading_files_and_folders(tmp_path):
     [trajectory] = T.load_trajectories(tmp_path / "run_42.traj.json")
     assert (trajectory["id"], trajectory["issue"], trajectory["steps"][0]["action"]) == ("run_42", "fix it", "ls")
     (tmp_path / "bad.traj").write_text('{\n  "history": [\n    {"role": "user",, "content": "x"}\n  ]\n}\n')
-    with pytest.raises(T.TrajectoryError, match=r"bad.traj, line 3: malformed JSON"):
+    with pytest.raises(T.TrajectoryError, match=r"bad.traj:3: not valid JSON"):
         T.load_trajectories(tmp_path / "bad.traj")
     (tmp_path / "bad.jsonl").write_text(json.dumps(NEBIUS) + "\n{oops\n")
-    with pytest.raises(T.TrajectoryError, match=r"bad.jsonl, line 2: malformed JSON"):
+    with pytest.raises(T.TrajectoryError, match=r"bad.jsonl:2: not valid JSON"):
         T.load_trajectories(tmp_path / "bad.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(T.TrajectoryError, match="without .traj, .json or .jsonl files"):
@@ -377,7 +378,7 @@ def test_agent_prompt_holds_the_issue_and_the_last_two_pairs_only():
 def test_drop_long_prompts_counts_and_prints(capsys):
     _, tokenizer = M.load_model("tiny")
     examples = T.agent_examples(T.parse_trajectory(TOOL_CALLS))
-    lengths = [len(M.encode_chat(tokenizer, srl.srl_messages(e))) for e in examples]
+    lengths = [len(E.encode_chat(tokenizer, srl.srl_messages(e))) for e in examples]
     assert lengths[0] < lengths[-1]
     args = srl.training_arguments("t", "", "", 0.0).parse_args(["--max-prompt-tokens", str(lengths[0])])
     train, val = srl.drop_long_prompts(args, tokenizer, srl.srl_messages, examples, examples[:1])
@@ -399,7 +400,7 @@ def test_srl_runs_on_agent_steps_from_the_command_line(tmp_path):
     assert prep.returncode == 0, prep.stderr
     train = read_jsonl(tmp_path / "data" / "srl_train.jsonl")
     _, tokenizer = M.load_model("tiny")
-    lengths = sorted(len(M.encode_chat(tokenizer, srl.srl_messages(e))) for e in train)
+    lengths = sorted(len(E.encode_chat(tokenizer, srl.srl_messages(e))) for e in train)
     limit = lengths[-2]  # the longest training prompt is dropped
     result = run("srl.py", "--model", "tiny", "--data", tmp_path / "data" / "srl_train.jsonl", "--out",
                  tmp_path / "run", "--max-steps", 2, "--batch-prompts", 2, "--group-size", 2, "--max-new-tokens", 8,

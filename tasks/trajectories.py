@@ -4,42 +4,29 @@ SRL (Deng et al. 2025, arXiv 2510.25992) also trains software-engineering agents
 is the command the expert agent ran, and its context is the issue plus the two previous action/observation
 pairs. This file reads the trajectory formats that agent frameworks publish and turns them into those examples.
 
-    from trajectories import load_trajectories, agent_examples
+    from tasks.trajectories import load_trajectories, agent_examples
     for trajectory in load_trajectories("trajs/"):      # a JSON / JSONL file, or a folder of .traj/.json/.jsonl
         examples = agent_examples(trajectory, context_pairs=2, max_observation_chars=4000)
 
     python data_prep.py --input trajs/ --out-dir data/swe   # the same from the command line (srl_train.jsonl, ...)
 
 Formats, told apart by each record's structure (the fmt argument, or data_prep.py's --format, overrides):
-  swe-agent       SWE-agent .traj: one object with "history" (chat messages). The command is the message's own
-                  "action" field (the thought is its "thought"); messages marked "is_demo" (demonstrations) go.
-  mini-swe-agent  a bare list of messages whose assistant turns hold exactly one ```mswea_bash_command (or
-                  ```bash) block, as mini-swe-agent parses them; or its v2 object ("trajectory_format",
-                  "messages") where the command is in "tool_calls" and a last "exit" message holds the submission.
+  swe-agent       SWE-agent .traj: "history" (chat messages); the command is a message's "action" field.
+  mini-swe-agent  a list of messages whose assistant turns hold one ```mswea_bash_command (or ```bash) block; or
+                  its v2 object ("trajectory_format", "messages") with the command in "tool_calls".
   tool-calls      OpenAI-style "tool_calls", content often empty (SWE-Gym, OpenHands).
-  swe-smith       <function=NAME><parameter=KEY>VALUE</parameter></function> inside the assistant's text
-                  (SWE-smith; its data set stores "messages" as a JSON string).
-  nebius          "trajectory" with roles "ai" / "user" and the text in "text" (nebius/SWE-agent-trajectories,
-                  SWE-rebench): the command is the last ``` block of the reply, as SWE-agent parses it.
-
-A trajectory becomes {"id", "instance_id", "format", "issue", "steps": [{"thought", "action", "observation"}],
-"turns_without_action"}:
-  - The issue is the task statement: the user text before the agent's first turn, cut out of the framework's
-    wrapper when it is a known one (ISSUE_WRAPPERS). The framework's system prompt and demonstrations never
-    enter it.
-  - The action is the command as readable text: a bash tool's command itself; any other tool its name, then one
-    "key: value" line per argument (a value with line breaks starts on the line after "key:"). A turn with
-    several calls is one action: its calls in the order written, separated by a blank line. The text before the
-    command (the thought) is kept apart and is never part of the target. Actions are stripped of surrounding
-    blank space.
-  - An assistant turn without an action (a closing summary, a reply the framework rejected) is not a step, and
-    the answer to it is dropped with it.
-  - The observation is everything the environment answered before the next assistant turn (several tool
-    messages joined by a blank line, in order).
+  swe-smith       <function=NAME><parameter=KEY>VALUE</parameter></function> in the assistant's text.
+  nebius          "trajectory" with roles "ai" / "user" and the text in "text" (nebius/SWE-agent-trajectories).
+A trajectory becomes {"id", "instance_id", "format", "issue", "steps": [{"thought", "action", "observation"}]}: the
+issue is the task statement without the framework's wrapper; the action is the command as readable text (a bash
+tool's command itself, any other tool its name and arguments), never the thought before it; the observation is all
+the environment answered before the next assistant turn. docs/agents.md says how each case is read.
 """
 import json
 import re
 from pathlib import Path
+
+from machinery.files import InputError, read_jsonl
 
 FORMATS = ("swe-agent", "mini-swe-agent", "tool-calls", "swe-smith", "nebius")
 FILE_SUFFIXES = (".traj", ".json", ".jsonl")
@@ -79,7 +66,6 @@ def _read_one_file(path):
         raise TrajectoryError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         return [], []
-    lines = text.splitlines()
     if path.suffix != ".jsonl":
         try:  # one JSON value over the whole file: a .traj object, or a list
             value = json.loads(text)
@@ -89,20 +75,16 @@ def _read_one_file(path):
                 return value, [f"{path}, record {i + 1}" for i in range(len(value))]
             return [value], [str(path)]
         except json.JSONDecodeError as e:
-            first = next((line for line in lines if line.strip()), "")
+            first = next((line for line in text.splitlines() if line.strip()), "")
             try:
                 json.loads(first)
             except json.JSONDecodeError:  # not JSONL either: report the whole-file error where it is
-                raise TrajectoryError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
-    records, locations = [], []  # JSONL: one record per line
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TrajectoryError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-            locations.append(f"{path}, line {lineno}")
-    return records, locations
+                raise TrajectoryError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    try:
+        pairs = read_jsonl(path, with_lines=True)  # JSONL: one record per line
+    except InputError as e:
+        raise TrajectoryError(str(e)) from None
+    return [record for _, record in pairs], [f"{path}:{line_no}" for line_no, _ in pairs]
 
 
 def read_json_records(path):

@@ -3,36 +3,19 @@ A grader for math answers: the final answer of a completion (its last \boxed{}),
 mathematically equal. It is both the RLVR reward and every benchmark score, so it is built never to call two
 different answers equal: where it would have to guess, it says "wrong". It needs only sympy; copy it on its own.
 
-    from grader import extract_answer, is_equiv
+    from tasks.grader import extract_answer, is_equiv
     is_equiv(extract_answer("... so the answer is $\boxed{\dfrac{1}{2}}$."), "0.5")      # True
 
-What counts as equal (the departures from the Qwen2.5-Math grader the paper used are all on the strict side):
+What counts as equal, in short (docs/grader.md lists every rule; the departures from the Qwen2.5-Math grader the
+paper used are all on the strict side):
   - Only a \boxed{...} / \boxed N / \fbox{...} answer counts; no "the answer is" or last-number fallback.
-  - Numbers are equal exactly (decimals read as exact fractions: 0.5 == 1/2); a decimal against an irrational
-    (3.14159265359 vs \pi) is accepted within a relative 1e-9, never a looser "close enough". So answers rounded
-    differently from the reference count as wrong (Qwen's grader allows 1e-4).
-  - Thousands separators: 1,000 (the whole answer, or after a label), 14{,}916, 10,\!080, 10\,000 and 10 000. A
-    comma followed by a space is a list: "2, 500" is never 2500. A decimal comma is read only where it cannot be a
-    separator or a list: 3{,}14 is 3.14; "3,14" is refused (the list 3, 14).
-  - A percent sign or the word percent is dropped, not rescaled: 10% == 10, but 10% != 0.1.
-  - Units (5 cm, 125\textnormal{ miles}, 15\mbox{ cm}^2), degree and dollar signs are dropped; when both answers
-    carry one they must agree (5 minutes != 5 seconds, 36^\circ != \$36).
-  - Labels are dropped: x = 5, f(x) = 1, (p,q) = (3,2), AB = 4, CD = 5, x = 2, 3 against the bare values; a chain
-    x = 5 + 1 = 6 stands for its last side, x = 1/3 \approx 0.33 for 1/3. A label is a name, never an expression
-    or a function: 2x = 6 is an equation, and \sin x = a differs from \cos x = a. When both answers are labelled,
-    the labels must agree (one constant named by a single letter excepted: x = 5 == y = 5), or the two must be
-    one equation written two ways (p = q + 1 == q = p - 1).
-  - Lists: "2 and 3", "2 or 3", "2; 3" are the list 2, 3; a bare list is unordered (3, 5, 7 == 7, 5, 3); (1,2) and
-    [1,2] differ (open vs closed); \{1,2\} == \{2,1\} (plain TeX braces only group: {1,2} is the list 1, 2);
-    1 \pm \sqrt{2} is the list of two.
-  - A mixed number 1\frac12 or 1 1/2 is one and a half (an improper 2\frac{3}{2} is refused as ambiguous); two
-    numbers side by side (1 2) are refused, never multiplied.
-  - Equations are equal when one is a non-zero constant times the other (2x+4y-3=0 == y=-x/2+3/4); inequalities
-    when the constant is positive (x \geq 5 == 5 \le x); an inequality on one name against an interval is the
-    interval it describes (-2 \le x < 7 == [-2, 7)).
+  - Numbers are equal exactly (0.5 == 1/2); a decimal against an irrational within a relative 1e-9 only.
+  - Thousands separators are read (1,000, 14{,}916, 10\,000); "2, 500" is a list, never 2500.
+  - Percent signs, units, degree and dollar signs are dropped (both answers' must agree when both carry one).
+  - Labels are dropped (x = 5 == 5); lists compare unordered, intervals and tuples by their brackets.
+  - Equations are equal up to a non-zero constant factor, inequalities up to a positive one.
   - LaTeX is turned into sympy by a small converter (no antlr); what it cannot read is compared as text.
-  - Each comparison is bounded in size (exponents up to 1000, 100-digit numbers) and, in the main thread on
-    Unix, in time (signal.alarm); a comparison that runs out of time counts as not equal.
+  - Each comparison is bounded in size and, in the main thread on Unix, in time; running out counts as not equal.
 """
 import itertools
 import re

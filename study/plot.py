@@ -3,8 +3,8 @@ A picture of a run, or of several side by side: what each run folder's metrics.j
 srl.py and rlvr.py runs the mean reward, the kept-group rate, the validation score, the response length, the entropy
 and the skipped steps; for sft.py runs the loss, the learning rate and the gradient norm.
 
-    python plot.py runs/srl                        # -> runs/srl/metrics.png
-    python plot.py runs/srl runs/rlvr --out compare.png
+    python -m study.plot runs/srl                  # -> runs/srl/metrics.png
+    python -m study.plot runs/srl runs/rlvr --out compare.png
 
 matplotlib draws it when it is installed (pip install matplotlib); without it each curve is printed as a line of
 text. The quickstart study draws its picture with the same function, figure(). Each curve is drawn as its moving
@@ -13,10 +13,11 @@ mean, bold, over each seed's moving average, faint. A colour stands for one run 
 drawn on [0, 1], rewards on their whole range.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from machinery.files import read_jsonl
 
 # (metric, title, y range or None, smoothed): what a run's panels show
 RL_PANELS = [("reward_mean", "mean reward", None, True), ("kept_group_rate", "kept-group rate", (-0.03, 1.03), True),
@@ -51,6 +52,7 @@ def figure(curves, png, title, bars=()):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         for name, _, series, _ in curves:
             for label, runs in series.items():
@@ -83,6 +85,7 @@ def figure(curves, png, title, bars=()):
                     linewidth=1.5 if len(runs) == 1 else 2.2, marker="." if length < 3 else None)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         if limits:
             ax.set_ylim(*limits)
         ax.grid(alpha=0.3)
@@ -108,13 +111,7 @@ def figure(curves, png, title, bars=()):
 
 def read_metrics(folder):
     """The records of a run folder's metrics.jsonl; a line cut short (a stopped run) is left out."""
-    records = []
-    for line in (Path(folder) / "metrics.jsonl").read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
+    return read_jsonl(Path(folder) / "metrics.jsonl", torn_lines=[])
 
 
 def main(argv=None):

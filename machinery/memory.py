@@ -1,24 +1,20 @@
 """
 The GPU memory of a training step, estimated from the model's configuration and the settings before any weight
 loads, and the plan that makes a step fit the card. Full fine-tuning holds 16 bytes a parameter before a single
-activation (fp32 weights, their gradients, AdamW's two moments: the accounting of ZeRO, Rajbhandari et al. 2020);
-LoRA holds the frozen base in bf16 (2 bytes a parameter) and those 16 bytes only for its adapters.
-tests/test_memory.py holds the activation formulas to what autograd really keeps; bench/gpu_check.py measures the
-peaks on a card.
+activation (fp32 weights, their gradients, AdamW's two moments: ZeRO's accounting, Rajbhandari et al. 2020); LoRA
+holds the frozen base in bf16 (2 bytes a parameter) and those 16 bytes only for its adapters. tests/test_memory.py
+holds the activation formulas to what autograd keeps; bench/gpu_check.py measures the peaks on a card.
 
     1. parameter_count, lora_parameter_count, is_small_model, and PUBLISHED_SHAPES: the aliases' config.json
        shapes, written here so that a plan needs neither the hub nor the weights
     2. activation_bytes_per_token, estimate_memory: the bytes of each part of a step
-    3. plan_memory: what fits the card (--gpu-memory, or the card present): it picks the settings that do not change
-       the optimisation (prompts sampled at once, micro-batch positions, activation checkpointing) to stay within 85%
-       of the card, or stops before any weight loads, naming the flag to change.
+    3. plan_memory: the settings that do not change the optimisation (prompts sampled at once, micro-batch
+       positions, activation checkpointing) picked to stay within 85% of the card, or the flag to change.
 
-It imports model.py (the configuration) and checks.py (refuse, print0); common.py calls plan_memory for the RL
-stages, sft.py for itself. 1 GB here is 2^30 bytes, as a card's label and nvidia-smi count it.
+1 GB here is 2^30 bytes, as a card's label and nvidia-smi count it.
 """
 import torch
 
-from checks import print0, refuse
 from model import ModelConfig
 
 GB = 2 ** 30
@@ -161,57 +157,48 @@ def gpu_memory(device):
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def plan_memory(cfg, args, capacity, group_size=0, prompts=0, sample_length=0, longest_row=0, shards=1):
+def plan_memory(cfg, capacity, precision, lora_rank=0, beta=0.0, micro_batch_tokens=None,
+                activation_checkpointing=None, sample_batch=None, group_size=0, prompts=0, sample_length=0,
+                longest_row=0, shards=1):
     """Before any weight loads: the settings of a step that fit `capacity` bytes (None: no card, on CPU) within
-    TARGET, and its estimate by part, printed. For each of --sample-batch (prompts sampled at once, of this
-    process's `prompts`, group_size rollouts each, sample_length positions a row), --micro-batch-tokens and
-    --activation-checkpointing left at None it picks the fastest that fits: all prompts at once, then halves; 8192,
+    TARGET, and its estimate by part. For each of sample_batch (prompts sampled at once, of this process's
+    `prompts`, group_size rollouts each, sample_length positions a row), micro_batch_tokens and
+    activation_checkpointing left at None it picks the fastest that fits: all prompts at once, then halves; 8192,
     4096, 2048 positions (never fewer than longest_row, a row the update cannot split), without checkpointing and
-    then with it. A step that cannot fit stops the run before any weight loads, naming the flag to change; under
-    --plan-only the plan's last line says so and the program ends. Returns the plan (stored with the run)."""
-    lora_rank = getattr(args, "lora_rank", 0) or 0
+    then with it. Returns the plan: those settings, the estimate by part, and `report`, its lines to print. A step
+    that cannot fit raises InputError naming the flag to change."""
     sampling = group_size > 0
 
     def estimate(at_once, tokens, checkpointing):
-        return estimate_memory(cfg, args.precision, max(tokens, longest_row), checkpointing, at_once * group_size,
-                               sample_length, reference=getattr(args, "beta", 0) > 0, shards=shards,
-                               lora_rank=lora_rank, masked=sampling)
+        return estimate_memory(cfg, precision, max(tokens, longest_row), checkpointing, at_once * group_size,
+                               sample_length, reference=beta > 0, shards=shards, lora_rank=lora_rank,
+                               masked=sampling)
 
-    tokens_tried = [args.micro_batch_tokens] if args.micro_batch_tokens else [8192, 4096, 2048]
+    tokens_tried = [micro_batch_tokens] if micro_batch_tokens else [8192, 4096, 2048]
     tokens_tried = [t for t in tokens_tried if t >= longest_row] or [max(tokens_tried)]
-    update_tried = [(c, t) for c in ([args.activation_checkpointing] if args.activation_checkpointing is not None
+    update_tried = [(c, t) for c in ([activation_checkpointing] if activation_checkpointing is not None
                                      else [False, True]) for t in tokens_tried]
-    given = getattr(args, "sample_batch", None)
-    at_once_tried = [given or prompts] if sampling else [0]
-    while not given and at_once_tried[-1] > 1:
+    at_once_tried = [sample_batch or prompts] if sampling else [0]
+    while not sample_batch and at_once_tried[-1] > 1:
         at_once_tried.append(at_once_tried[-1] // 2)
     limit = TARGET * capacity if capacity else float("inf")
-    update = next(((c, t) for c, t in update_tried if held_plus(estimate(1, t, c), "update") <= limit),
-                  update_tried[-1])
+    checkpointing, tokens = next(((c, t) for c, t in update_tried if held_plus(estimate(1, t, c), "update") <= limit),
+                                 update_tried[-1])
     at_once = next((a for a in at_once_tried if held_plus(estimate(a, 0, False), "sampling") <= limit),
                    at_once_tried[-1])
-    args.activation_checkpointing, args.micro_batch_tokens = update
-    if sampling:
-        args.sample_batch = given or min(at_once, prompts)
-    parts = estimate(at_once, update[1], update[0])
+    parts = estimate(at_once, tokens, checkpointing)
     plan = dict(card_gb=capacity / GB if capacity else None, peak_gb=parts["peak"] / GB, lora_rank=lora_rank,
-                micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
-                sample_batch=at_once if sampling else None,
+                micro_batch_tokens=tokens, activation_checkpointing=checkpointing,
+                sample_batch=(sample_batch or min(at_once, prompts)) if sampling else None,
                 parts_gb={k: round(v / GB, 3) for k, v in parts.items() if v})
-    if capacity is None and not getattr(args, "plan_only", False):
-        return plan  # on CPU nothing is planned: the defaults stand
-    report(cfg, args, parts, at_once * group_size, sample_length, sampling)
-    if capacity is None:
-        print0(f"no card: peak {parts['peak'] / GB:.1f} GB at these settings; --gpu-memory GB plans for a card")
-    elif parts["peak"] > limit:
-        why = does_not_fit(parts, capacity, lora_rank, sampling)
-        if getattr(args, "plan_only", False):
-            print0(why)
-            raise SystemExit(1)
-        refuse(why)
+    lines = report(cfg, plan, parts, precision, at_once * group_size, sample_length, sampling)
+    if not capacity:
+        lines.append(f"no card: peak {parts['peak'] / GB:.1f} GB at these settings; --gpu-memory GB plans for a card")
+    elif parts["peak"] <= limit:
+        lines.append(f"fits: peak {parts['peak'] / GB:.1f} GB of {capacity / GB:.1f} GB")
     else:
-        print0(f"fits: peak {parts['peak'] / GB:.1f} GB of {capacity / GB:.1f} GB")
-    return plan
+        plan["does_not_fit"] = does_not_fit(parts, capacity, lora_rank, sampling)
+    return plan, lines
 
 
 def held_plus(parts, phase):
@@ -219,23 +206,24 @@ def held_plus(parts, phase):
     return parts["held"] + (parts["kv_cache"] if phase == "sampling" else parts["activations"] + parts["logits"])
 
 
-def report(cfg, args, parts, rows, sample_length, sampling):
+def report(cfg, plan, parts, precision, rows, sample_length, sampling):
     """The plan in a few lines: the settings, what is held, each phase's peak."""
     gb = lambda *names: " + ".join(f"{name} {parts[name] / GB:.2f}" for name in names if parts.get(name))
-    what = (f"LoRA rank {args.lora_rank} on a frozen {'bf16' if args.precision == 'bf16' else 'fp32'} base"
-            if getattr(args, "lora_rank", 0) else f"full fine-tuning, {args.precision}")
-    checkpointing = "on" if args.activation_checkpointing else "off"
+    what = (f"LoRA rank {plan['lora_rank']} on a frozen {'bf16' if precision == 'bf16' else 'fp32'} base"
+            if plan["lora_rank"] else f"full fine-tuning, {precision}")
+    checkpointing = "on" if plan["activation_checkpointing"] else "off"
     n = parameter_count(cfg)
-    print0(f"memory plan: {f'{n / 1e9:.2f}B' if n >= 1e8 else f'{n / 1e6:.1f}M'} parameters, {what}; micro-batches of "
-           f"{args.micro_batch_tokens} positions, activation checkpointing {checkpointing}"
-           + (f", {args.sample_batch} prompts sampled at once" if sampling else ""))
+    lines = [f"memory plan: {f'{n / 1e9:.2f}B' if n >= 1e8 else f'{n / 1e6:.1f}M'} parameters, {what}; micro-batches "
+             f"of {plan['micro_batch_tokens']} positions, activation checkpointing {checkpointing}"
+             + (f", {plan['sample_batch']} prompts sampled at once" if sampling else "")]
     held = gb("weights", "adapters", "gradients", "adamw", "autocast_copy", "fsdp_gathered", "sampling_copy",
               "reference")
-    print0(f"  held: {held} GB")
+    lines.append(f"  held: {held} GB")
     if sampling:
-        print0(f"  sampling: KV cache of {rows} rows x {sample_length} positions {parts['kv_cache'] / GB:.2f} GB, "
-               f"peak {held_plus(parts, 'sampling') / GB:.2f} GB")
-    print0(f"  update: {gb('activations', 'logits')} GB, peak {held_plus(parts, 'update') / GB:.2f} GB")
+        lines.append(f"  sampling: KV cache of {rows} rows x {sample_length} positions {parts['kv_cache'] / GB:.2f} "
+                     f"GB, peak {held_plus(parts, 'sampling') / GB:.2f} GB")
+    lines.append(f"  update: {gb('activations', 'logits')} GB, peak {held_plus(parts, 'update') / GB:.2f} GB")
+    return lines
 
 
 def does_not_fit(parts, capacity, lora_rank, sampling):
