@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from engine import decode_text, encode_chat, mix_seed, sample_groups
 from grpo import gather, get_rank, get_world_size
-from machinery.checks import check_device, check_folder, read_config
+from machinery.checks import check_device, check_folder, local_model, read_config
 from machinery.distributed import end_distributed, init_distributed
 from machinery.files import InputError, jsonl_text, read_jsonl, write_jsonl
 from machinery.setup import check_flags, refuse, refusing
@@ -242,6 +242,7 @@ def check_arguments(args):
             refuse("--benchmarks: no benchmark given")
         out = Path(args.out)
         check_folder(out)
+        args.model = local_model(args.model)  # smollm2-135m offline: the wheel's model
         read_config(args.model)
     held = [path for path in [out / "summary.json", *(out / f"{key}.jsonl" for key in benchmarks)] if path.exists()]
     if held and not args.overwrite:

@@ -36,7 +36,7 @@ if args.threads:
     torch.set_num_threads(args.threads)
 
 if args.model == "smollm2-135m":
-    from smollm2 import smollm2_folder, smollm2_missing_reason
+    from machinery.checks import smollm2_folder, smollm2_missing_reason
 
     reason = smollm2_missing_reason()
     if reason:

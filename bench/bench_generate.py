@@ -90,7 +90,7 @@ if args.qwen_shape:
     prompt_ids = [torch.randint(0, vocab, (n,)).tolist() for n in (120, 96, 150, 80, 133, 101, 90, 144)]
     name = "Qwen2.5-1.5B shape, random weights"
 else:
-    from smollm2 import smollm2_folder
+    from machinery.checks import smollm2_folder
     folder = smollm2_folder()
     ours, tokenizer = M.load_model(folder, device=str(device), dtype=dtype)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()

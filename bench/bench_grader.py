@@ -1,5 +1,6 @@
 """
-Benchmark: our grader (tasks/grader.py's is_equiv) against math-verify, the grader TRL and open-r1 use, on labelled pairs.
+Benchmark: our grader (tasks/grader.py's is_equiv) against math-verify, the grader TRL and open-r1 use, on
+labelled pairs.
 
     pip install math-verify          # optional: without it the bench says so and reports ours alone
     python bench/bench_grader.py [--data-dir ../shared/data/benchmarks] [--limit N] [--all-pairs]

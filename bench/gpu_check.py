@@ -230,7 +230,7 @@ def check_sampler(size, device):
 
 
 def srl_settings(device, **settings):
-    """srl.py's large-model defaults as the GRPO step reads them (grpo.GRPOConfig), bf16, 8192-position micro-batches."""
+    """srl.py's large-model defaults as the GRPO step reads them (grpo.GRPOConfig): bf16, micro-batches of 8192."""
     defaults = {k: v for k, v in srl.LARGE_MODEL_DEFAULTS.items() if k in grpo.GRPOConfig.__dataclass_fields__}
     return grpo.GRPOConfig(**{**defaults, "precision": "bf16", "micro_batch_tokens": 8192, "device": str(device),
                               **settings})

@@ -45,8 +45,8 @@ def long_tail_runs(model, prompts, slots, new_tokens, stop_half=0.25, repeats=1,
         try:
             for start in range(0, len(prompts), slots):
                 stats = {}
-                outputs += engine.generate(model, prompts[start:start + slots], new_tokens, seed=seeds[start:start + slots],
-                                      max_rows=slots, stats=stats, **sample)
+                outputs += engine.generate(model, prompts[start:start + slots], new_tokens,
+                                           seed=seeds[start:start + slots], max_rows=slots, stats=stats, **sample)
                 work += stats["row_steps"]
         finally:
             engine.COLUMN_BUCKET, engine.COMPACT_TAIL = bucket, True

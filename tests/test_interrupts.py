@@ -175,6 +175,13 @@ def driver_command(tmp_path, processes=1):
                        "--save-every", "100", "--device", "cpu", "--max-steps", "8"]
 
 
+def finish(command):
+    """Run a command to its end; if it fails, its own output is the assertion's message."""
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
 def signal_at_step(command, out, step, signum, second=False):
     """Start the run, send signum once its log holds `step` lines; returns the finished process's result."""
     process = subprocess.Popen(command + ["--out", str(out)], env=ENV, stdout=subprocess.PIPE,
@@ -197,7 +204,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     """SIGTERM at a random step (the seed is printed): the run finishes that step or drops it, writes last/, says
     so, exits with 128 + 15; --resume then ends with the weights of the uninterrupted run, each step logged once."""
     command = driver_command(tmp_path)
-    subprocess.run(command + ["--out", str(tmp_path / "straight")], env=ENV, check=True, capture_output=True)
+    finish(command + ["--out", str(tmp_path / "straight")])
     seed = random.randrange(10 ** 6)
     step = random.Random(seed).randint(1, 6)
     print(f"SIGTERM once the log holds {step} steps (seed {seed})")
@@ -205,7 +212,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     assert code == 128 + signal.SIGTERM, stderr[-2000:]
     stopped_at = checkpoints.load_training_state(tmp_path / "run" / "last")["step"]
     assert f"stopped at step {stopped_at}: --resume continues" in stdout and step <= stopped_at < 8
-    subprocess.run(command + ["--out", str(tmp_path / "run"), "--resume"], env=ENV, check=True, capture_output=True)
+    finish(command + ["--out", str(tmp_path / "run"), "--resume"])
     expected, got = weights(tmp_path / "straight"), weights(tmp_path / "run")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert logged_steps(tmp_path / "run") == list(range(1, 9))
@@ -223,12 +230,12 @@ def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
     """torchrun forwards SIGTERM to its two processes (gloo): both stop at the same step, the checkpoint holds it,
     and --resume under torchrun ends with the weights of the uninterrupted two-process run."""
     command = driver_command(tmp_path, processes=2)
-    subprocess.run(command + ["--out", str(tmp_path / "straight")], env=ENV, check=True, capture_output=True)
+    finish(command + ["--out", str(tmp_path / "straight")])
     code, stdout, stderr = signal_at_step(command, tmp_path / "run", 2, signal.SIGTERM)
     assert code != 0
     stopped_at = checkpoints.load_training_state(tmp_path / "run" / "last")["step"]
     assert stdout.count(f"stopped at step {stopped_at}: --resume continues") == 1 and 2 <= stopped_at < 8, stderr
-    subprocess.run(command + ["--out", str(tmp_path / "run"), "--resume"], env=ENV, check=True, capture_output=True)
+    finish(command + ["--out", str(tmp_path / "run"), "--resume"])
     expected, got = weights(tmp_path / "straight"), weights(tmp_path / "run")
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) == 0
     assert logged_steps(tmp_path / "run") == list(range(1, 9))

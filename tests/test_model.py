@@ -10,7 +10,7 @@ import engine
 import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from smollm2 import smollm2_folder, smollm2_missing_reason  # noqa: E402
+from machinery.checks import smollm2_folder, smollm2_missing_reason  # noqa: E402
 import engine as E
 
 CONFIGS = {  # small random configurations covering GQA, tied/untied embeddings, bias on/off, both families
@@ -71,8 +71,8 @@ def test_cached_decoding_equals_full_forward(name):
         step_logits = [ours.lm_head(ours.hidden_states(ids[:, :8], positions[:, :8], None, cache)[:, -1])]
         for t in range(8, 19):
             mask = (torch.arange(20) <= t).expand(2, 1, 1, 20)
-            step_logits.append(engine.decode_step(ours, ids[:, t:t + 1], positions[:, t:t + 1], cache, torch.tensor([t]),
-                                                mask))
+            step_logits.append(engine.decode_step(ours, ids[:, t:t + 1], positions[:, t:t + 1], cache,
+                                                  torch.tensor([t]), mask))
     assert torch.allclose(torch.stack(step_logits, 1), full[:, 7:19], atol=1e-4)
 
 
