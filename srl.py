@@ -34,8 +34,8 @@ import torch
 
 from engine import decode_text, encode_chat, sample_groups
 from grpo import FORMAT_FAILURE, LOSS_AGGREGATIONS, PromptStream, collect_groups, rollouts_of, update_policy
-from machinery.distributed import copy_weights, end_distributed, on_rank_zero
 from machinery.checks import print0
+from machinery.distributed import copy_weights, end_distributed, on_rank_zero
 from machinery.run import Run, expected, rollout_samples
 from machinery.setup import (add_training_flags, drop_long_prompts, grpo_config, load_for_training, planned_steps,
                              resolve_training, run_settings, start_rl_run)

@@ -46,8 +46,8 @@ import data_prep  # noqa: E402
 import grpo  # noqa: E402
 import srl  # noqa: E402
 from engine import completion_logprobs, decode_text, encode_chat, generate  # noqa: E402
-from model import load_model  # noqa: E402
 from machinery.checks import smollm2_folder  # noqa: E402
+from model import load_model  # noqa: E402
 
 S1K = ROOT.parent / "shared" / "data" / "trajectories" / "s1k_problems_solutions.json"
 PHASES = ["sample", "reward", "forward", "backward", "optimizer"]

@@ -10,7 +10,6 @@ import time
 import torch
 
 import engine
-import model as M
 
 
 class StopHazard(torch.nn.Module):

@@ -1,7 +1,6 @@
 """Shared by several tests."""
 import torch
 
-import model as M
 import engine as E
 
 

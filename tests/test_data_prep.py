@@ -15,10 +15,9 @@ import pytest
 import sympy
 
 import data_prep
+from data_prep import DataError, last_boxed, read_records, split_paragraphs, split_steps, step_title
 from machinery.files import write_jsonl
 from tasks import synthetic
-from data_prep import DataError, last_boxed, read_records, split_paragraphs, split_steps, step_title
-import engine as E
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ["srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl", "rlvr_train.jsonl",
@@ -690,3 +689,48 @@ def test_paragraph_fallback_cli(tmp_path):
     free = [e for e in read_jsonl(tmp_path / "b" / "srl_train.jsonl") if e["id"] == "free"]
     assert [(e["previous_steps"], e["target_step"]) for e in free] == [
         (["First idea."], "Second idea."), (["First idea.", "Second idea."], "So \\boxed{2}.")]
+
+
+# GSM8K's own format: {"question", "answer": "worked solution, a line a step\n#### N"}
+
+GSM8K = [
+    {"question": "Ann has 3 boxes of 1,200 pins. She uses 400. How many are left?", "idx": 7,
+     "answer": "She has 3 * 1,200 = <<3*1200=3600>>3,600 pins.\n\nShe has 3,600 - 400 = <<3600-400=3200>>3200 left.\n"
+               "#### 3,200"},
+    {"question": "What is 2 + 2?", "idx": 8, "answer": "2 + 2 = <<2+2=4>>4\n#### 4"},
+    {"question": "Bo buys 2 pens at $3 each and 1 book at $5. What does he pay?", "idx": 9,
+     "answer": "The pens cost 2 * 3 = $<<2*3=6>>6.\nIn all 6 + 5 = $<<6+5=11>>11.\n#### 11"},
+]
+
+
+def test_gsm8k_records_become_numbered_steps_with_a_boxed_last_line(tmp_path):
+    """Each line of the worked solution is a step, the calculator annotations go, blank lines are no steps, the gold
+    answer is the #### value (its thousands comma dropped, as GSM8K's evaluation does), and the last step ends with
+    the boxed answer the grader reads."""
+    from tasks.grader import extract_answer, is_equiv
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K))
+    result = run_cli("--input", path, "--out-dir", tmp_path / "data", "--val-problems", 0)
+    assert result.returncode == 0, result.stderr
+    srl = [json.loads(line) for line in (tmp_path / "data" / "srl_train.jsonl").read_text().splitlines()]
+    first = [e for e in srl if e["id"] == "7"]
+    assert first[0]["previous_steps"] == ["1. She has 3 * 1,200 = 3,600 pins."]
+    assert first[0]["target_step"] == "2. She has 3,600 - 400 = 3200 left.\nThe answer is \\boxed{3200}."
+    assert not any("<<" in e["target_step"] or any("<<" in s for s in e["previous_steps"]) for e in srl)
+    rlvr = {r["id"]: r["answer"] for r in map(json.loads, (tmp_path / "data" / "rlvr_train.jsonl").open())}
+    assert rlvr == {"7": "3200", "8": "4", "9": "11"}
+    assert is_equiv(extract_answer(first[-1]["target_step"]), GSM8K[0]["answer"].split("####")[1])
+    # "2 + 2 = 4" is one step: no SRL example without --include-first-step, but a whole solution for SFT
+    sft = {r["id"]: r["solution"] for r in map(json.loads, (tmp_path / "data" / "sft_train.jsonl").open())}
+    assert sft["8"] == "1. 2 + 2 = 4\nThe answer is \\boxed{4}." and "8" not in {e["id"] for e in srl}
+    assert data_prep.split_steps(sft["9"]) == ["1. The pens cost 2 * 3 = $6.",
+                                               "2. In all 6 + 5 = $11.\nThe answer is \\boxed{11}."]
+
+
+def test_a_gsm8k_record_without_its_answer_line_is_refused(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(json.dumps(GSM8K[0]) + "\n" + json.dumps({"question": "1 + 1?", "answer": "It is 2."}) + "\n")
+    result = run_cli("--input", path, "--out-dir", tmp_path / "data", "--format", "gsm8k")
+    assert result.returncode == 2 and not (tmp_path / "data").exists()
+    [line] = result.stderr.strip().splitlines()
+    assert f"{path}:2: no '####' line" in line

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from tasks import grader
 from evaluate import load_benchmark, pass_at_k
 from machinery.files import InputError
+from tasks import grader
 from tasks.grader import extract_answer, is_equiv
 
 ROOT = Path(__file__).resolve().parents[1]

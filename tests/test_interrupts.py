@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_srl_loop import EXAMPLE, loop_args, short_prompt
 
 import grpo
-import model as M
 import srl
-from test_srl_loop import EXAMPLE, loop_args, short_prompt
 from machinery import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from test_srl_loop import EXAMPLE, loop_args, short_prompt
 
+import engine as E
 import grpo
 import srl
-from test_srl_loop import EXAMPLE, loop_args, short_prompt
-import engine as E
 
 
 def batch(seed=0, B=5, T=7):
@@ -99,6 +99,7 @@ def test_the_importance_weight_is_capped(monkeypatch, updates):
     """Sampler log-probs planted 3x less likely than the trainer's (ratio 3) or 2x more (0.5): capped at 1.5, the
     weights are 1.5 and 0.5 in every update (pi_old is the policy before the step), and the log says so."""
     import types
+
     import model as M
     seen = []
     loss = grpo.grpo_loss

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from machinery import memory, setup
 import model as M
+from machinery import memory, setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_check import QWEN_1_5B, QWEN_7B  # noqa: E402  (the published shapes)
+
 import grpo
 
 SMALL = M.ModelConfig.from_hf(dict(  # Qwen2.5's proportions (intermediate ~5.8 x hidden, 3 query heads per KV head)
@@ -127,9 +128,10 @@ def test_qwen_1_5b_defaults_fit_an_80gb_card_with_15_percent_to_spare(stage, tmp
     """srl.py and rlvr.py at their large-model defaults (16 prompts x G 8, 1,024 new tokens), sft.py with
     --target reasoning --max-length 4096: the printed estimate is at most 85% of 80 GB, with activation
     checkpointing left off."""
+    from test_srl_loop import EXAMPLE, loop_args
+
     import sft
     import srl
-    from test_srl_loop import EXAMPLE, loop_args
     module = sft if stage == "sft" else srl
     start_on_a_gpu(monkeypatch, module, QWEN_1_5B)
     with pytest.raises(LoadedWeights):
@@ -154,8 +156,9 @@ def test_qwen_1_5b_defaults_fit_an_80gb_card_with_15_percent_to_spare(stage, tmp
 def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatch, capsys):
     """Qwen2.5-7B on one 80 GB card: fp32 weights, gradients and AdamW alone are 122 GB. The run stops before any
     weight loads and names the way out; a shape that needs activation checkpointing gets it switched on."""
-    import srl
     from test_srl_loop import EXAMPLE, loop_args
+
+    import srl
     start_on_a_gpu(monkeypatch, srl, QWEN_7B)
     with pytest.raises(SystemExit):
         srl.train(loop_args(tmp_path, [EXAMPLE], precision="bf16"), None, None)
@@ -204,9 +207,10 @@ def test_the_packing_mask_is_kept_once_not_once_per_layer():
 def plan_lines(stage, argv, capsys, tmp_path, monkeypatch):
     """Run a stage's command line with --plan-only in an empty folder (no data, no hub, no GPU); its output lines
     and exit status."""
+    from huggingface_hub import constants
+
     import sft
     import srl
-    from huggingface_hub import constants
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     status = 0
@@ -264,8 +268,10 @@ def test_a_plan_that_cannot_fit_names_the_flag(tmp_path, monkeypatch, capsys):
 def test_the_plan_is_stored_with_the_run(tmp_path):
     """A run writes what its plan picked, with the estimate by part, to plan.json."""
     import json
-    import srl
+
     from test_srl_loop import EXAMPLE, loop_args
+
+    import srl
     args = loop_args(tmp_path, [EXAMPLE], max_steps=1, gpu_memory=8, precision="fp32")
     srl.train(args, lambda ex: [{"role": "user", "content": ex["problem"]}], lambda text, ex: len(text) % 3 / 2)
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())

@@ -10,8 +10,8 @@ import engine
 import model as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from machinery.checks import smollm2_folder, smollm2_missing_reason  # noqa: E402
 import engine as E
+from machinery.checks import smollm2_folder, smollm2_missing_reason  # noqa: E402
 
 CONFIGS = {  # small random configurations covering GQA, tied/untied embeddings, bias on/off, both families
     "qwen2_gqa_tied": ("qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

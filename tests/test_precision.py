@@ -4,19 +4,19 @@ import json
 
 import pytest
 import torch
+from test_model import hf_pair, random_prompts
+from test_sft import MATH_RECORDS, write_jsonl
+from test_srl_loop import EXAMPLE, loop_args, short_prompt
 
 import engine
+import engine as E
 import grpo
 import model as M
 import sft
 import srl
 from evaluate import math_messages
-from rlvr import math_reward
-from test_model import hf_pair, random_prompts
-from test_sft import MATH_RECORDS, write_jsonl
-from test_srl_loop import EXAMPLE, loop_args, short_prompt
-import engine as E
 from machinery import checkpoints
+from rlvr import math_reward
 
 
 @pytest.mark.parametrize("name", ["qwen2_gqa_tied", "llama_gqa_untied"])

@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 
-from study import plot
 import quickstart
+from study import plot
 from study.report import mean_std, table
 from study.stages import progress
 from tasks import synthetic

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import torch
-
-import model as M
 from helpers import supervised_warm_start
+
+import engine as E
+import model as M
 from evaluate import math_messages
 from rlvr import math_reward
-import engine as E
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from machinery.files import InputError
+from engine import encode_chat, token_budget_batches
 from evaluate import math_messages
-from engine import token_budget_batches
-from engine import encode_chat
+from machinery.files import InputError
 from model import load_model
 from srl import srl_messages
 
@@ -211,6 +210,7 @@ def test_fitted_tiny_tokenizer_survives_save_and_load(tmp_path):
     """The warm start's tokenizer is fitted to its data (numbers become single tokens); a checkpoint must give the
     same ids after save_model, through load_model and through transformers' AutoTokenizer."""
     from transformers import AutoTokenizer
+
     import data_prep
     from engine import encode_chat
     from model import load_model, save_model

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
-
-import model as M
 from helpers import supervised_warm_start
-import srl
+
 import engine as E
 import grpo
+import model as M
+import srl
 from machinery import checkpoints
 
 EXAMPLE = {"id": "add", "problem": "Compute 2+3+4.", "previous_steps": ["1. 2+3=5"],

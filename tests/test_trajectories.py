@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import data_prep
+import engine as E
 import model as M
 import srl
 from tasks import trajectories as T
-import engine as E
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1000  # observation limit used on the shared samples: small enough that some observations get cut
