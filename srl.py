@@ -86,6 +86,13 @@ def step_similarity(a: str, b: str) -> float:
         return 1.0
     if not a or not b:
         return 0.0
+    matched = sum(k for _, _, k in matching_blocks(a, b))  # M
+    return 2.0 * matched / (len(a) + len(b))
+
+
+def matching_blocks(a: str, b: str) -> list:
+    """The blocks (i, j, k) with a[i:i+k] == b[j:j+k] that Ratcliff/Obershelp matching finds, as difflib does: the
+    longest common block, then the same on the pieces to its left and to its right. M is the sum of their k."""
     # Index b: every character -> its positions in b, ascending.
     b2j = {}
     for j, char in enumerate(b):
@@ -99,18 +106,18 @@ def step_similarity(a: str, b: str) -> float:
     # Ratcliff/Obershelp: longest block, then the pieces left and right of it, with a stack instead of recursion.
     # The order of visits does not change the blocks found, and M only needs their total size (difflib's later
     # merging of adjacent blocks does not change it).
-    matched = 0
+    blocks = []
     todo = [(0, len(a), 0, len(b))]
     while todo:
         alo, ahi, blo, bhi = todo.pop()
         i, j, k = _longest_match(a, b, b2j, alo, ahi, blo, bhi)
         if k:
-            matched += k
+            blocks.append((i, j, k))
             if alo < i and blo < j:
                 todo.append((alo, i, blo, j))
             if i + k < ahi and j + k < bhi:
                 todo.append((i + k, ahi, j + k, bhi))
-    return 2.0 * matched / (len(a) + len(b))
+    return sorted(blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
