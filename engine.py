@@ -486,10 +486,14 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, with_entro
     hidden, targets = hidden.flatten(0, 1)[source[mask].to(device)], targets[mask].to(device)
 
     def chunk_logprobs(h, y):
-        logp_all = (model.lm_head(h).float() / temperature).log_softmax(-1)
+        logits = model.lm_head(h).float()
+        logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
+        token_logp = logp_all.gather(-1, y[:, None]).squeeze(-1)
+        # the entropy after the gather: the checkpoint's recomputation in backward stops once it has remade what
+        # backward needs, so the entropy is computed once, not twice
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp_all.gather(-1, y[:, None]).squeeze(-1), entropy
+        return token_logp, entropy
 
     logps, entropies = [], []
     for s in range(0, len(targets), chunk_size):

@@ -121,14 +121,15 @@ MASKED_TRAINING_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTE
 
 
 def attention(q, k, v, attn_mask=None, is_causal=False):
-    """scaled_dot_product_attention with grouped-query attention. With a mask the KV heads are repeated instead of
-    enable_gqa, which CUDA's fused kernels refuse with a mask (the math kernel would hold [T, T] fp32 scores)."""
+    """scaled_dot_product_attention with grouped-query attention. With a mask on CUDA the KV heads are repeated
+    instead of enable_gqa, which CUDA's fused kernels refuse with a mask (the math kernel would hold [T, T] fp32
+    scores); CPU's flash kernel takes both, and repeated heads would be copies kept for backward."""
     group = q.shape[1] // k.shape[1]
-    if attn_mask is not None and group > 1:
+    if attn_mask is not None and group > 1 and q.device.type == "cuda":
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if attn_mask is not None and torch.is_grad_enabled():
         with sdpa_kernel(MASKED_TRAINING_KERNELS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=k.shape[1] != q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 

@@ -29,6 +29,7 @@ TRL runs with gradient checkpointing off (its default is on; srl.py's is off), t
 completions, lr, clip range, grad clip and beta 0, no dataset shuffling; its generation is timed apart.
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -47,6 +48,8 @@ import grpo  # noqa: E402
 import srl  # noqa: E402
 from engine import completion_logprobs, decode_text, encode_chat, generate  # noqa: E402
 from machinery.checks import smollm2_folder  # noqa: E402
+from machinery.distributed import copy_weights  # noqa: E402
+from machinery.setup import keep_freed_memory  # noqa: E402
 from model import load_model  # noqa: E402
 
 S1K = ROOT.parent / "shared" / "data" / "trajectories" / "s1k_problems_solutions.json"
@@ -80,14 +83,14 @@ def run_ours(args, folder, examples):
     """Per step: seconds of each phase, plus token counts."""
     model, tokenizer = load_model(folder, device="cpu", dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    policy = model if args.precision == "fp32" else copy.deepcopy(model).to(torch.bfloat16)  # srl.py's sampling copy
     steps = []
     for step in range(args.steps):
         batch = examples[step * args.prompts:(step + 1) * args.prompts]
         t = {phase: 0.0 for phase in PHASES}
         start = time.perf_counter()
         prompts = [encode_chat(tokenizer, srl.srl_messages(ex)) for ex in batch]
-        model.eval()
-        outputs = generate(model, prompts, args.new_tokens, temperature=1.0, num_samples=args.group_size, seed=step)
+        outputs = generate(policy, prompts, args.new_tokens, temperature=1.0, num_samples=args.group_size, seed=step)
         t["sample"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -105,8 +108,9 @@ def run_ours(args, folder, examples):
         for s in range(0, len(rows), args.micro_batch):
             chunk = rows[s:s + args.micro_batch]
             start = time.perf_counter()
-            logp, mask, entropy = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk], 1.0,
-                                                      with_entropy=True)
+            with grpo.autocast("cpu", args.precision):
+                logp, mask, entropy = completion_logprobs(model, [r[0] for r in chunk], [r[1] for r in chunk], 1.0,
+                                                          with_entropy=True)
             adv = torch.tensor([r[2] for r in chunk])
             loss, _ = grpo.grpo_loss(logp, logp.detach(), adv, mask, 0.2, 0.28, num_tokens=num_tokens)
             t["forward"] += time.perf_counter() - start
@@ -117,6 +121,8 @@ def run_ours(args, folder, examples):
         start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if policy is not model:
+            copy_weights(policy, model)
         t["optimizer"] = time.perf_counter() - start
         t["total"] = sum(t[p] for p in PHASES)
         # completion_logprobs packs the rows of one prompt within a micro-batch: that prompt goes through once
@@ -197,15 +203,18 @@ def main():
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer at the same settings")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: srl.py's bf16 on CPU (a bf16 "
+                   "sampling copy, the update under bf16 autocast over fp32 weights)")
     args = p.parse_args()
     if (args.prompts * args.group_size) % args.micro_batch:
         raise SystemExit("--micro-batch must divide prompts * group-size (TRL accumulates whole micro-batches)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as every training stage does on CPU (machinery/setup.py)
     folder = smollm2_folder()
     from transformers import AutoTokenizer  # the tokenizer load_model gives, without loading the weights
     examples = s1k_examples(args.prompts * args.steps, AutoTokenizer.from_pretrained(folder), args.max_prompt_tokens)
-    print(f"SmolLM2-135M-Instruct fp32 CPU, {args.prompts} prompts x {args.group_size} samples, "
+    print(f"SmolLM2-135M-Instruct {args.precision} CPU, {args.prompts} prompts x {args.group_size} samples, "
           f"{args.new_tokens} new tokens, {args.steps} steps, {torch.get_num_threads()} threads, "
           f"load average {load()}", flush=True)
 

@@ -20,9 +20,19 @@ SMALL = M.ModelConfig.from_hf(dict(  # Qwen2.5's proportions (intermediate ~5.8 
     num_key_value_heads=2, intermediate_size=1120, tie_word_embeddings=True))
 
 
-def saved_bytes(model, tokens, precision, masked, checkpointing):
+def attention_as_on_cuda(q, k, v, attn_mask=None, is_causal=False, attention=M.attention):
+    """model.attention as it runs on CUDA, where a mask makes it repeat the KV heads (CPU's kernel takes them as
+    they are), which the estimate counts."""
+    if attn_mask is not None:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return attention(q, k, v, attn_mask, is_causal)
+
+
+def saved_bytes(model, tokens, precision, masked, checkpointing, monkeypatch):
     """Bytes of the distinct storages autograd keeps for a training forward of `tokens` positions (one row),
-    leaving out the packing mask, which the estimate counts apart."""
+    leaving out the packing mask, which the estimate counts apart. Attention as on CUDA."""
+    monkeypatch.setattr(M, "attention", attention_as_on_cuda)
     storages = {}
 
     def keep(t):
@@ -33,7 +43,7 @@ def saved_bytes(model, tokens, precision, masked, checkpointing):
     model.activation_checkpointing = checkpointing
     with grpo.autocast("cpu", precision):
         mask = None
-        if masked:  # any additive mask (here causal) makes attention repeat the KV heads, as for packed groups
+        if masked:  # any additive mask (here causal) makes attention repeat the KV heads on CUDA, as for packed groups
             dtype = M.compute_dtype(model.lm_head.weight)
             mask = torch.full((tokens, tokens), float("-inf"), dtype=dtype).triu(1)[None, None]
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
@@ -46,14 +56,14 @@ def saved_bytes(model, tokens, precision, masked, checkpointing):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_estimate_matches_what_autograd_saves(precision, masked, checkpointing):
+def test_activation_estimate_matches_what_autograd_saves(precision, masked, checkpointing, monkeypatch):
     """Per token: the difference between two lengths, so that the weights (and autocast's bf16 copies of them),
     which do not grow with the tokens, drop out. With checkpointing only the layers' inputs stay through the
     forward; the estimate adds one rebuilt layer, which the hooks see in backward, not here."""
     torch.manual_seed(0)
     model = M.Decoder(SMALL).train()
-    per_token = (saved_bytes(model, 96, precision, masked, checkpointing)
-                 - saved_bytes(model, 32, precision, masked, checkpointing)) / 64
+    per_token = (saved_bytes(model, 96, precision, masked, checkpointing, monkeypatch)
+                 - saved_bytes(model, 32, precision, masked, checkpointing, monkeypatch)) / 64
     estimate = memory.activation_bytes_per_token(SMALL, precision, masked, checkpointing)
     if checkpointing:  # less the layer rebuilt in backward: (all layers - the final norm's 8h) / layers
         estimate -= (memory.activation_bytes_per_token(SMALL, precision, masked) - 8 * SMALL.hidden_size) / 3
@@ -65,13 +75,13 @@ def test_activation_estimate_matches_what_autograd_saves(precision, masked, chec
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_activation_estimate_matches_what_autograd_saves(precision, masked, checkpointing):
+def test_lora_activation_estimate_matches_what_autograd_saves(precision, masked, checkpointing, monkeypatch):
     """The same measure under LoRA (rank 8): the base frozen in the run's dtype, so that its layers keep no input
     for their own weights' gradients; the adapters keep theirs."""
     torch.manual_seed(0)
     model = M.Decoder(SMALL).to(torch.bfloat16 if precision == "bf16" else torch.float32).add_lora(8, 16).train()
-    per_token = (saved_bytes(model, 96, precision, masked, checkpointing)
-                 - saved_bytes(model, 32, precision, masked, checkpointing)) / 64
+    per_token = (saved_bytes(model, 96, precision, masked, checkpointing, monkeypatch)
+                 - saved_bytes(model, 32, precision, masked, checkpointing, monkeypatch)) / 64
     estimate = memory.activation_bytes_per_token(SMALL, precision, masked, checkpointing, lora_rank=8)
     if checkpointing:
         full = memory.activation_bytes_per_token(SMALL, precision, masked, lora_rank=8)
