@@ -39,7 +39,8 @@ GSM8K = ROOT.parent / "shared" / "data" / "benchmarks" / "gsm8k.jsonl"
 ARMS = ["sft", "rlvr", "srl", "srl_rlvr", "sft_rlvr", "srl_lora"]
 CHAINED = {"srl_rlvr": "srl", "sft_rlvr": "sft"}  # RLVR started from another arm's checkpoint
 RL_ARMS = ["rlvr", "srl", "srl_rlvr", "sft_rlvr", "srl_lora"]
-PREPARED_BY = ["data", "warm_problems", "val_problems", "test_problems", "warm_epochs", "warm_lr", "device"]
+PREPARED_BY = ["data", "sft_problems", "warm_problems", "val_problems", "test_problems", "warm_epochs", "warm_lr",
+               "warm_check_prompts", "precision", "device"]
 
 
 def parse_args(argv=None):
@@ -50,33 +51,39 @@ def parse_args(argv=None):
     p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS, help="the arms to train (a chained arm needs "
                    "its first stage); with --tune, the arms to tune")
     p.add_argument("--tune", action="store_true", help="the learning-rate search on the validation problems instead")
+    p.add_argument("--prepare", action="store_true", help="only the problems and the warm start of each seed")
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU cores to use")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="of the training stages (on this "
+                   "CPU, AVX512-BF16: bf16 makes an update 1.5x faster)")
     # the problems
     p.add_argument("--data", default=str(GSM8K), help="GSM8K's JSONL (question, answer: worked solution, #### N)")
     p.add_argument("--warm-problems", type=int, default=200, help="problems the warm start learns the formats on")
     p.add_argument("--val-problems", type=int, default=60, help="validation problems (--tune's only)")
     p.add_argument("--test-problems", type=int, default=100, help="held-out problems for the table")
     # the warm start
-    p.add_argument("--warm-epochs", type=int, default=2)
+    p.add_argument("--warm-epochs", type=int, default=1)
     p.add_argument("--warm-lr", type=float, default=5e-5)
     p.add_argument("--warm-check-prompts", type=int, default=16, help="the warm start's closing format check: held-out "
                    "SRL prompts, 2 samples each (0: none)")
     # the arms
     p.add_argument("--sft-lr", type=float, default=2e-5)
+    p.add_argument("--sft-problems", type=int, default=400, help="training problems whose solutions sft learns")
     p.add_argument("--sft-epochs", type=int, default=1)
-    p.add_argument("--rl-steps", type=int, default=20, help="optimiser steps of every RL stage")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    p.add_argument("--rl-steps", type=int, default=12, help="optimiser steps of every RL stage")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per RL step")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
     p.add_argument("--rlvr-lr", type=float, default=1e-5)
     p.add_argument("--srl-lr", type=float, default=1e-5)
     p.add_argument("--srl-rlvr-lr", type=float, default=1e-5, help="RLVR's after SRL")
     p.add_argument("--sft-rlvr-lr", type=float, default=1e-5, help="RLVR's after SFT")
     p.add_argument("--srl-lora-lr", type=float, default=1e-4, help="SRL's with LoRA rank 16")
-    p.add_argument("--step-tokens", type=int, default=128, help="an SRL rollout: monologue and one step")
+    p.add_argument("--step-tokens", type=int, default=96, help="an SRL rollout: monologue and one step")
     p.add_argument("--solution-tokens", type=int, default=256, help="a whole solution: RLVR and evaluation")
     p.add_argument("--samples", type=int, default=4, help="k of avg@k and pass@k in the evaluation")
+    p.add_argument("--tune-extensions", type=int, default=1, help="--tune: how many times the search may go a factor "
+                   "of 3 beyond the rates tried")
     p.add_argument("--srl-measure", nargs=2, metavar=("CHECKPOINT", "EXAMPLES"), help="(a stage of the study) SRL's "
                    "own measure of a checkpoint on SRL examples, written to --out")
     return p.parse_args(argv)
@@ -91,6 +98,7 @@ def prepare_seed(args, seed):
     problems), data_warm/, test_srl.jsonl (the test problems' steps) and base/. Kept when it was made with the same
     settings (prepared.json), else made again."""
     import data_prep
+    from srl import validation_sample
     work = Path(args.out).resolve() / f"seed{seed}"
     made_with = {name: getattr(args, name) for name in PREPARED_BY} | {"seed": seed}
     stamp = work / "prepared.json"
@@ -119,31 +127,36 @@ def prepare_seed(args, seed):
     problems = [p for p in data_prep.gsm8k_records(records, [args.data] * len(records)) if p["id"] in test_ids]
     write_jsonl(work / "test_srl.jsonl", [example for problem in problems for example in
                                          data_prep.srl_examples(problem, data_prep.split_steps(problem["solution"]))])
+    # sft's data: the first --sft-problems training problems' solutions; --tune's steps: 64 spread over problems
+    write_jsonl(work / "sft_train.jsonl", read_jsonl(work / "data" / "sft_train.jsonl")[:args.sft_problems])
+    write_jsonl(work / "val_srl.jsonl", validation_sample(read_jsonl(work / "data" / "srl_val.jsonl"), 64, seed))
     seconds.update(run_stages(resumable(work, {"base": python(
         "sft.py", "--model", "smollm2-135m", "--data", work / "warm_start.jsonl", "--out", work / "base",
         "--val-data", work / "data" / "srl_val.jsonl", "--epochs", args.warm_epochs, "--lr", args.warm_lr,
         "--batch-size", 8, "--warmup-ratio", 0.1, "--check-samples", 2 if args.warm_check_prompts else 0,
-        "--check-prompts", max(1, args.warm_check_prompts), "--max-length", 640,
-        "--save-every", 20, "--seed", seed, "--device", args.device)}), 1, args.threads))
+        "--check-prompts", max(1, args.warm_check_prompts), "--max-length", 640, "--micro-batch-tokens", 2048,
+        "--precision", args.precision, "--save-every", 20, "--seed", seed, "--device", args.device)}), 1,
+        args.threads))
     write_jsonl(stamp, [made_with])
     return work, seconds
 
 
-def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file, srl_file):
-    """Train the arms from work/base into arms_dir and evaluate them (and the base) on problems_file, with SRL's own
-    measure on srl_file; returns ({arm: results}, {stage: seconds})."""
+def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file, srl_file, evaluated=None):
+    """Train the arms from work/base into arms_dir and evaluate them (evaluated: default the base and every arm) on
+    problems_file, with SRL's own measure on srl_file; returns ({arm: results}, {stage: seconds})."""
+    evaluated = evaluated or ["base", *arms]
     data, base = work / "data", work / "base" / "last"
     rl = ["--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
-          "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--save-every", 5, "--max-prompt-tokens", 1024,
-          "--seed", seed, "--device", args.device]
+          "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--save-every", 4, "--max-prompt-tokens", 1024,
+          "--micro-batch-tokens", 2048, "--precision", args.precision, "--seed", seed, "--device", args.device]
     rlvr = lambda start, out, lr: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out",
                                          out, "--lr", lr, "--max-new-tokens", args.solution_tokens, *rl)
     srl = lambda out, lr, *extra: python("srl.py", "--model", base, "--data", data / "srl_train.jsonl", "--out", out,
                                          "--lr", lr, "--max-new-tokens", args.step_tokens, *extra, *rl)
-    first = {"sft": python("sft.py", "--model", base, "--data", data / "sft_train.jsonl", "--out", arms_dir / "sft",
+    first = {"sft": python("sft.py", "--model", base, "--data", work / "sft_train.jsonl", "--out", arms_dir / "sft",
                            "--lr", lrs["sft"], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
-                           "--check-samples", 0, "--max-length", 640, "--save-every", 50, "--seed", seed,
-                           "--device", args.device),
+                           "--check-samples", 0, "--max-length", 640, "--micro-batch-tokens", 2048, "--precision",
+                           args.precision, "--save-every", 20, "--seed", seed, "--device", args.device),
              "rlvr": rlvr(base, arms_dir / "rlvr", lrs["rlvr"]),
              "srl": srl(arms_dir / "srl", lrs["srl"]),
              "srl_lora": srl(arms_dir / "srl_lora", lrs["srl_lora"], "--lora-rank", 16)}
@@ -151,21 +164,25 @@ def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file, srl_file):
     first = {k: v for k, v in first.items() if k in arms}
     then = {k: v for k, v in then.items() if k in arms}
     checkpoint = lambda arm: base if arm == "base" else arms_dir / arm / "last"
-    evaluations = lambda names: {
+    evaluations = lambda names: {  # (of those evaluated)
         **{f"eval_{arm}": python("evaluate.py", "--model", checkpoint(arm), "--benchmarks", data / problems_file,
                                  "--samples", args.samples, "--max-new-tokens", args.solution_tokens, "--batch-size",
                                  32, "--seed", seed, "--out", arms_dir / "eval" / arm, "--device", args.device)
-           for arm in names},
+           for arm in names if arm in evaluated},
         **{f"steps_{arm}": module("study.gsm8k", "--srl-measure", checkpoint(arm), srl_file, "--out",
                                   arms_dir / "steps" / arm, "--step-tokens", args.step_tokens, "--device",
-                                  args.device) for arm in names}}
+                                  args.device) for arm in names if arm in evaluated}}
     arms_dir.mkdir(parents=True, exist_ok=True)
+    for arm in [*first, *then]:  # an arm --tune trained at this rate, with this command line but --out: not again
+        done = work / f"tune_{arm}_{lrs[arm]:.2g}" / arm
+        if not (arms_dir / arm).exists() and (done / "last" / "training_state.pt").exists():
+            (arms_dir / arm).symlink_to(done)
     # a stopped study goes on where it stopped; an evaluation waits only for its own arm
     seconds = run_stages(resumable(arms_dir, first), args.jobs, args.threads)
     seconds.update(run_stages(resumable(arms_dir, {**then, **evaluations(["base", *first])}), args.jobs,
                               args.threads))
     seconds.update(run_stages(resumable(arms_dir, evaluations(then)), args.jobs, args.threads))
-    return read_results(arms_dir, ["base", *arms], problems_file, args.samples), seconds
+    return read_results(arms_dir, evaluated, problems_file, args.samples), seconds
 
 
 def read_results(arms_dir, arms, problems_file, samples):
@@ -249,6 +266,8 @@ def main(argv=None):
     lrs = {"sft": args.sft_lr, "rlvr": args.rlvr_lr, "srl": args.srl_lr, "srl_rlvr": args.srl_rlvr_lr,
            "sft_rlvr": args.sft_rlvr_lr, "srl_lora": args.srl_lora_lr}
     try:
+        if args.prepare:
+            return [prepare_seed(args, seed) for seed in args.seeds]
         if args.tune:
             return tune(args, lrs)
         results, times = {}, {}
@@ -272,8 +291,8 @@ def main(argv=None):
     write_json(out / "summary.json", {"settings": {**vars(args), "rollouts_per_rl_stage": rollouts,
                                                    "seconds": round(time.time() - started)},
                                       "arms": results, "stage_seconds": times})
-    print(f"\nHeld-out test: {args.test_problems} GSM8K problems, seeds {args.seeds}; every RL stage sampled {rollouts} "
-          f"rollouts (summary: {out / 'summary.json'})")
+    print(f"\nHeld-out test: {args.test_problems} GSM8K problems, seeds {args.seeds}; every RL stage sampled "
+          f"{rollouts} rollouts (summary: {out / 'summary.json'})")
     print(table(results, columns(args.samples)))
     rl = [arm for arm in results if "reward_curve" in results[arm]]
     drawn = draw(results, out / "study.png", f"SmolLM2-135M-Instruct on GSM8K, seeds {args.seeds}", curves=[
@@ -295,7 +314,8 @@ def main(argv=None):
 def tune(args, lrs):
     """Each arm's learning rate by study/tuning.py's rule (the other arms at their defaults), scored on the
     validation problems: avg@k first, greedy accuracy second. A chained arm's RLVR starts from its own first
-    stage, trained at that stage's default rate."""
+    stage, trained at that stage's default rate (the run --tune made of it at that rate, if there is one). The
+    rows go to <out>/tune_<arms>.json, so that searches of other arms can run beside it."""
     out, rows, k = Path(args.out), [], f"avg@{args.samples}"
     for seed in args.seeds:
         work, _ = prepare_seed(args, seed)
@@ -303,13 +323,13 @@ def tune(args, lrs):
             def score(lr):
                 trained = [CHAINED[arm], arm] if arm in CHAINED else [arm]
                 results, _ = run_arms(args, seed, work, work / f"tune_{arm}_{lr:.2g}", dict(lrs, **{arm: lr}),
-                                      trained, "rlvr_val.jsonl", work / "data" / "srl_val.jsonl")
+                                      trained, "rlvr_val.jsonl", work / "val_srl.jsonl", evaluated=[arm])
                 rows.append({"arm": arm, "lr": lr, "seed": seed, k: results[arm][k],
                              "accuracy": results[arm]["accuracy"], "step_similarity": results[arm]["step_similarity"]})
                 print(rows[-1], flush=True)
-                write_json(out / "tune.json", rows)
+                write_json(out / f"tune_{'_'.join(args.arms)}.json", rows)
                 return results[arm][k], results[arm]["accuracy"]
-            search_learning_rate(lrs[arm], score)
+            search_learning_rate(lrs[arm], score, max_extensions=args.tune_extensions)
     print(f"| arm | lr | validation {k} (%) | validation greedy (%) | next-step similarity |\n| --- | --- | --- | --- "
           "| --- |")
     for row in rows:
