@@ -5,18 +5,19 @@ groups are mostly all wrong and dropped, while SRL's step reward still tells bet
 regime, in small. docs/gsm8k.md gives what came out, its time and disk use, and how to read it.
 
     python -m study.gsm8k                      # one seed at the default budget
-    python -m study.gsm8k --tune               # each arm's learning rate, by one rule, on the validation problems
+    python -m study.gsm8k --tune --arms srl    # an arm's learning rate, by the rule every arm gets, on validation
     python -m study.gsm8k --seeds 1 2          # more seeds (a stopped study goes on where it stopped)
 
 Per seed, every stage its ordinary command line (study/stages.py), its output in <out>/seed<N>/<name>.log:
-  1. The problems, shuffled by the seed, split four ways: warm-start problems (--warm-problems), then data_prep.py on
-     the rest: training, validation (60, for --tune only) and held-out test problems (--test-problems).
-  2. The warm start, the base of every arm: sft.py on the warm-start problems alone, their SRL-format steps
-     ("<think>...</think>" + the next step) and their whole solutions (ending in \\boxed{}). SmolLM2 never closes
-     </think> on its own; no arm is warm-started on the training problems' steps, or SRL would be SFT in disguise.
-  3. The arms, from the base, on the same training problems: sft (their expert solutions), rlvr, srl, srl_rlvr
-     (RLVR from srl), sft_rlvr (RLVR from sft), srl_lora (SRL with LoRA rank 16). Every RL stage samples the same
-     number of rollouts (--rl-steps x --prompts x --group-size; --max-draws 1).
+  1. The problems, shuffled by the seed: --warm-problems for the warm start, then data_prep.py on the rest:
+     training, validation (for --tune only) and held-out test problems.
+  2. The warm start, the base of every arm: sft.py on the warm-start problems alone, their steps in SRL's format
+     ("<think>...</think>" + the next step) and their whole solutions (ending in \\boxed{}). No arm is warm-started
+     on the training problems' steps, or SRL would be SFT in disguise.
+  3. The arms, from the base, on the training problems: sft (--sft-problems' solutions), rlvr, srl, srl_rlvr (RLVR
+     from srl), sft_rlvr (RLVR from sft), srl_lora (SRL with LoRA rank 16). Every RL stage samples the same number
+     of rollouts (--rl-steps x --prompts x --group-size; --max-draws 1). An arm --tune trained at the same rate is
+     not trained again.
   4. evaluate.py on the test problems (greedy, avg@k, pass@k, the boxed-answer rate), and SRL's own measure on
      their steps (--srl-measure): the greedy next step's similarity to the expert's, given the expert's steps so
      far, and the share written in the <think> format.
