@@ -153,12 +153,17 @@ def test_a_run_whose_updates_are_all_skipped_stops(tmp_path, monkeypatch, capsys
 # Signals, sent to real processes
 
 DRIVER = """
-import sys
+import os, sys, time
 import srl
 from test_interrupts import varied
 from test_srl_loop import short_prompt
+reward = varied
+if os.environ.get("SLOW_REWARD"):  # a step of seconds: a signal sent during it lands before it ends
+    def reward(completion, example):
+        time.sleep(float(os.environ["SLOW_REWARD"]))
+        return varied(completion, example)
 args = srl.training_arguments("", "", "", 0.01).parse_args(sys.argv[1:])
-srl.train(args, short_prompt, varied)
+srl.train(args, short_prompt, reward)
 """
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
 
@@ -181,9 +186,9 @@ def finish(command):
     return done
 
 
-def signal_at_step(command, out, step, signum, second=False):
+def signal_at_step(command, out, step, signum, second=False, env=ENV):
     """Start the run, send signum once its log holds `step` lines; returns the finished process's result."""
-    process = subprocess.Popen(command + ["--out", str(out)], env=ENV, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command + ["--out", str(out)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -192,7 +197,7 @@ def signal_at_step(command, out, step, signum, second=False):
         time.sleep(0.05)
     process.send_signal(signum)
     if second:
-        time.sleep(0.2)
+        time.sleep(0.5)
         process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     return process.returncode, stdout, stderr
@@ -219,7 +224,10 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    code, stdout, stderr = signal_at_step(driver_command(tmp_path), tmp_path / "run", 1, signal.SIGINT, second=True)
+    """The second Ctrl-C comes 0.5 s after the first, inside a step of 4 s (8 rewards of 0.5 s): were the run to
+    finish that step in the meantime, it would exit 130 and the test could not tell one Ctrl-C from two."""
+    code, stdout, stderr = signal_at_step(driver_command(tmp_path), tmp_path / "run", 1, signal.SIGINT, second=True,
+                                          env=dict(ENV, SLOW_REWARD="0.5"))
     assert code == -signal.SIGINT, (code, stdout[-500:], stderr[-1500:])  # killed by the signal itself
     assert "stopping after the step in progress" in stdout
 
