@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from machinery.files import InputError, read_jsonl, write_json, write_jsonl
-from study.report import draw, table
+from study.report import draw, paired_interval, table
 from study.stages import ROOT, logged, module, python, resumable, run_stages
 from study.tuning import search_learning_rate
 
@@ -193,9 +193,12 @@ def read_results(arms_dir, arms, problems_file, samples):
         [summary] = read_jsonl(arms_dir / "eval" / arm / "summary.json")
         metrics = next(iter(summary["results"].values()))
         [steps] = read_jsonl(arms_dir / "steps" / arm / "summary.json")
+        graded = read_jsonl(arms_dir / "eval" / arm / problems_file)  # per problem: greedy first, then the samples
         results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"],
                         f"pass@{samples}": metrics[f"pass@{samples}"], "boxed_rate": metrics["boxed_rate"],
-                        "step_similarity": steps["similarity"], "step_format_rate": steps["format_rate"]}
+                        "step_similarity": steps["similarity"], "step_format_rate": steps["format_rate"],
+                        "greedy_by_problem": [float(r["correct"][0]) for r in graded],
+                        "avg_by_problem": [statistics.mean(r["correct"][1:]) for r in graded]}
         if arm in RL_ARMS:
             log = read_jsonl(arms_dir / arm / "metrics.jsonl")
             results[arm].update(reward_curve=[m["reward_mean"] for m in log],
@@ -295,6 +298,15 @@ def main(argv=None):
     print(f"\nHeld-out test: {args.test_problems} GSM8K problems, seeds {args.seeds}; every RL stage sampled "
           f"{rollouts} rollouts (summary: {out / 'summary.json'})")
     print(table(results, columns(args.samples)))
+    if "base" in results:  # each arm against the base on the same test problems
+        for seed_index, seed in enumerate(args.seeds):
+            print(f"seed {seed}, each arm minus the base, points (95% interval, a bootstrap over the test problems):")
+            for arm in args.arms:
+                said = []
+                for name, key in (("greedy", "greedy_by_problem"), (f"avg@{args.samples}", "avg_by_problem")):
+                    diff, low, high = paired_interval(results[arm][key][seed_index], results["base"][key][seed_index])
+                    said.append(f"{name} {100 * diff:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})")
+                print(f"  {arm}: " + ", ".join(said))
     rl = [arm for arm in results if "reward_curve" in results[arm]]
     drawn = draw(results, out / "study.png", f"SmolLM2-135M-Instruct on GSM8K, seeds {args.seeds}", curves=[
         ("SRL: mean step-similarity reward (-1 = bad format)", (-1.05, 1.05), "reward_curve",

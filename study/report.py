@@ -2,6 +2,7 @@
 A study's report: the table shaped like the paper's Table 1 (a row per arm, mean ± std over seeds) and its picture
 (the training curves of the RL arms and bars of the held-out scores, study/plot.py's figure).
 """
+import random
 import statistics
 
 from study.plot import figure
@@ -15,6 +16,14 @@ def percent(values):
     """"12.5 ± 3.0" (mean ± std over seeds, in %), or "12.5" for one seed."""
     mean, std = mean_std(values)
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if len(values) > 1 else "")
+
+
+def paired_interval(a, b, draws=2000, seed=0):
+    """mean(a) - mean(b) and its 95% interval, for scores of two models on the same problems (a[i], b[i]: problem
+    i): a bootstrap over the problems. Tells a difference between arms from the luck of which problems were drawn."""
+    diffs, rng = [x - y for x, y in zip(a, b, strict=True)], random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(draws))
+    return sum(diffs) / len(diffs), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
 def table(results, columns):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from machinery.checks import smollm2_missing_reason
+from study.report import paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = [{"question": f"Ann has {n} apples and buys {n + 2} more. How many does she have?", "idx": n,
@@ -31,8 +32,23 @@ def test_the_study_runs_every_stage_on_smollm2_and_reports(tmp_path):
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert set(summary["arms"]) == {"base", "srl"} and summary["settings"]["rollouts_per_rl_stage"] == 4
     assert 0 <= summary["arms"]["srl"]["step_similarity"][0] <= 1 and "kept_group_rate" in summary["arms"]["srl"]
+    assert len(summary["arms"]["srl"]["greedy_by_problem"][0]) == 2 and "srl: greedy " in done.stdout
     assert "| srl |" in done.stdout and (tmp_path / "study" / "examples.md").read_text().count("expert:") == 2
     # the same command again: every stage is done, nothing is trained or evaluated a second time
     again = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "were made with these settings: kept" in again.stdout
     assert "=== eval_" not in again.stdout and "=== steps_" not in again.stdout
+
+
+def test_the_paired_interval_is_the_bootstrap_over_problems():
+    """Against an exact enumeration: with 3 problems there are 27 equally likely resamples, so the bootstrap's 2.5%
+    and 97.5% quantiles of the mean difference are known; 2,000 draws land on them. A constant difference has no
+    spread, and more problems give a narrower interval."""
+    import itertools
+    a, b = [1, 0, 1], [0, 0, 1]  # differences 1, 0, 0
+    exact = sorted(sum(pick) / 3 for pick in itertools.product([1, 0, 0], repeat=3))
+    diff, low, high = paired_interval(a, b)
+    assert diff == 1 / 3 and (low, high) == (exact[0], exact[-1]) == (0.0, 1.0)  # 1/27 > 2.5%: the extremes
+    assert paired_interval([1, 1, 0, 1], [0, 0, -1, 0]) == (1.0, 1.0, 1.0)
+    few, many = paired_interval([1, 0] * 10, [0, 0] * 10), paired_interval([1, 0] * 160, [0, 0] * 160)
+    assert few[0] == many[0] == 0.5 and few[1] < many[1] < 0.5 < many[2] < few[2]
