@@ -198,13 +198,22 @@ def read_results(arms_dir, arms, problems_file, samples):
                         f"pass@{samples}": metrics[f"pass@{samples}"], "boxed_rate": metrics["boxed_rate"],
                         "step_similarity": steps["similarity"], "step_format_rate": steps["format_rate"],
                         "greedy_by_problem": [float(r["correct"][0]) for r in graded],
-                        "avg_by_problem": [statistics.mean(r["correct"][1:]) for r in graded]}
+                        "avg_by_problem": [statistics.mean(r["correct"][1:]) for r in graded],
+                        "similarity_by_problem": similarity_by_problem(arms_dir / "steps" / arm / "outputs.jsonl")}
         if arm in RL_ARMS:
             log = read_jsonl(arms_dir / arm / "metrics.jsonl")
             results[arm].update(reward_curve=[m["reward_mean"] for m in log],
                                 kept_group_curve=[m["kept_group_rate"] for m in log],
                                 kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
     return results
+
+
+def similarity_by_problem(outputs_file):
+    """SRL's own measure per test problem (the mean over its steps), in the order of the problems' ids."""
+    steps = {}
+    for row in read_jsonl(outputs_file):
+        steps.setdefault(row["id"], []).append(max(row["reward"], 0.0))
+    return [statistics.mean(steps[i]) for i in sorted(steps)]
 
 
 def srl_measure(checkpoint, examples_file, out, device, max_new_tokens):
@@ -303,7 +312,9 @@ def main(argv=None):
             print(f"seed {seed}, each arm minus the base, points (95% interval, a bootstrap over the test problems):")
             for arm in args.arms:
                 said = []
-                for name, key in (("greedy", "greedy_by_problem"), (f"avg@{args.samples}", "avg_by_problem")):
+                for name, key in (("greedy", "greedy_by_problem"), (f"avg@{args.samples}", "avg_by_problem"),
+                                  ("next-step similarity x100 (a problem's steps averaged first)",
+                                   "similarity_by_problem")):
                     diff, low, high = paired_interval(results[arm][key][seed_index], results["base"][key][seed_index])
                     said.append(f"{name} {100 * diff:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})")
                 print(f"  {arm}: " + ", ".join(said))

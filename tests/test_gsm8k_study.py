@@ -33,6 +33,7 @@ def test_the_study_runs_every_stage_on_smollm2_and_reports(tmp_path):
     assert set(summary["arms"]) == {"base", "srl"} and summary["settings"]["rollouts_per_rl_stage"] == 4
     assert 0 <= summary["arms"]["srl"]["step_similarity"][0] <= 1 and "kept_group_rate" in summary["arms"]["srl"]
     assert len(summary["arms"]["srl"]["greedy_by_problem"][0]) == 2 and "srl: greedy " in done.stdout
+    assert len(summary["arms"]["srl"]["similarity_by_problem"][0]) == 2
     assert "| srl |" in done.stdout and (tmp_path / "study" / "examples.md").read_text().count("expert:") == 2
     # the same command again: every stage is done, nothing is trained or evaluated a second time
     again = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=600)
