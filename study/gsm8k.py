@@ -248,7 +248,7 @@ def columns(samples):
     (next-step similarity, the <think> format rate) and each RL arm's kept-group rate."""
     return [("greedy (%)", "accuracy", "percent"), (f"avg@{samples} (%)", f"avg@{samples}", "percent"),
             (f"pass@{samples} (%)", f"pass@{samples}", "percent"), ("boxed (%)", "boxed_rate", "percent"),
-            ("next-step similarity", "step_similarity", "rate"), ("step format (%)", "step_format_rate", "percent"),
+            ("next-step similarity (x100)", "step_similarity", "percent"), ("step format (%)", "step_format_rate", "percent"),
             ("kept-group rate", "kept_group_rate", "rate")]
 
 
