@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from machinery.files import read_jsonl, write_json, write_jsonl
-from study.report import draw, table
+from study.report import draw, rl_curves, table
 from study.stages import logged, python, resumable, run_stages
 from study.tuning import search_learning_rate
 from tasks.synthetic import every_step_right
@@ -194,10 +194,7 @@ def read_results(arms_dir, arms, problems_file, samples):
                          and every_step_right(record["problem"], record["completions"][greedy]))
         results[arm]["every_step_right"] = statistics.mean(clean)
         if arm in RL_ARMS:
-            log = read_jsonl(arms_dir / arm / "metrics.jsonl")
-            results[arm].update(reward_curve=[m["reward_mean"] for m in log],
-                                kept_group_curve=[m["kept_group_rate"] for m in log],
-                                kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
+            results[arm].update(rl_curves(arms_dir / arm / "metrics.jsonl"))
     return results
 
 

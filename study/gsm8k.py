@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from machinery.files import InputError, read_jsonl, write_json, write_jsonl
-from study.report import draw, paired_interval, table
+from study.report import draw, paired_interval, rl_curves, table
 from study.stages import ROOT, logged, module, python, resumable, run_stages
 from study.tuning import search_learning_rate
 
@@ -193,19 +193,22 @@ def read_results(arms_dir, arms, problems_file, samples):
         [summary] = read_jsonl(arms_dir / "eval" / arm / "summary.json")
         metrics = next(iter(summary["results"].values()))
         [steps] = read_jsonl(arms_dir / "steps" / arm / "summary.json")
-        graded = read_jsonl(arms_dir / "eval" / arm / problems_file)  # per problem: greedy first, then the samples
+        graded = read_jsonl(arms_dir / "eval" / arm / problems_file)  # per problem
         results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"],
                         f"pass@{samples}": metrics[f"pass@{samples}"], "boxed_rate": metrics["boxed_rate"],
                         "step_similarity": steps["similarity"], "step_format_rate": steps["format_rate"],
-                        "greedy_by_problem": [float(r["correct"][0]) for r in graded],
-                        "avg_by_problem": [statistics.mean(r["correct"][1:]) for r in graded],
+                        "greedy_by_problem": [float(greedy_and_sampled(r)[0]) for r in graded],
+                        "avg_by_problem": [statistics.mean(greedy_and_sampled(r)[1]) for r in graded],
                         "similarity_by_problem": similarity_by_problem(arms_dir / "steps" / arm / "outputs.jsonl")}
         if arm in RL_ARMS:
-            log = read_jsonl(arms_dir / arm / "metrics.jsonl")
-            results[arm].update(reward_curve=[m["reward_mean"] for m in log],
-                                kept_group_curve=[m["kept_group_rate"] for m in log],
-                                kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
+            results[arm].update(rl_curves(arms_dir / arm / "metrics.jsonl"))
     return results
+
+
+def greedy_and_sampled(record):
+    """An evaluated problem's greedy answer's correctness, and its samples' (evaluate.py's record)."""
+    greedy = record["temperatures"].index(0.0)
+    return record["correct"][greedy], [c for i, c in enumerate(record["correct"]) if i != greedy]
 
 
 def similarity_by_problem(outputs_file):
@@ -248,8 +251,8 @@ def columns(samples):
     (next-step similarity, the <think> format rate) and each RL arm's kept-group rate."""
     return [("greedy (%)", "accuracy", "percent"), (f"avg@{samples} (%)", f"avg@{samples}", "percent"),
             (f"pass@{samples} (%)", f"pass@{samples}", "percent"), ("boxed (%)", "boxed_rate", "percent"),
-            ("next-step similarity (x100)", "step_similarity", "percent"), ("step format (%)", "step_format_rate", "percent"),
-            ("kept-group rate", "kept_group_rate", "rate")]
+            ("next-step similarity (x100)", "step_similarity", "percent"),
+            ("step format (%)", "step_format_rate", "percent"), ("kept-group rate", "kept_group_rate", "rate")]
 
 
 def examples_page(work, arms, path, shown=4):

@@ -5,6 +5,7 @@ A study's report: the table shaped like the paper's Table 1 (a row per arm, mean
 import random
 import statistics
 
+from machinery.files import read_jsonl
 from study.plot import figure
 
 
@@ -16,6 +17,14 @@ def percent(values):
     """"12.5 ± 3.0" (mean ± std over seeds, in %), or "12.5" for one seed."""
     mean, std = mean_std(values)
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if len(values) > 1 else "")
+
+
+def rl_curves(metrics_file):
+    """An RL stage's curves from its metrics.jsonl: the mean reward and the kept-group rate (the share of drawn groups
+    whose rewards differed) at each step, and that rate's mean."""
+    log = read_jsonl(metrics_file)
+    return dict(reward_curve=[m["reward_mean"] for m in log], kept_group_curve=[m["kept_group_rate"] for m in log],
+                kept_group_rate=statistics.mean(m["kept_group_rate"] for m in log))
 
 
 def paired_interval(a, b, draws=2000, seed=0):

@@ -26,7 +26,7 @@ def test_the_study_runs_every_stage_on_smollm2_and_reports(tmp_path):
     command = [sys.executable, "-m", "study.gsm8k", "--out", str(tmp_path / "study"), "--data", str(data),
                "--warm-problems", 4, "--val-problems", 1, "--test-problems", 2, "--warm-epochs", 1,
                "--warm-check-prompts", 0, "--arms", "srl", "--rl-steps", 1, "--prompts", 2, "--group-size", 2,
-               "--step-tokens", 8, "--solution-tokens", 8, "--samples", 2, "--jobs", 1]
+               "--step-tokens", 8, "--solution-tokens", 8, "--samples", 2, "--jobs", 2, "--threads", 2]
     done = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
