@@ -177,8 +177,8 @@ def keep_freed_memory():
     """Have glibc's malloc keep the memory the process frees for its next allocations, instead of handing it back
     to the kernel (Linux with glibc; elsewhere nothing). A training step on CPU allocates and frees gigabytes of
     activations; by default every block over 32 MB is mmap'ed and unmapped again, and the kernel zero-fills each page
-    anew at its next first touch: on SmolLM2-135M a quarter of an update went to page faults. The process keeps its
-    peak memory, which it reaches again every step."""
+    anew at its next first touch (docs/benchmarks.md measures what that cost). The process keeps its peak memory,
+    which it reaches again every step."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -56,8 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU cores to use")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="of the training stages (on this "
-                   "CPU, AVX512-BF16: bf16 makes an update 1.5x faster)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="of the training stages (bf16 is "
+                   "faster on a CPU with AVX512-BF16; docs/benchmarks.md)")
     # the problems
     p.add_argument("--data", default=str(GSM8K), help="GSM8K's JSONL (question, answer: worked solution, #### N)")
     p.add_argument("--warm-problems", type=int, default=200, help="problems the warm start learns the formats on")
