@@ -16,8 +16,8 @@ Per seed, every stage its ordinary command line (study/stages.py), its output in
      on the training problems' steps, or SRL would be SFT in disguise.
   3. The arms, from the base, on the training problems: sft (--sft-problems' solutions), rlvr, srl, srl_rlvr (RLVR
      from srl), sft_rlvr (RLVR from sft), srl_lora (SRL with LoRA rank 16). Every RL stage samples the same number
-     of rollouts (--rl-steps x --prompts x --group-size; --max-draws 1). An arm --tune trained at the same rate is
-     not trained again.
+     of rollouts (--rl-steps x --prompts x --group-size; --max-draws 1). Each is kept in arms/ under its rate, so
+     that an arm --tune trained at a rate is not trained again.
   4. evaluate.py on the test problems (greedy, avg@k, pass@k, the boxed-answer rate), and SRL's own measure on
      their steps (--srl-measure): the greedy next step's similarity to the expert's, given the expert's steps so
      far, and the share written in the <think> format.
@@ -40,6 +40,7 @@ GSM8K = ROOT.parent / "shared" / "data" / "benchmarks" / "gsm8k.jsonl"
 ARMS = ["sft", "rlvr", "srl", "srl_rlvr", "sft_rlvr", "srl_lora"]
 CHAINED = {"srl_rlvr": "srl", "sft_rlvr": "sft"}  # RLVR started from another arm's checkpoint
 RL_ARMS = ["rlvr", "srl", "srl_rlvr", "sft_rlvr", "srl_lora"]
+PROBLEMS_FILE = {"test": "test.jsonl", "val": "rlvr_val.jsonl"}  # a split's problems, as data_prep.py writes them
 PREPARED_BY = ["data", "sft_problems", "warm_problems", "val_problems", "test_problems", "warm_epochs", "warm_lr",
                "warm_check_prompts", "precision", "device"]
 
@@ -83,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--step-tokens", type=int, default=96, help="an SRL rollout: monologue and one step")
     p.add_argument("--solution-tokens", type=int, default=256, help="a whole solution: RLVR and evaluation")
     p.add_argument("--samples", type=int, default=4, help="k of avg@k and pass@k in the evaluation")
-    p.add_argument("--tune-extensions", type=int, default=1, help="--tune: how many times the search may go a factor "
-                   "of 3 beyond the rates tried")
+    p.add_argument("--tune-extensions", type=int, default=0, help="--tune: how many times the search may go a factor "
+                   "of 3 beyond the rates tried (0: every arm gets the same three rates, the same effort)")
     p.add_argument("--srl-measure", nargs=2, metavar=("CHECKPOINT", "EXAMPLES"), help="(a stage of the study) SRL's "
                    "own measure of a checkpoint on SRL examples, written to --out")
     return p.parse_args(argv)
@@ -142,66 +143,76 @@ def prepare_seed(args, seed):
     return work, seconds
 
 
-def run_arms(args, seed, work, arms_dir, lrs, arms, problems_file, srl_file, evaluated=None):
-    """Train the arms from work/base into arms_dir and evaluate them (evaluated: default the base and every arm) on
-    problems_file, with SRL's own measure on srl_file; returns ({arm: results}, {stage: seconds})."""
+def trained_as(arm, lrs):
+    """An arm's folder name: the arm and its rate, and for a chained arm its first stage's, so that an arm trained
+    once at a rate (by --tune or by the test run) is found and not trained again."""
+    name = f"{arm}_{lrs[arm]:.2g}"
+    return f"{name}_after_{trained_as(CHAINED[arm], lrs)}" if arm in CHAINED else name
+
+
+def run_arms(args, seed, work, lrs, arms, split, evaluated=None):
+    """Train the arms from work/base into work/arms/<trained_as> and evaluate them (evaluated: default the base and
+    every arm) on the split's problems ("test" or "val"), with SRL's own measure on its steps, into work/<split>/;
+    returns ({arm: results}, {stage: seconds})."""
     evaluated = evaluated or ["base", *arms]
-    data, base = work / "data", work / "base" / "last"
+    data, base, arms_dir, out = work / "data", work / "base" / "last", work / "arms", work / split
+    problems_file = PROBLEMS_FILE[split]
     rl = ["--max-steps", args.rl_steps, "--batch-prompts", args.prompts, "--group-size", args.group_size,
           "--max-draws", 1, "--eval-every", 0, "--val-limit", 16, "--save-every", 4, "--max-prompt-tokens", 1024,
           "--micro-batch-tokens", 2048, "--precision", args.precision, "--seed", seed, "--device", args.device]
-    rlvr = lambda start, out, lr: python("rlvr.py", "--model", start, "--data", data / "rlvr_train.jsonl", "--out",
-                                         out, "--lr", lr, "--max-new-tokens", args.solution_tokens, *rl)
-    srl = lambda out, lr, *extra: python("srl.py", "--model", base, "--data", data / "srl_train.jsonl", "--out", out,
-                                         "--lr", lr, "--max-new-tokens", args.step_tokens, *extra, *rl)
-    first = {"sft": python("sft.py", "--model", base, "--data", work / "sft_train.jsonl", "--out", arms_dir / "sft",
-                           "--lr", lrs["sft"], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
-                           "--check-samples", 0, "--max-length", 640, "--micro-batch-tokens", 2048, "--precision",
-                           args.precision, "--save-every", 20, "--seed", seed, "--device", args.device),
-             "rlvr": rlvr(base, arms_dir / "rlvr", lrs["rlvr"]),
-             "srl": srl(arms_dir / "srl", lrs["srl"]),
-             "srl_lora": srl(arms_dir / "srl_lora", lrs["srl_lora"], "--lora-rank", 16)}
-    then = {arm: rlvr(arms_dir / start / "last", arms_dir / arm, lrs[arm]) for arm, start in CHAINED.items()}
-    first = {k: v for k, v in first.items() if k in arms}
-    then = {k: v for k, v in then.items() if k in arms}
-    checkpoint = lambda arm: base if arm == "base" else arms_dir / arm / "last"
+    folder = {arm: arms_dir / trained_as(arm, lrs) for arm in arms} | {"base": work / "base"}
+    rlvr = lambda arm: python("rlvr.py", "--model", folder[CHAINED[arm]] / "last" if arm in CHAINED else base,
+                              "--data", data / "rlvr_train.jsonl", "--out", folder[arm], "--lr", lrs[arm],
+                              "--max-new-tokens", args.solution_tokens, *rl)
+    srl = lambda arm, *extra: python("srl.py", "--model", base, "--data", data / "srl_train.jsonl", "--out",
+                                     folder[arm], "--lr", lrs[arm], "--max-new-tokens", args.step_tokens, *extra, *rl)
+    sft = lambda arm: python("sft.py", "--model", base, "--data", work / "sft_train.jsonl", "--out", folder[arm],
+                             "--lr", lrs[arm], "--epochs", args.sft_epochs, "--batch-size", 8, "--warmup-ratio", 0.1,
+                             "--check-samples", 0, "--max-length", 640, "--micro-batch-tokens", 2048, "--precision",
+                             args.precision, "--save-every", 20, "--seed", seed, "--device", args.device)
+    commands = {"sft": sft, "rlvr": rlvr, "srl": srl, "srl_lora": lambda arm: srl(arm, "--lora-rank", 16),
+                "srl_rlvr": rlvr, "sft_rlvr": rlvr}
+    first = {trained_as(arm, lrs): commands[arm](arm) for arm in arms if arm not in CHAINED}
+    then = {trained_as(arm, lrs): commands[arm](arm) for arm in arms if arm in CHAINED}
+    name = lambda arm: "base" if arm == "base" else trained_as(arm, lrs)
     evaluations = lambda names: {  # (of those evaluated)
-        **{f"eval_{arm}": python("evaluate.py", "--model", checkpoint(arm), "--benchmarks", data / problems_file,
-                                 "--samples", args.samples, "--max-new-tokens", args.solution_tokens, "--batch-size",
-                                 32, "--seed", seed, "--out", arms_dir / "eval" / arm, "--device", args.device)
+        **{f"eval_{name(arm)}": python("evaluate.py", "--model", folder[arm] / "last", "--benchmarks",
+                                       data / problems_file, "--samples", args.samples, "--max-new-tokens",
+                                       args.solution_tokens, "--batch-size", 32, "--seed", seed, "--out",
+                                       out / "eval" / name(arm), "--device", args.device)
            for arm in names if arm in evaluated},
-        **{f"steps_{arm}": module("study.gsm8k", "--srl-measure", checkpoint(arm), srl_file, "--out",
-                                  arms_dir / "steps" / arm, "--step-tokens", args.step_tokens, "--device",
-                                  args.device) for arm in names if arm in evaluated}}
+        **{f"steps_{name(arm)}": module("study.gsm8k", "--srl-measure", folder[arm] / "last",
+                                        work / f"{split}_srl.jsonl", "--out", out / "steps" / name(arm),
+                                        "--step-tokens", args.step_tokens, "--device", args.device)
+           for arm in names if arm in evaluated}}
     arms_dir.mkdir(parents=True, exist_ok=True)
-    for arm in [*first, *then]:  # an arm --tune trained at this rate, with this command line but --out: not again
-        done = work / f"tune_{arm}_{lrs[arm]:.2g}" / arm
-        if not (arms_dir / arm).exists() and (done / "last" / "training_state.pt").exists():
-            (arms_dir / arm).symlink_to(done)
+    out.mkdir(parents=True, exist_ok=True)
     # a stopped study goes on where it stopped; an evaluation waits only for its own arm
     seconds = run_stages(resumable(arms_dir, first), args.jobs, args.threads)
-    seconds.update(run_stages(resumable(arms_dir, {**then, **evaluations(["base", *first])}), args.jobs,
+    seconds.update(run_stages({**resumable(arms_dir, then), **resumable(out, evaluations(
+        ["base", *[arm for arm in arms if arm not in CHAINED]]))}, args.jobs, args.threads))
+    seconds.update(run_stages(resumable(out, evaluations([arm for arm in arms if arm in CHAINED])), args.jobs,
                               args.threads))
-    seconds.update(run_stages(resumable(arms_dir, evaluations(then)), args.jobs, args.threads))
-    return read_results(arms_dir, evaluated, problems_file, args.samples), seconds
+    return read_results(work, folder, {arm: name(arm) for arm in evaluated}, split, args.samples), seconds
 
 
-def read_results(arms_dir, arms, problems_file, samples):
-    """{arm: results} from the files the arms and their evaluations wrote under arms_dir."""
-    results = {}
-    for arm in arms:
-        [summary] = read_jsonl(arms_dir / "eval" / arm / "summary.json")
+def read_results(work, folder, evaluated, split, samples):
+    """{arm: results} from the files the arms ({arm: folder}) and their evaluations ({arm: name}) wrote."""
+    results, problems_file = {}, PROBLEMS_FILE[split]
+    for arm, name in evaluated.items():
+        [summary] = read_jsonl(work / split / "eval" / name / "summary.json")
         metrics = next(iter(summary["results"].values()))
-        [steps] = read_jsonl(arms_dir / "steps" / arm / "summary.json")
-        graded = read_jsonl(arms_dir / "eval" / arm / problems_file)  # per problem
+        [steps] = read_jsonl(work / split / "steps" / name / "summary.json")
+        graded = read_jsonl(work / split / "eval" / name / problems_file)  # per problem
         results[arm] = {"accuracy": metrics["greedy"], f"avg@{samples}": metrics[f"avg@{samples}"],
                         f"pass@{samples}": metrics[f"pass@{samples}"], "boxed_rate": metrics["boxed_rate"],
                         "step_similarity": steps["similarity"], "step_format_rate": steps["format_rate"],
                         "greedy_by_problem": [float(greedy_and_sampled(r)[0]) for r in graded],
                         "avg_by_problem": [statistics.mean(greedy_and_sampled(r)[1]) for r in graded],
-                        "similarity_by_problem": similarity_by_problem(arms_dir / "steps" / arm / "outputs.jsonl")}
+                        "similarity_by_problem": similarity_by_problem(work / split / "steps" / name /
+                                                                       "outputs.jsonl")}
         if arm in RL_ARMS:
-            results[arm].update(rl_curves(arms_dir / arm / "metrics.jsonl"))
+            results[arm].update(rl_curves(folder[arm] / "metrics.jsonl"))
     return results
 
 
@@ -255,10 +266,10 @@ def columns(samples):
             ("step format (%)", "step_format_rate", "percent"), ("kept-group rate", "kept_group_rate", "rate")]
 
 
-def examples_page(work, arms, path, shown=4):
-    """<out>/examples.md: the first test steps, the expert's and each model's greedy one, with its reward."""
-    outputs = {arm: read_jsonl(work / "steps" / arm / "outputs.jsonl") for arm in ["base", *arms]
-               if (work / "steps" / arm / "outputs.jsonl").exists()}
+def examples_page(work, names, path, shown=4):
+    """<out>/examples.md: the first test steps, the expert's and each model's ({arm: name}) greedy one, with its
+    reward."""
+    outputs = {arm: read_jsonl(work / "test" / "steps" / name / "outputs.jsonl") for arm, name in names.items()}
     lines = ["# Next steps on held-out GSM8K problems (greedy), the expert's first", ""]
     for i in range(min(shown, len(outputs.get("base", [])))):
         first = outputs["base"][i]
@@ -289,14 +300,14 @@ def main(argv=None):
         results, times = {}, {}
         for seed in args.seeds:
             work, seconds = prepare_seed(args, seed)
-            seed_results, more = run_arms(args, seed, work, work, lrs, args.arms, "test.jsonl",
-                                          work / "test_srl.jsonl")
+            seed_results, more = run_arms(args, seed, work, lrs, args.arms, "test")
             times[seed] = {name: round(t) for name, t in {**seconds, **more}.items()}
             print(f"seed {seed}: stage times " + ", ".join(f"{k} {v} s" for k, v in times[seed].items()), flush=True)
             for arm, r in seed_results.items():
                 for key, value in r.items():
                     results.setdefault(arm, {}).setdefault(key, []).append(value)
-            examples_page(work, args.arms, out / "examples.md")
+            examples_page(work, {"base": "base"} | {arm: trained_as(arm, lrs) for arm in args.arms},
+                          out / "examples.md")
     except RuntimeError as e:  # a stage failed: its log's tail says why
         raise SystemExit(f"gsm8k.py: {e}")
     except InputError as e:  # the data file
@@ -340,23 +351,24 @@ def main(argv=None):
 
 def tune(args, lrs):
     """Each arm's learning rate by study/tuning.py's rule (the other arms at their defaults), scored on the
-    validation problems: avg@k first, greedy accuracy second. A chained arm's RLVR starts from its own first
-    stage, trained at that stage's default rate (the run --tune made of it at that rate, if there is one). The
-    rows go to <out>/tune_<arms>.json, so that searches of other arms can run beside it."""
+    validation problems: avg@k first, greedy accuracy second, next-step similarity third (few answers are right,
+    so ties are common). A chained arm's RLVR starts from its first stage at that stage's default rate. Every
+    arm trained is kept under its rate (trained_as), for the test run to find. The rows go to
+    <out>/tune_<arms>.json, so that searches of other arms can run beside it."""
     out, rows, k = Path(args.out), [], f"avg@{args.samples}"
     for seed in args.seeds:
         work, _ = prepare_seed(args, seed)
         for arm in args.arms:
             def score(lr):
                 trained = [CHAINED[arm], arm] if arm in CHAINED else [arm]
-                results, _ = run_arms(args, seed, work, work / f"tune_{arm}_{lr:.2g}", dict(lrs, **{arm: lr}),
-                                      trained, "rlvr_val.jsonl", work / "val_srl.jsonl", evaluated=[arm])
+                results, _ = run_arms(args, seed, work, dict(lrs, **{arm: lr}), trained, "val", evaluated=[arm])
                 rows.append({"arm": arm, "lr": lr, "seed": seed, k: results[arm][k],
                              "accuracy": results[arm]["accuracy"], "step_similarity": results[arm]["step_similarity"]})
                 print(rows[-1], flush=True)
                 write_json(out / f"tune_{'_'.join(args.arms)}.json", rows)
-                return results[arm][k], results[arm]["accuracy"]
-            search_learning_rate(lrs[arm], score, max_extensions=args.tune_extensions)
+                return results[arm][k], results[arm]["accuracy"], results[arm]["step_similarity"]
+            tried = search_learning_rate(lrs[arm], score, max_extensions=args.tune_extensions)
+            print(f"seed {seed}: {arm}'s rate on validation: {max(tried, key=tried.get):.2g}", flush=True)
     print(f"| arm | lr | validation {k} (%) | validation greedy (%) | next-step similarity |\n| --- | --- | --- | --- "
           "| --- |")
     for row in rows:
