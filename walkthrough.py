@@ -23,10 +23,11 @@ from engine import decode_text, encode_chat, sample_groups
 from grpo import (GRPOConfig, Group, PromptStream, collect_groups, group_advantages, grpo_loss, keep_group,
                   rollouts_of, update_policy)
 from srl import matching_blocks, parse_action, srl_messages, srl_reward, step_similarity
+from tasks.sources import BUILTIN_FIELDS, normalize
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # the model is tiny: a second thread mostly waits
-problems = data_prep.normalize(data_prep.builtin_problems(), data_prep.BUILTIN_FIELDS)
+problems = normalize(data_prep.builtin_problems(), BUILTIN_FIELDS)
 problem = next(p for p in problems if len(data_prep.split_steps(p["solution"])) == 3)
 steps = data_prep.split_steps(problem["solution"])
 print("PROBLEM:", problem["problem"], "\n")

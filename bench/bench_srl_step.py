@@ -51,6 +51,7 @@ from machinery.checks import smollm2_folder  # noqa: E402
 from machinery.distributed import copy_weights  # noqa: E402
 from machinery.setup import keep_freed_memory  # noqa: E402
 from model import load_model  # noqa: E402
+from tasks.sources import normalize  # noqa: E402
 
 S1K = ROOT.parent / "shared" / "data" / "trajectories" / "s1k_problems_solutions.json"
 PHASES = ["sample", "reward", "forward", "backward", "optimizer"]
@@ -66,7 +67,7 @@ def s1k_examples(count, tokenizer, max_prompt_tokens):
     records = json.loads(S1K.read_text())
     fields = {"question": "problem", "solution": "solution", "answer": None, "reasoning": None}
     examples = []
-    for problem in data_prep.normalize(records, fields):
+    for problem in normalize(records, fields):
         steps = data_prep.split_steps(problem["solution"])
         if len(steps) >= 2:
             candidates = data_prep.srl_examples(problem, steps)

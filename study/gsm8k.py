@@ -101,6 +101,7 @@ def prepare_seed(args, seed):
     settings (prepared.json), else made again."""
     import data_prep
     from srl import validation_sample
+    from tasks.sources import gsm8k_records
     work = Path(args.out).resolve() / f"seed{seed}"
     made_with = {name: getattr(args, name) for name in PREPARED_BY} | {"seed": seed}
     stamp = work / "prepared.json"
@@ -126,7 +127,7 @@ def prepare_seed(args, seed):
     write_jsonl(work / "warm_start.jsonl", warm)
     # SRL's own measure on the test problems: their partial trajectories, as data_prep.py makes them
     test_ids = {record["id"] for record in read_jsonl(work / "data" / "test.jsonl")}
-    problems = [p for p in data_prep.gsm8k_records(records, [args.data] * len(records)) if p["id"] in test_ids]
+    problems = [p for p in gsm8k_records(records, [args.data] * len(records)) if p["id"] in test_ids]
     write_jsonl(work / "test_srl.jsonl", [example for problem in problems for example in
                                          data_prep.srl_examples(problem, data_prep.split_steps(problem["solution"]))])
     # sft's data: the first --sft-problems training problems' solutions; --tune's steps: 64 spread over problems

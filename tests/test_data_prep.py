@@ -15,9 +15,11 @@ import pytest
 import sympy
 
 import data_prep
-from data_prep import DataError, last_boxed, read_records, split_paragraphs, split_steps, step_title
+from data_prep import split_paragraphs, split_steps, step_title
 from machinery.files import write_jsonl
 from tasks import synthetic
+from tasks.grader import last_boxed
+from tasks.sources import DataError, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ["srl_train.jsonl", "srl_val.jsonl", "sft_srl_train.jsonl", "rlvr_train.jsonl",

@@ -215,7 +215,8 @@ def test_fitted_tiny_tokenizer_survives_save_and_load(tmp_path):
     from engine import encode_chat
     from model import load_model, save_model
     from tasks import synthetic
-    problems = data_prep.normalize(synthetic.synthetic_problems(30, 3, seed=1), data_prep.BUILTIN_FIELDS)
+    from tasks.sources import BUILTIN_FIELDS, normalize
+    problems = normalize(synthetic.synthetic_problems(30, 3, seed=1), BUILTIN_FIELDS)
     records = data_prep.prepare(problems, val_problems=0)[0]["sft_srl_train.jsonl"]
     model, tokenizer = sft.fitted_tiny(records)
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode(" 23", add_special_tokens=False)) == ["Ġ23"]

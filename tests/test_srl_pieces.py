@@ -334,11 +334,12 @@ def test_validation_sample_rounds_robin_over_problems():
 
 def test_validation_sample_covers_the_held_out_s1k_problems(shared_data):
     import data_prep
+    from tasks.sources import normalize, read_records
     path = shared_data / "trajectories" / "s1k_problems_solutions.json"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     fields = dict(question="problem", solution="solution", answer=None, reasoning=None, grade=None)
-    outputs, stats = data_prep.prepare(data_prep.normalize(data_prep.read_records(path), fields))
+    outputs, stats = data_prep.prepare(normalize(read_records(path), fields))
     val = outputs["srl_val.jsonl"]
     problems = {e["id"] for e in val}
     assert stats["val_problems"] == len(problems) == 27
