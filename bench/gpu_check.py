@@ -278,8 +278,8 @@ def check_srl_step(size, device):
     positions = sum(len(g[0].prompt) + sum(len(r.completion) for r in g) for g in groups)
     mfu = 6 * memory.parameter_count(model.config) * positions / t_update / bf16_peak(device)
     report(f"SRL step, {prompts_n} prompts x G {group}, {args.max_new_tokens} new tokens",
-           f"{step:.1f} s ({18.6 / step:.2f}x the 18.6 s of 2026-11-27): sampling {t_sample:.1f}, update "
-           f"{t_update:.1f} ({positions} packed positions: {mfu:.0%} of the bf16 peak, 13% on 2026-11-27; "
+           f"{step:.1f} s (docs/benchmarks.md has the earlier runs): sampling {t_sample:.1f}, update "
+           f"{t_update:.1f} ({positions} packed positions: {mfu:.0%} of the bf16 peak; "
            f"{num_tokens} completion tokens, loss {stats['loss']:.3g}), refresh {t_refresh:.2f}",
            "step <= 9 s, update >= 30% of the peak", None if device.type != "cuda" else step <= 9 and mfu >= 0.3)
     ok = None if device.type != "cuda" else max(peak_sample, peak_update) <= 1.1 * estimate["peak"] / memory.GB
