@@ -57,8 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (each gets cores / jobs threads)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU cores to use")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="of the training stages (bf16 is "
-                   "faster on a CPU with AVX512-BF16; docs/benchmarks.md)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="of the training stages; "
+                   "auto: bf16 on a GPU or a CPU with AVX512-BF16, where it is faster, else fp32 (a CPU without them "
+                   "emulates bf16, slower; docs/benchmarks.md)")
     # the problems
     p.add_argument("--data", default=str(GSM8K), help="GSM8K's JSONL (question, answer: worked solution, #### N)")
     p.add_argument("--warm-problems", type=int, default=200, help="problems the warm start learns the formats on")
@@ -89,7 +90,22 @@ def parse_args(argv=None):
                    "of 3 beyond the rates tried (0: every arm gets the same three rates, the same effort)")
     p.add_argument("--srl-measure", nargs=2, metavar=("CHECKPOINT", "EXAMPLES"), help="(a stage of the study) SRL's "
                    "own measure of a checkpoint on SRL examples, written to --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.precision == "auto":
+        args.precision = "bf16" if bf16_is_fast(args.device) else "fp32"
+    return args
+
+
+def bf16_is_fast(device, cpuinfo="/proc/cpuinfo"):
+    """bf16 autocast pays on a GPU and on a CPU with bf16 instructions (AVX512-BF16 or AMX); elsewhere the CPU
+    emulates it and a training step takes several times fp32's."""
+    if device != "cpu":
+        return True
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------------------------------------------

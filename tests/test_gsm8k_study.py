@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from machinery.checks import smollm2_missing_reason
+from study.gsm8k import bf16_is_fast, parse_args
 from study.report import paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +54,15 @@ def test_the_paired_interval_is_the_bootstrap_over_problems():
     assert paired_interval([1, 1, 0, 1], [0, 0, -1, 0]) == (1.0, 1.0, 1.0)
     few, many = paired_interval([1, 0] * 10, [0, 0] * 10), paired_interval([1, 0] * 160, [0, 0] * 160)
     assert few[0] == many[0] == 0.5 and few[1] < many[1] < 0.5 < many[2] < few[2]
+
+
+def test_the_default_precision_is_bf16_only_where_the_machine_runs_it_natively(tmp_path):
+    """A CPU without bf16 instructions emulates bf16 autocast, several times slower than fp32: the study's default
+    follows the CPU's flags (as /proc/cpuinfo lists them), and an explicit --precision is kept."""
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512bw avx512_vnni avx512_bitalg\n")
+    assert bf16_is_fast("cpu", with_bf16) and not bf16_is_fast("cpu", without)
+    assert not bf16_is_fast("cpu", tmp_path / "absent") and bf16_is_fast("cuda", without)
+    assert parse_args(["--precision", "fp32", "--device", "cuda"]).precision == "fp32"
+    assert parse_args(["--device", "cuda"]).precision == "bf16" and parse_args([]).precision in ("bf16", "fp32")
